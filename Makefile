@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest protos protos-check bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP) lint typecheck pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mesh services scripts tests
+	$(VENV)/bin/ruff format --check mesh services scripts tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+# Regenerate the Python stubs from protos/ (committed; CI checks they are current).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/mesh/v1/mesh.proto
+
+protos-check: protos
+	git diff --exit-code -- mesh/v1 || (echo "mesh/v1 is stale: run 'make protos' and commit" >&2; exit 1)
+
+bench: $(STAMP)
+	$(PY) scripts/bench_processor.py
+
+clean:
+	rm -rf $(VENV) .mesh-data .pytest_cache .mypy_cache .ruff_cache

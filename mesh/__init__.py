@@ -1,0 +1,51 @@
+"""mesh: distribute an application's work across machines by its log lines.
+
+A flow file says which machine runs each log line of a request; code logs those
+lines with structlog, and logging ``"next"`` hands the flow to the machine that
+owns the following line.
+"""
+
+from mesh.errors import (
+    ConfigError,
+    ContextError,
+    FlowError,
+    FlowFileError,
+    FlowTimeout,
+    FlowViolation,
+    MeshError,
+    PeerError,
+    PeerRefused,
+    PeerUnavailable,
+    RegistryError,
+)
+from mesh.logconfig import configure_logging
+from mesh.node import Node, connect, current_context
+from mesh.processor import MeshProcessor, mask_secrets, processor
+from mesh.registry import handler
+from mesh.result import FlowResult, Step
+
+__all__ = [
+    "ConfigError",
+    "ContextError",
+    "FlowError",
+    "FlowFileError",
+    "FlowResult",
+    "FlowTimeout",
+    "FlowViolation",
+    "MeshError",
+    "MeshProcessor",
+    "Node",
+    "PeerError",
+    "PeerRefused",
+    "PeerUnavailable",
+    "RegistryError",
+    "Step",
+    "configure_logging",
+    "connect",
+    "current_context",
+    "handler",
+    "mask_secrets",
+    "processor",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,325 @@
+"""``mesh``: check, peer, up, call.
+
+Every command finds its config through ``-c PATH``, else ``$MESH_CONFIG``, else
+``./mesh.toml``. Errors are one line on stderr and a non-zero exit; a traceback
+means a bug in the mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.config import find_config, import_services, load_config
+from mesh.errors import MeshError
+from mesh.logconfig import configure_logging
+from mesh.node import Node, connect
+from mesh.processor import install
+from mesh.registry import default_registry, describe
+from mesh.routing import plan
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+CALLER = "mesh-call"
+
+
+def make_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh",
+        description="Distribute an application's work across machines by its log lines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="PATH",
+            help="mesh.toml (default: $MESH_CONFIG, else ./mesh.toml)",
+        )
+        return p
+
+    add("check", "validate flow files, config and services; print each request's plan")
+
+    peer = add("peer", "serve one machine's lines")
+    peer.add_argument("machine", metavar="MACHINE")
+    peer.add_argument(
+        "--listen", metavar="HOST:PORT", help="bind here instead of the config's listen"
+    )
+    peer.add_argument("--json", action="store_true", help="log one JSON object a line")
+    peer.add_argument(
+        "--log-file", metavar="PATH", help="append logs to this file instead of stdout"
+    )
+    peer.add_argument("--log-level", default="info", metavar="LEVEL")
+
+    add("up", "start a peer for every machine with an address; stop them on Ctrl-C")
+
+    call = add("call", "start a flow and print its result and timeline")
+    call.add_argument("request", metavar="REQUEST")
+    call.add_argument("params", nargs="*", metavar="key=value|key:=json", help="initial context")
+    call.add_argument("--as", dest="machine", metavar="MACHINE", help="originate as this machine")
+    call.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
+    call.add_argument("--timeout", type=float, metavar="SECONDS", help="the flow's deadline")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_argument_parser().parse_args(argv)
+    command = {"check": _check, "peer": _peer, "up": _up, "call": _call}[args.command]
+    try:
+        return command(args)
+    except MeshError as exc:
+        print(f"mesh {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- check -----------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+
+    config = load_config(find_config(args.config))
+    import_services(config)
+    problems = default_registry.problems(config.flows)
+    warnings: list[str] = []
+    registered = default_registry.registered()
+    machines = config.machines
+    for name, flow in config.flows.flows.items():
+        first = flow.lines[0]
+        origin = first.machine if not machines[first.machine].address else CALLER
+        hops = plan(flow, origin)
+        print(f"{name}  ({first.path}, digest {flow.digest})")
+        rows = [("#", "line", "machine", "handler", "how")]
+        for line, hop in zip(flow.lines, hops, strict=True):
+            fn = registered.get((name, line.text))
+            rows.append(
+                (
+                    str(line.index),
+                    line.text,
+                    line.machine,
+                    describe(fn) if fn else "pass-through",
+                    hop.how,
+                )
+            )
+            if hop.how == "call" and not machines[hop.machine].address:
+                chain = " → ".join(hop.via[1:] if hop.via and hop.via[0] == CALLER else hop.via)
+                problems.append(
+                    f'{line.path}:{line.row}: {name} line {line.index} "{line.text}" runs on'
+                    f" {hop.machine}, which has no address and is not upstream there"
+                    f" (call chain: {chain or 'none'}), so the flow cannot reach it"
+                )
+        _table(rows, indent="  ")
+        print()
+        if len(config.flows.openers(first.text)) > 1:
+            warnings.append(
+                f"{first.text!r} opens requests {', '.join(config.flows.openers(first.text))}:"
+                " logging it cannot start a flow inline (node.start still works)"
+            )
+    for warning in dict.fromkeys(warnings):
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_FAILURE
+    print(f"ok: {len(config.flows)} requests, {len(machines)} machines, {len(registered)} handlers")
+    return 0
+
+
+def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        print(indent + "  ".join(cells).rstrip())
+
+
+# -- peer ------------------------------------------------------------------
+
+
+def _peer(args: argparse.Namespace) -> int:
+
+    log_file = open(args.log_file, "a", buffering=1, encoding="utf-8") if args.log_file else None  # noqa: SIM115
+    try:
+        configure_logging(json=args.json or bool(log_file), level=args.log_level, file=log_file)
+    except ValueError as exc:
+        raise MeshError(str(exc)) from None
+
+    log = structlog.get_logger("mesh")
+    node = connect(args.config, machine=args.machine)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    port = node.serve(args.listen)
+    listen = args.listen or node.config.machines[node.machine].listen
+    log.info("mesh.peer_ready", machine=node.machine, listen=listen, port=port)
+    print(f"mesh peer {node.machine} listening on {listen}", file=sys.stderr, flush=True)
+    while not stop.wait(0.5):
+        pass
+    log.info("mesh.peer_stopping", machine=node.machine, grace=node.config.grace)
+    node.stop()
+    node.close()
+    log.info("mesh.peer_stopped", machine=node.machine)
+    if log_file is not None:
+        log_file.close()
+    return 0
+
+
+# -- up --------------------------------------------------------------------
+
+
+def _up(args: argparse.Namespace) -> int:
+
+    path = find_config(args.config)
+    config = load_config(path)
+    machines = [m for m in config.machines.values() if m.address]
+    if not machines:
+        raise MeshError(f"{path}: no machine has an address, so there is no peer to start")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for m in machines:
+            procs[m.name] = subprocess.Popen(
+                [sys.executable, "-m", "mesh", "peer", m.name, "-c", str(path)],
+                start_new_session=True,  # Ctrl-C reaches `mesh up` alone; it stops the peers
+            )
+        for m in machines:
+            _wait_healthy(m.name, m.address, procs[m.name], stop, deadline=time.monotonic() + 30)
+            print(
+                f"mesh up: {m.name} listening on {m.listen} (pid {procs[m.name].pid})", flush=True
+            )
+        print(f"mesh up: {len(machines)} peers healthy; Ctrl-C stops them", flush=True)
+        alive = set(procs)
+        while alive and not stop.wait(0.2):
+            for name in sorted(alive):
+                code = procs[name].poll()
+                if code is not None:
+                    alive.discard(name)
+                    print(
+                        f"mesh up: peer {name} (pid {procs[name].pid}) exited with code {code}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        if not alive:
+            raise MeshError("every peer has exited")
+        return 0
+    finally:
+        _stop_all(procs, config.grace)
+
+
+def _wait_healthy(
+    name: str, address: str, proc: subprocess.Popen[bytes], stop: threading.Event, deadline: float
+) -> None:
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise MeshError(
+                    f"peer {name} exited with code {proc.returncode} before it was healthy"
+                )
+            if stop.is_set():
+                raise KeyboardInterrupt
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service="mesh.v1.Mesh"), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise MeshError(f"peer {name} did not become healthy at {address} within 30 s")
+            time.sleep(0.1)
+
+
+def _stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    for name, proc in procs.items():
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            print(f"mesh up: peer {name} did not stop in time; killing it", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+
+
+# -- call ------------------------------------------------------------------
+
+
+def parse_params(params: Sequence[str]) -> dict[str, Any]:
+    """httpie-style: ``key=value`` is a string, ``key:=value`` is JSON."""
+    context: dict[str, Any] = {}
+    for param in params:
+        key, sep, raw = param.partition(":=")
+        if sep and "=" not in key:
+            try:
+                context[key] = json.loads(raw)
+            except ValueError as exc:
+                raise MeshError(f"argument {param!r}: {raw!r} is not JSON ({exc})") from None
+        else:
+            key, sep, raw = param.partition("=")
+            if not sep:
+                raise MeshError(f"argument {param!r}: expected key=value or key:=json")
+            context[key] = raw
+        if not key.isidentifier():
+            raise MeshError(f"argument {param!r}: {key!r} is not a valid context key")
+    return context
+
+
+def _call(args: argparse.Namespace) -> int:
+
+    context = parse_params(args.params)
+    configure_logging(file=sys.stderr)
+    config = load_config(find_config(args.config))
+    import_services(config)
+    flow = config.flows.flows.get(args.request)
+    if flow is None:
+        known = ", ".join(config.flows) or "none"
+        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+    machine = args.machine
+    if machine is None:
+        first = flow.lines[0].machine
+        machine = first if not config.machines[first].address else CALLER
+    node = Node(config, machine, outside=machine == CALLER)
+    install(node)
+    try:
+        result = node.start(args.request, timeout=args.timeout, **context)
+    finally:
+        node.close()
+    steps = [
+        {"index": s.index, "line": s.line, "machine": s.machine, "ms": round(s.ms, 3)}
+        for s in result.steps
+    ]
+    if args.json:
+        out = {"flow_id": result.flow_id, "context": result.masked_context(), "steps": steps}
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    total = sum(s.duration for s in result.steps) * 1000
+    print(
+        f"{result.request}  flow {result.flow_id}  done:"
+        f" {len(steps)} steps, {total:.2f} ms in steps"
+    )
+    print("context:")
+    for key, value in result.masked_context().items():
+        print(f"  {key} = {json.dumps(value, ensure_ascii=False)}")
+    print("timeline:")
+    rows = [("#", "line", "machine", "ms")]
+    rows += [(str(s["index"]), str(s["line"]), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
+    _table(rows, indent="  ")
+    return 0

@@ -1,0 +1,520 @@
+"""Read ``mesh.toml``: which flow files, which service modules, and where each machine lives.
+
+Every mistake becomes a one-line :class:`ConfigError` that starts with the config's path and
+names the key. A typo here would otherwise surface much later, on another machine, as a peer that
+never answers; so unknown keys are errors, not ignored, and every machine a flow file names must
+have an entry.
+
+Loading is pure but for reading the config and its flow files: nothing is dialled or bound, and
+service modules are only imported by :func:`import_services`, when a caller asks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import math
+import os
+import re
+import sys
+import tomllib
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from mesh.errors import ConfigError
+from mesh.flowfile import FlowSet, Line, load_flows
+
+__all__ = ["Config", "MachineConfig", "find_config", "import_services", "load_config"]
+
+_FILENAME = "mesh.toml"
+_ENV = "MESH_CONFIG"
+
+_TOP_KEYS = frozenset({"flow", "services", "timeout", "strict", "workers", "grace", "machines"})
+_MACHINE_KEYS = frozenset({"address", "listen"})
+
+# Schemes gRPC resolves itself. Matched before host:port, as gRPC does: "dns:50052" is a target.
+_SCHEMES = frozenset({"ipv4", "ipv6", "dns", "unix", "unix-abstract", "xds"})
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_ADDRESS_FORMS = "want host:port, [ipv6]:port, or a gRPC target such as dns:///host:port"
+
+
+@dataclass(frozen=True, slots=True)
+class MachineConfig:
+    """Where one machine is reached and where its peer binds.
+
+    ``address`` and ``listen`` differ when peers dial a name (a load balancer, a DNS name) that is
+    not what the process itself can bind. ``address == ""`` marks a pure originator: it starts
+    flows but never listens, so no other machine can call it.
+    """
+
+    name: str
+    address: str
+    listen: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A loaded, checked ``mesh.toml``; its flow files are already read and cross-checked."""
+
+    path: Path
+    flows: FlowSet
+    services: tuple[str, ...]
+    machines: Mapping[str, MachineConfig]
+    timeout: float = 30.0
+    strict: bool = True
+    workers: int = 256
+    grace: float = 10.0
+
+    @property
+    def root(self) -> Path:
+        """The config's folder: flow paths and service modules are found relative to it."""
+        return self.path.parent
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Pick the config: ``-c PATH``, else ``$MESH_CONFIG``, else ``./mesh.toml``.
+
+    A path that was asked for (by ``-c`` or the variable) but does not exist is an error rather
+    than a fall-through, so a typo never quietly loads some other mesh's config.
+    """
+    if explicit is not None:
+        return _existing(Path(explicit), "given with -c")
+    env = os.environ.get(_ENV, "")
+    if env:
+        return _existing(Path(env), f"from ${_ENV}")
+    local = Path(_FILENAME)
+    if local.is_file():
+        return _absolute(local)
+    raise ConfigError(
+        f"no {_FILENAME}: none given with -c, ${_ENV} is not set, "
+        f"and {_absolute(local)} does not exist"
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check ``mesh.toml`` and the flow files it names; raise the first problem found."""
+    config_path = _absolute(Path(path))
+    where = str(config_path)
+    data = _read_toml(config_path)
+
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})"
+            )
+
+    flow_paths = _flow_paths(where, config_path.parent, data)
+    services = _services(where, data)
+    timeout = _seconds(where, data, "timeout", 30.0)
+    grace = _seconds(where, data, "grace", 10.0)
+    workers = _workers(where, data)
+    strict = _strict(where, data)
+    machines = _machines(where, data)
+
+    # Config keys are checked before flow files are read: they are cheaper to fix first.
+    flows = load_flows(flow_paths)
+    _check_flow_machines(where, config_path.parent, flows, machines)
+
+    return Config(
+        path=config_path,
+        flows=flows,
+        services=services,
+        machines=MappingProxyType(machines),
+        timeout=timeout,
+        strict=strict,
+        workers=workers,
+        grace=grace,
+    )
+
+
+def import_services(config: Config) -> None:
+    """Import the modules in ``services`` so their handlers register, from the config's folder.
+
+    The config's folder goes first on ``sys.path`` so ``services.auth`` means the project's
+    module wherever the process was started. A failed import becomes one ``ConfigError`` line
+    naming the module and its cause; the original exception stays chained for debugging.
+    """
+    root = str(config.root)
+    if not sys.path or sys.path[0] != root:
+        while root in sys.path:
+            sys.path.remove(root)
+        sys.path.insert(0, root)
+    # Modules written since the import system last listed the folder would otherwise be missed.
+    importlib.invalidate_caches()
+    for name in config.services:
+        try:
+            importlib.import_module(name)
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(_import_failure(config, name, exc)) from exc
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised, but symlinks kept: flow paths are relative to where it appears."""
+    return Path(os.path.abspath(path))
+
+
+def _existing(path: Path, how: str) -> Path:
+    if path.is_file():
+        return _absolute(path)
+    what = "is a directory, not a config file" if path.is_dir() else "does not exist"
+    raise ConfigError(f"{_absolute(path)}: config {how} {what}")
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    where = str(path)
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{where}: no such config file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{where}: is a directory, not a config file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: invalid TOML: {_one_line(str(exc))}") from exc
+
+
+# --- top-level keys ------------------------------------------------------------------------
+
+
+def _flow_paths(where: str, root: Path, data: Mapping[str, object]) -> list[Path]:
+    if "flow" not in data:
+        raise ConfigError(f'{where}: missing key flow (the flow file(s), e.g. flow = "flow.tsv")')
+    raw = data["flow"]
+    if isinstance(raw, str):
+        items: list[tuple[str, object]] = [("flow", raw)]
+    elif isinstance(raw, list):
+        if not raw:
+            raise ConfigError(f"{where}: flow is an empty list; name at least one flow file")
+        items = [(f"flow[{i}]", item) for i, item in enumerate(raw)]
+    else:
+        raise ConfigError(
+            f"{where}: flow must be a file name or a list of file names, not {_show(raw)}"
+        )
+
+    paths: list[Path] = []
+    seen: dict[Path, str] = {}
+    for key, item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: {key} must be a file name (a string), not {_show(item)}")
+        if not item:
+            raise ConfigError(f"{where}: {key} is an empty file name")
+        path = _absolute(root / item)
+        if path in seen:
+            raise ConfigError(f"{where}: {key} {item!r} is the same file as {seen[path]}")
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"{where}: {key}: flow file {item!r} {what} ({path})")
+        seen[path] = key
+        paths.append(path)
+    return paths
+
+
+def _services(where: str, data: Mapping[str, object]) -> tuple[str, ...]:
+    raw = data.get("services", [])
+    if not isinstance(raw, list):
+        raise ConfigError(
+            f"{where}: services must be a list of module names, like "
+            f'["services.auth"], not {_show(raw)}'
+        )
+    names: list[str] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ConfigError(
+                f"{where}: services[{i}] must be a module name (a string), not {_show(item)}"
+            )
+        # Caught here, not at import: "services/auth.py" would only fail on a peer, much later.
+        if not item or not all(part.isidentifier() for part in item.split(".")):
+            raise ConfigError(
+                f"{where}: services[{i}] {item!r} is not a module name "
+                f"(dotted identifiers, like services.auth)"
+            )
+        names.append(item)
+    return tuple(names)
+
+
+def _seconds(where: str, data: Mapping[str, object], key: str, default: float) -> float:
+    value = data.get(key, default)
+    # bool is an int to Python, but "timeout = true" is a mistake, not one second.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(
+            f"{where}: {key} must be a positive number of seconds, not {_show(value)}"
+        )
+    return float(value)
+
+
+def _workers(where: str, data: Mapping[str, object]) -> int:
+    value = data.get("workers", 256)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{where}: workers must be a positive integer, not {_show(value)}")
+    return value
+
+
+def _strict(where: str, data: Mapping[str, object]) -> bool:
+    value = data.get("strict", True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: strict must be true or false, not {_show(value)}")
+    return value
+
+
+# --- machines ------------------------------------------------------------------------------
+
+
+def _machines(where: str, data: Mapping[str, object]) -> dict[str, MachineConfig]:
+    if "machines" not in data:
+        raise ConfigError(
+            f"{where}: missing [machines] table (each machine's address, "
+            f'e.g. server = "127.0.0.1:50052")'
+        )
+    raw = data["machines"]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: machines must be a table ([machines]), not {_show(raw)}")
+
+    machines: dict[str, MachineConfig] = {}
+    bound: dict[tuple[str, int], str] = {}
+    for name, entry in raw.items():
+        machine = _machine(where, name, entry)
+        if machine.listen:
+            endpoint = _host_port(machine.listen)
+            if endpoint in bound:
+                raise ConfigError(
+                    f"{where}: {_key(name)}: listen {machine.listen!r} is the same host and port "
+                    f"as {bound[endpoint]}'s; two peers would silently share a port"
+                )
+            bound[endpoint] = _key(name)
+        machines[name] = machine
+    return machines
+
+
+def _machine(where: str, name: str, entry: object) -> MachineConfig:
+    key = _key(name)
+    listen = ""
+    if isinstance(entry, str):
+        address = entry
+    elif isinstance(entry, dict):
+        for k in entry:
+            if k not in _MACHINE_KEYS:
+                raise ConfigError(
+                    f"{where}: {key}: unknown key {k!r} (known: {', '.join(sorted(_MACHINE_KEYS))})"
+                )
+        raw_address = entry.get("address", "")
+        if not isinstance(raw_address, str):
+            raise ConfigError(f"{where}: {key}.address must be a string, not {_show(raw_address)}")
+        address = raw_address
+        raw_listen = entry.get("listen", "")
+        if not isinstance(raw_listen, str):
+            raise ConfigError(f"{where}: {key}.listen must be a string, not {_show(raw_listen)}")
+        listen = raw_listen
+    else:
+        raise ConfigError(
+            f"{where}: {key} must be an address string or a table "
+            f"(address, listen), not {_show(entry)}"
+        )
+
+    if not address:
+        if listen:
+            raise ConfigError(
+                f"{where}: {key}: listen {listen!r} given but the address is empty; "
+                f"a machine without an address is a pure originator and never listens"
+            )
+        return MachineConfig(name, "", "")
+
+    problem = _address_problem(address)
+    if problem is not None:
+        raise ConfigError(
+            f"{where}: {key}: address {address!r} is malformed: {problem} ({_ADDRESS_FORMS})"
+        )
+    if not listen:
+        if _is_target(address):
+            raise ConfigError(
+                f"{where}: {key}: address {address!r} is not a plain host:port, "
+                f'so give listen = "host:port"'
+            )
+        listen = address
+    else:
+        problem = _host_port_problem(listen)
+        if problem is not None:
+            raise ConfigError(
+                f"{where}: {key}: listen {listen!r} is not a plain host:port: {problem}"
+            )
+    return MachineConfig(name, address, listen)
+
+
+def _check_flow_machines(
+    where: str, root: Path, flows: FlowSet, machines: Mapping[str, MachineConfig]
+) -> None:
+    """Every machine a flow names needs an entry, or the flow would stall at runtime."""
+    for machine in flows.machines:
+        if machine in machines:
+            continue
+        line = _first_line_on(flows, machine)
+        runs = ""
+        if line is not None:
+            runs = (
+                f", which runs {line.request} line {line.index + 1} "
+                f"({_shown_path(line.path, root)}:{line.row})"
+            )
+        raise ConfigError(f"{where}: [machines] has no entry for {machine!r}{runs}")
+
+
+def _first_line_on(flows: FlowSet, machine: str) -> Line | None:
+    for request in flows:
+        for line in flows[request].lines:
+            if line.machine == machine:
+                return line
+    return None
+
+
+# --- addresses -----------------------------------------------------------------------------
+
+
+def _is_target(address: str) -> bool:
+    """A gRPC target with a scheme, which gRPC resolves itself, rather than a host:port."""
+    match = _SCHEME_RE.match(address)
+    if match is None:
+        return False
+    return match.group(1).lower() in _SCHEMES or address[match.end() :].startswith("//")
+
+
+def _address_problem(address: str) -> str | None:
+    if any(c.isspace() for c in address):
+        return "it contains whitespace"
+    if _is_target(address):
+        scheme, _, rest = address.partition(":")
+        if not rest.lstrip("/"):
+            return f"nothing follows {scheme}:"
+        return None
+    return _host_port_problem(address)
+
+
+def _host_port_problem(text: str) -> str | None:
+    try:
+        _host_port(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """Split a plain ``host:port``; the host comes back normalised so equal endpoints compare equal.
+
+    Raises ValueError with the reason, phrased to follow "is malformed: ".
+    """
+    if any(c.isspace() for c in text):
+        raise ValueError("it contains whitespace")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("'[' without ']'")
+        inner, rest = text[1:end], text[end + 1 :]
+        try:
+            host = f"[{ipaddress.IPv6Address(inner).compressed}]"
+        except ValueError:
+            raise ValueError(f"{inner!r} in brackets is not an IPv6 address") from None
+        if not rest.startswith(":"):
+            raise ValueError("no :port after the ']'")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("no :port")
+        if not host:
+            raise ValueError("no host before the :port")
+        if ":" in host:
+            raise ValueError("an IPv6 host needs brackets, like [::1]:50052")
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                host = str(ipaddress.IPv4Address(host))
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv4 address") from None
+        elif len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"{host!r} is not a host name or IP address")
+        else:
+            host = host.lower().rstrip(".")
+    if not port_text:
+        raise ValueError("no port after the ':'")
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number in 1-65535")
+    return host, int(port_text)
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def _key(name: str) -> str:
+    """The TOML key path of a machine, quoted when TOML would need quotes."""
+    if _BARE_KEY_RE.fullmatch(name):
+        return f"machines.{name}"
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'machines."{escaped}"'
+
+
+def _show(value: object) -> str:
+    """A value as the TOML author wrote it, short enough for a one-line message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _shown_path(path: str, root: Path) -> str:
+    """A path as the author wrote it: relative to the config's folder when inside it."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def _import_failure(config: Config, name: str, exc: BaseException) -> str:
+    where = str(config.path)
+    message = _one_line(str(exc))
+    cause = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if missing is not None and (name == missing or name.startswith(missing + ".")):
+        return (
+            f"{where}: services: cannot import {name!r}, no such module "
+            f"(searched {config.root} first): {cause}"
+        )
+    at = "" if isinstance(exc, SyntaxError) else _raised_at(exc, config.root)
+    return f"{where}: services: importing {name!r} failed: {cause}{at}"
+
+
+def _raised_at(exc: BaseException, root: Path) -> str:
+    """Where the exception came from, skipping the import machinery's own frames."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<") and "importlib" not in Path(frame.filename).parts
+    ]
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {_shown_path(last.filename, root)}:{last.lineno})"

@@ -1,0 +1,76 @@
+"""A sensible structlog chain for processes that run flows."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any
+
+import structlog
+
+from mesh.processor import EventDict, MeshProcessor, mask_secrets, processor
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class _MinLevel:
+    """Drop events below a level *after* the mesh processor has seen them.
+
+    A filtering bound logger would drop ``log.debug("next")`` before any
+    processor runs, and the flow would stall; this keeps the hand-off working
+    at every level while still keeping the output quiet.
+    """
+
+    __slots__ = ("_min",)
+
+    def __init__(self, level: int) -> None:
+        self._min = level
+
+    def __call__(self, logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+        if _LEVELS.get(method_name, 20) < self._min:
+            raise structlog.DropEvent
+        return event_dict
+
+
+def configure_logging(
+    *, json: bool = False, level: str | int = "info", file: IO[str] | None = None
+) -> None:
+    """Install the mesh processor first, then context variables, masking, a renderer.
+
+    ``json=True`` writes one JSON object a line (for files and log shippers);
+    otherwise a console format. Output goes to ``file`` (default stdout).
+    """
+    if isinstance(level, str):
+        if level.lower() not in _LEVELS:
+            raise ValueError(f"unknown log level {level!r}; use one of {', '.join(_LEVELS)}")
+        min_level = _LEVELS[level.lower()]
+    else:
+        min_level = int(level)
+    out: Any = file if file is not None else sys.stdout
+    renderer: Any
+    if json:
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        colors = bool(getattr(out, "isatty", lambda: False)())
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+    structlog.configure(
+        processors=[
+            processor,
+            _MinLevel(min_level),
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            mask_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def has_processor() -> bool:
+    """Whether structlog's configured chain routes flow lines at all."""
+    procs = structlog.get_config().get("processors", [])
+    return any(isinstance(p, MeshProcessor) for p in procs)

@@ -1,0 +1,259 @@
+"""The structlog processors: routing flow lines and ``"next"``, masking secrets.
+
+:data:`processor` goes first in the chain, before ``merge_contextvars``, so what
+``"next"`` merges into the flow context is the event's own data (its keyword
+arguments and the logger's bound values), never ambient context variables.
+An event that is neither a flow line nor ``"next"`` costs one set lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from mesh.errors import FlowViolation, MeshError
+from mesh.result import MASK
+from mesh.runtime import (
+    FINISHED,
+    FlowState,
+    Rendered,
+    activate,
+    advance,
+    close_line,
+    current,
+    finish,
+    open_line,
+)
+from mesh.wire import check_values
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+EventDict = MutableMapping[str, Any]
+
+NEXT = "next"
+
+# Set by mesh.connect(): the events worth a second look, and the node inline
+# flows start on. Module globals, so the hot path is one global lookup.
+_watched: frozenset[Any] = frozenset()
+_node: Node | None = None
+_log = structlog.get_logger("mesh")
+
+
+def install(node: Node) -> None:
+    """Make ``node`` the one inline flows of this process start on."""
+    global _watched, _node
+    _node = node
+    _watched = frozenset(node.flows.texts) | {NEXT}
+
+
+def uninstall(node: Node) -> None:
+    global _watched, _node
+    if _node is node:
+        _node = None
+        _watched = frozenset()
+
+
+def default_node() -> Node | None:
+    return _node
+
+
+class MeshProcessor:
+    """Routes flow lines and ``"next"``; every other event passes untouched."""
+
+    __slots__ = ()
+
+    def __call__(self, logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+        event = event_dict.get("event")
+        try:
+            if event not in _watched:
+                return event_dict
+        except TypeError:  # an unhashable event: not ours
+            return event_dict
+        if type(event) is Rendered:
+            return event_dict
+        return _flow_event(str(event), event_dict)
+
+    def __repr__(self) -> str:
+        return "mesh.processor"
+
+
+processor = MeshProcessor()
+
+
+def _flow_event(event: str, event_dict: EventDict) -> EventDict:
+    state = current.get()
+    node = state.node if state is not None else _node
+    if node is None:
+        return event_dict
+    if event == NEXT:
+        _on_next(state, node, event_dict)
+        raise structlog.DropEvent
+    return _on_line(state, node, event, event_dict)
+
+
+def _violation(node: Node, message: str, event_dict: EventDict) -> EventDict:
+    """Raise FlowViolation, or (``strict = false``) warn and let the event through."""
+    if node.config.strict:
+        raise FlowViolation(message)
+    _log.warning("mesh.flow_violation", problem=message)
+    return event_dict
+
+
+def _updates(event_dict: EventDict) -> dict[str, Any]:
+    updates = {k: v for k, v in event_dict.items() if k != "event"}
+    check_values(updates)
+    return updates
+
+
+def _on_next(state: FlowState | None, node: Node, event_dict: EventDict) -> None:
+    if state is None or state.done:
+        _violation(node, '"next" logged while no flow is active', event_dict)
+        return
+    flow = state.flow
+    if state.in_handler:
+        if state.nexted:
+            _violation(
+                node,
+                f'"next" logged twice for {flow.name} line {state.current}'
+                f" {flow.lines[state.current].text!r}",
+                event_dict,
+            )
+            return
+        state.context.update(_updates(event_dict))
+        state.nexted = True
+        return
+    if state.current < 0:
+        expected = flow.lines[state.awaiting].text if state.awaiting >= 0 else "?"
+        _violation(
+            node,
+            f'"next" logged but {flow.name} line {state.awaiting} {expected!r} was not logged',
+            event_dict,
+        )
+        return
+    # Inline code at top level: carry out the hand-off now, until the flow
+    # comes back to a line this code logs itself, or is done.
+    state.context.update(_updates(event_dict))
+    following = state.current + 1
+    close_line(state)
+    try:
+        outcome = advance(state, following, inline=True)
+    except MeshError:
+        finish(state)
+        raise
+    if outcome is FINISHED:
+        finish(state)
+
+
+def _start_inline(node: Node, request: str, event_dict: EventDict) -> EventDict:
+    flow = node.flows[request]
+    owner = flow.lines[0].machine
+    if owner != node.machine:
+        return _violation(
+            node,
+            f"{request} line 0 {flow.lines[0].text!r} runs on {owner}, not on {node.machine};"
+            f" use node.start({request!r}) to send it there",
+            event_dict,
+        )
+    state = node.new_state(flow, _updates(event_dict))
+    activate(state)
+    return _open(state, 0, event_dict)
+
+
+def _open(state: FlowState, index: int, event_dict: EventDict) -> EventDict:
+    """Turn the user's own log event into the flow line it stands for."""
+    rendered = open_line(state, index)
+    event_dict["event"] = rendered
+    for key in state.flow.secrets:
+        if key in event_dict:
+            event_dict[key] = MASK
+    event_dict.update(state.fields(index))
+    return event_dict
+
+
+def _on_line(state: FlowState | None, node: Node, text: str, event_dict: EventDict) -> EventDict:
+    flows = node.flows
+    if state is None or state.done:
+        openers = flows.openers(text)
+        if len(openers) == 1:
+            return _start_inline(node, openers[0], event_dict)
+        if openers:
+            return _violation(
+                node,
+                f"{text!r} opens several requests ({', '.join(openers)}), so logging it cannot"
+                " start a flow; use node.start(REQUEST)",
+                event_dict,
+            )
+        where = ", ".join(f"{ln.request} line {ln.index}" for ln in flows.lines_with(text))
+        return _violation(
+            node,
+            f"{text!r} is {where}, but no flow is active; a flow starts at its line 0",
+            event_dict,
+        )
+    flow = state.flow
+    lines = flow.lines
+    if state.in_handler:
+        # A handler logging the line after its own, having logged "next".
+        following = state.current + 1
+        if (
+            state.nexted
+            and following < len(lines)
+            and lines[following].text == text
+            and lines[following].machine == node.machine
+            and node.handlers[flow.name][following] is None
+        ):
+            state.context.update(_updates(event_dict))
+            close_line(state)
+            state.nexted = False
+            return _open(state, following, event_dict)
+        return _violation(node, _expected(state, text, state.current + 1), event_dict)
+    if state.awaiting >= 0 and lines[state.awaiting].text == text:
+        state.context.update(_updates(event_dict))
+        return _open(state, state.awaiting, event_dict)
+    openers = flows.openers(text)
+    if len(openers) == 1:
+        # A new flow from inline code while an earlier one never finished (its
+        # code raised or returned early): start afresh rather than poison the thread.
+        _log.warning(
+            "mesh.flow_abandoned",
+            abandoned=state.flow_id,
+            at_line=max(state.current, state.awaiting),
+            request=flow.name,
+        )
+        finish(state)
+        return _start_inline(node, openers[0], event_dict)
+    expected = state.awaiting if state.awaiting >= 0 else state.current + 1
+    return _violation(node, _expected(state, text, expected), event_dict)
+
+
+def _expected(state: FlowState, text: str, expected: int) -> str:
+    flow = state.flow
+    if state.current >= 0 and not state.nexted:
+        want = f'"next" for line {state.current} {flow.lines[state.current].text!r}'
+    elif expected < len(flow.lines):
+        want = f"line {expected} {flow.lines[expected].text!r}"
+    else:
+        want = "nothing more (the flow has ended)"
+    return f"{flow.name} flow {state.flow_id} expected {want}, but {text!r} was logged"
+
+
+def mask_secrets(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+    """Mask the active flow's secrets: their keys, and their values inside text.
+
+    Put it after ``merge_contextvars`` and ``format_exc_info``, so values bound
+    in context variables and exception text are masked too.
+    """
+    state = current.get()
+    if state is None or not state.flow.secrets:
+        return event_dict
+    for key in state.flow.secrets:
+        if key in event_dict:
+            event_dict[key] = MASK
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            scrubbed = state.scrub(value)
+            if scrubbed is not value:
+                event_dict[key] = scrubbed
+    return event_dict

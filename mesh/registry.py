@@ -1,0 +1,106 @@
+"""``@mesh.handler`` and the table of handlers, checked against the flow files.
+
+Every machine imports the same services, so the registry holds handlers for
+lines that run elsewhere too; the flow file alone decides which of them run
+here. A registration checks itself when it is declared (duplicates, a function
+that cannot take the context) and again when a node starts (lines that no flow
+file has), so mistakes surface before the first request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mesh.errors import RegistryError
+from mesh.flowfile import FlowSet
+
+Handler = Callable[[dict[str, Any]], object]
+H = TypeVar("H", bound=Callable[..., object])
+
+
+def describe(fn: Callable[..., object]) -> str:
+    """``module.qualname``: how errors and ``mesh check`` name a handler."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class Registry:
+    """Handlers by (request, line text)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[tuple[str, str], Handler] = {}
+
+    def handler(self, request: str, line: str) -> Callable[[H], H]:
+        """Register a function to run line ``line`` (its exact Log text) of ``request``."""
+        if not isinstance(request, str) or not request.strip():
+            raise RegistryError(
+                f"mesh.handler: request must be a non-empty string, not {request!r}"
+            )
+        if not isinstance(line, str) or not line.strip():
+            raise RegistryError(f"mesh.handler: line must be a non-empty string, not {line!r}")
+        key = (request.strip(), line.strip())
+
+        def register(fn: H) -> H:
+            if not callable(fn):
+                raise RegistryError(f"mesh.handler({request!r}, {line!r}) decorates {fn!r}")
+            try:
+                inspect.signature(fn).bind({})
+            except TypeError:
+                raise RegistryError(
+                    f"handler {describe(fn)} for {request} line {line!r} must take one"
+                    " argument, the flow context"
+                ) from None
+            except ValueError:  # no signature (some builtins): trust it
+                pass
+            known = self._handlers.get(key)
+            if known is not None and describe(known) != describe(fn):
+                raise RegistryError(
+                    f"{request} line {line!r} already has a handler, {describe(known)};"
+                    f" cannot register {describe(fn)} too"
+                )
+            self._handlers[key] = fn
+            return fn
+
+        return register
+
+    def registered(self) -> dict[tuple[str, str], Handler]:
+        """A copy of every registration, for ``mesh check``."""
+        return dict(self._handlers)
+
+    def problems(self, flows: FlowSet) -> list[str]:
+        """Registrations for lines that no flow file has, each as one message."""
+        out = []
+        for (request, text), fn in self._handlers.items():
+            if request in flows and flows[request].index_of(text) is not None:
+                continue
+            if request not in flows:
+                hint = difflib.get_close_matches(request, list(flows), n=1)
+                where = f"no flow file has request {request!r}"
+                if hint:
+                    where += f" (did you mean {hint[0]!r}?)"
+            else:
+                texts = [line.text for line in flows[request].lines]
+                hint = difflib.get_close_matches(text, texts, n=1)
+                where = f"request {request} has no such line"
+                if hint:
+                    where += f" (did you mean {hint[0]!r}?)"
+            out.append(
+                f"handler {describe(fn)} is registered for {request} line {text!r}, but {where}"
+            )
+        return out
+
+    def table(self, flows: FlowSet) -> dict[str, tuple[Handler | None, ...]]:
+        """Handlers by request, indexed by line: what the runtime looks up per line."""
+        problems = self.problems(flows)
+        if problems:
+            raise RegistryError("; ".join(problems))
+        return {
+            name: tuple(self._handlers.get((name, line.text)) for line in flow.lines)
+            for name, flow in flows.flows.items()
+        }
+
+
+default_registry = Registry()
+handler = default_registry.handler

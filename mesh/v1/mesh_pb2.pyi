@@ -1,0 +1,92 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ContinueRequest(_message.Message):
+    __slots__ = ("request", "line_index", "context", "flow_id", "digest", "via")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LINE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    request: str
+    line_index: int
+    context: bytes
+    flow_id: str
+    digest: str
+    via: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request: _Optional[str] = ..., line_index: _Optional[int] = ..., context: _Optional[bytes] = ..., flow_id: _Optional[str] = ..., digest: _Optional[str] = ..., via: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("line_index", "machine", "line", "start", "duration")
+    LINE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    line_index: int
+    machine: str
+    line: str
+    start: float
+    duration: float
+    def __init__(self, line_index: _Optional[int] = ..., machine: _Optional[str] = ..., line: _Optional[str] = ..., start: _Optional[float] = ..., duration: _Optional[float] = ...) -> None: ...
+
+class Done(_message.Message):
+    __slots__ = ("context",)
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    context: bytes
+    def __init__(self, context: _Optional[bytes] = ...) -> None: ...
+
+class HandOff(_message.Message):
+    __slots__ = ("machine", "line_index", "context")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    LINE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    line_index: int
+    context: bytes
+    def __init__(self, machine: _Optional[str] = ..., line_index: _Optional[int] = ..., context: _Optional[bytes] = ...) -> None: ...
+
+class Failure(_message.Message):
+    __slots__ = ("kind", "machine", "line_index", "error_type", "message", "address")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STEP: _ClassVar[Failure.Kind]
+        UNAVAILABLE: _ClassVar[Failure.Kind]
+        REFUSED: _ClassVar[Failure.Kind]
+        TIMEOUT: _ClassVar[Failure.Kind]
+    STEP: Failure.Kind
+    UNAVAILABLE: Failure.Kind
+    REFUSED: Failure.Kind
+    TIMEOUT: Failure.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    LINE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    kind: Failure.Kind
+    machine: str
+    line_index: int
+    error_type: str
+    message: str
+    address: str
+    def __init__(self, kind: _Optional[_Union[Failure.Kind, str]] = ..., machine: _Optional[str] = ..., line_index: _Optional[int] = ..., error_type: _Optional[str] = ..., message: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class ContinueReply(_message.Message):
+    __slots__ = ("done", "hand_off", "failed", "steps")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    HAND_OFF_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    done: Done
+    hand_off: HandOff
+    failed: Failure
+    steps: _containers.RepeatedCompositeFieldContainer[Step]
+    def __init__(self, done: _Optional[_Union[Done, _Mapping]] = ..., hand_off: _Optional[_Union[HandOff, _Mapping]] = ..., failed: _Optional[_Union[Failure, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ...) -> None: ...

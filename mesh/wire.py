@@ -1,0 +1,163 @@
+"""Conversions between Python values and the protobuf messages of ``mesh.v1``.
+
+The context travels as JSON bytes, not ``google.protobuf.Struct``, so an int
+stays an int. Errors travel as a ``Failure`` message and are rebuilt into the
+same ``MeshError`` class at the originator, whichever machine raised them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mesh.errors import (
+    ContextError,
+    FlowError,
+    FlowTimeout,
+    FlowViolation,
+    MeshError,
+    PeerRefused,
+    PeerUnavailable,
+)
+from mesh.result import Step
+from mesh.v1 import mesh_pb2 as _pb2
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def check_value(key: str, value: object) -> None:
+    """Raise ContextError unless ``value`` can travel as JSON under ``key``."""
+    try:
+        _encoder.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise ContextError(
+            f"context key {key!r}: {type(value).__name__} value is not JSON-serializable ({exc})"
+        ) from None
+
+
+def check_values(updates: Mapping[str, Any]) -> None:
+    """Check every value of ``updates`` (keys must be strings too)."""
+    for key, value in updates.items():
+        if not isinstance(key, str):
+            raise ContextError(f"context key {key!r} is not a string")
+        check_value(key, value)
+
+
+def dump_context(context: Mapping[str, Any]) -> bytes:
+    """Encode the context for the wire, naming the bad key if one cannot travel."""
+    try:
+        return _encoder.encode(context).encode()
+    except (TypeError, ValueError):
+        check_values(context)
+        raise
+
+
+def load_context(data: bytes) -> dict[str, Any]:
+    """Decode a context from the wire; ValueError unless it is a JSON object."""
+    value = json.loads(data) if data else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"context is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def steps_to_pb(steps: Iterable[Step]) -> list[_pb2.Step]:
+    return [
+        _pb2.Step(
+            line_index=s.index, machine=s.machine, line=s.line, start=s.start, duration=s.duration
+        )
+        for s in steps
+    ]
+
+
+def steps_from_pb(steps: Iterable[_pb2.Step]) -> list[Step]:
+    return [Step(s.line_index, s.line, s.machine, s.start, s.duration) for s in steps]
+
+
+class _StepViolation(FlowError, FlowViolation):
+    """A step broke the flow's rules: catchable as FlowError and as FlowViolation."""
+
+
+class _StepContextError(FlowError, ContextError):
+    """A step put a value in the context that cannot travel."""
+
+
+_STEP_CLASSES: dict[str, type[FlowError]] = {
+    "FlowViolation": _StepViolation,
+    "ContextError": _StepContextError,
+}
+
+
+def step_error(
+    *,
+    request: str,
+    flow_id: str,
+    machine: str,
+    line: str,
+    line_index: int,
+    error_type: str,
+    detail: str,
+) -> FlowError:
+    """The error the originator raises for a failed step, wherever the step ran."""
+    cls = _STEP_CLASSES.get(error_type, FlowError)
+    message = f'{request} line {line_index} "{line}" failed on {machine}: {error_type}: {detail}'
+    return cls(
+        message,
+        request=request,
+        flow_id=flow_id,
+        machine=machine,
+        line=line,
+        line_index=line_index,
+        error_type=error_type,
+    )
+
+
+def error_to_failure(exc: MeshError) -> _pb2.Failure:
+    """Encode an error raised in this peer so the originator can raise it again."""
+    F = _pb2.Failure
+    if isinstance(exc, FlowError):
+        return F(
+            kind=F.STEP,
+            machine=exc.machine,
+            line_index=exc.line_index,
+            error_type=exc.error_type,
+            message=str(exc),
+        )
+    if isinstance(exc, FlowTimeout):
+        return F(kind=F.TIMEOUT, machine=exc.machine, line_index=exc.line_index, message=str(exc))
+    if isinstance(exc, PeerUnavailable):
+        return F(kind=F.UNAVAILABLE, machine=exc.machine, address=exc.address, message=str(exc))
+    if isinstance(exc, PeerRefused):
+        return F(kind=F.REFUSED, machine=exc.machine, address=exc.address, message=str(exc))
+    return F(kind=F.REFUSED, error_type=type(exc).__name__, message=str(exc))
+
+
+def failure_to_error(
+    failure: _pb2.Failure, *, request: str, flow_id: str, lines: tuple[str, ...]
+) -> MeshError:
+    """Rebuild the error a peer downstream reported; ``lines`` are the flow's texts."""
+    F = _pb2.Failure
+    index = failure.line_index
+    if failure.kind == F.STEP:
+        err = _STEP_CLASSES.get(failure.error_type, FlowError)
+        line = lines[index] if index < len(lines) else "?"
+        return err(
+            failure.message,
+            request=request,
+            flow_id=flow_id,
+            machine=failure.machine,
+            line=line,
+            line_index=index,
+            error_type=failure.error_type,
+        )
+    if failure.kind == F.TIMEOUT:
+        return FlowTimeout(
+            failure.message,
+            request=request,
+            flow_id=flow_id,
+            machine=failure.machine,
+            line_index=index,
+        )
+    if failure.kind == F.UNAVAILABLE:
+        return PeerUnavailable(failure.message, machine=failure.machine, address=failure.address)
+    return PeerRefused(failure.message, machine=failure.machine, address=failure.address)
