@@ -10,6 +10,8 @@ as a ``Failure`` in the reply.
 from __future__ import annotations
 
 import contextvars
+import errno
+import socket
 import time
 from concurrent import futures
 from typing import TYPE_CHECKING, NoReturn
@@ -141,12 +143,13 @@ class Server:
         _pb2_grpc.add_MeshServicer_to_server(Peer(node), self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        problem = _bind_problem(listen)
+        if problem:
+            raise MeshError(f"{node.machine} cannot listen on {listen}: {problem}")
         try:
             port = self._server.add_insecure_port(listen)
-        except RuntimeError as exc:
-            raise MeshError(
-                f"{node.machine} cannot listen on {listen}: address in use or not available ({exc})"
-            ) from None
+        except RuntimeError:
+            port = 0
         if not port:
             raise MeshError(f"{node.machine} cannot listen on {listen}: address in use")
         self.port = port
@@ -162,6 +165,24 @@ class Server:
 
     def wait(self, timeout: float | None = None) -> bool:
         return bool(self._server.wait_for_termination(timeout))
+
+
+def _bind_problem(listen: str) -> str | None:
+    """Why ``host:port`` cannot be bound, in words (gRPC's own message is vaguer)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+        try:
+            sock.bind((host or "0.0.0.0", int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "address in use"
+            return exc.strerror or str(exc)
+    return None
 
 
 def _server_options() -> list[tuple[str, int]]:
