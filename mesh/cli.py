@@ -8,6 +8,7 @@ means a bug in the mesh.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import signal
 import subprocess
@@ -149,31 +150,42 @@ def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
 # -- peer ------------------------------------------------------------------
 
 
-def _peer(args: argparse.Namespace) -> int:
+def _stop_event() -> threading.Event:
+    """An event SIGTERM and SIGINT set: set up first, so an early signal is not lost."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
 
-    log_file = open(args.log_file, "a", buffering=1, encoding="utf-8") if args.log_file else None  # noqa: SIM115
+
+def _peer(args: argparse.Namespace) -> int:
+    stop = _stop_event()
+    log_file = None
+    if args.log_file:
+        try:
+            log_file = open(args.log_file, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise MeshError(f"cannot open log file {args.log_file}: {exc.strerror}") from None
     try:
         configure_logging(json=args.json or bool(log_file), level=args.log_level, file=log_file)
     except ValueError as exc:
         raise MeshError(str(exc)) from None
-
     log = structlog.get_logger("mesh")
     node = connect(args.config, machine=args.machine)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    port = node.serve(args.listen)
-    listen = args.listen or node.config.machines[node.machine].listen
-    log.info("mesh.peer_ready", machine=node.machine, listen=listen, port=port)
-    print(f"mesh peer {node.machine} listening on {listen}", file=sys.stderr, flush=True)
-    while not stop.wait(0.5):
-        pass
-    log.info("mesh.peer_stopping", machine=node.machine, grace=node.config.grace)
-    node.stop()
-    node.close()
-    log.info("mesh.peer_stopped", machine=node.machine)
-    if log_file is not None:
-        log_file.close()
+    try:
+        port = node.serve(args.listen)
+        listen = args.listen or node.config.machines[node.machine].listen
+        log.info("mesh.peer_ready", machine=node.machine, listen=listen, port=port)
+        print(f"mesh peer {node.machine} listening on {listen}", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        log.info("mesh.peer_stopping", machine=node.machine, grace=node.config.grace)
+        node.stop()
+        log.info("mesh.peer_stopped", machine=node.machine)
+    finally:
+        node.close()
+        if log_file is not None:
+            log_file.close()
     return 0
 
 
@@ -181,50 +193,82 @@ def _peer(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-
+    stop = _stop_event()
     path = find_config(args.config)
     config = load_config(path)
     machines = [m for m in config.machines.values() if m.address]
     if not machines:
         raise MeshError(f"{path}: no machine has an address, so there is no peer to start")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    width = max(len(m.name) for m in machines)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for m in machines:
-            procs[m.name] = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "mesh", "peer", m.name, "-c", str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches `mesh up` alone; it stops the peers
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - async-signal-safe, see there
             )
+            procs[m.name] = proc
+            threading.Thread(
+                target=_relay, args=(f"{m.name:<{width}} | ", proc), daemon=True
+            ).start()
         for m in machines:
             _wait_healthy(m.name, m.address, procs[m.name], stop, deadline=time.monotonic() + 30)
-            print(
-                f"mesh up: {m.name} listening on {m.listen} (pid {procs[m.name].pid})", flush=True
-            )
-        print(f"mesh up: {len(machines)} peers healthy; Ctrl-C stops them", flush=True)
+            _say(f"mesh up: {m.name} listening on {m.listen} (pid {procs[m.name].pid})")
+        _say(f"mesh up: {len(machines)} peers healthy; Ctrl-C stops them")
         alive = set(procs)
         while alive and not stop.wait(0.2):
             for name in sorted(alive):
                 code = procs[name].poll()
                 if code is not None:
                     alive.discard(name)
-                    print(
-                        f"mesh up: peer {name} (pid {procs[name].pid}) exited with code {code}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    _say(f"mesh up: peer {name} (pid {procs[name].pid}) exited with code {code}")
         if not alive:
             raise MeshError("every peer has exited")
+        _say("mesh up: stopping")
         return 0
     finally:
         _stop_all(procs, config.grace)
 
 
+_print_lock = threading.Lock()
+
+
+def _say(line: str) -> None:
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _relay(prefix: str, proc: subprocess.Popen[bytes]) -> None:
+    """Copy a peer's output to ours line by line, each line prefixed with its machine."""
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        _say(prefix + raw.decode("utf-8", "replace").rstrip("\n"))
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel stop a peer whose `mesh up` died without stopping it.
+
+    Runs in the child between fork and exec, so it only calls a function pointer
+    resolved beforehand in the parent: no imports, no locks.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl: Any = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def _wait_healthy(
     name: str, address: str, proc: subprocess.Popen[bytes], stop: threading.Event, deadline: float
 ) -> None:
-
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -233,7 +277,7 @@ def _wait_healthy(
                     f"peer {name} exited with code {proc.returncode} before it was healthy"
                 )
             if stop.is_set():
-                raise KeyboardInterrupt
+                raise MeshError("stopped before every peer was healthy")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service="mesh.v1.Mesh"), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -254,7 +298,7 @@ def _stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
         try:
             proc.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            print(f"mesh up: peer {name} did not stop in time; killing it", file=sys.stderr)
+            _say(f"mesh up: peer {name} did not stop in time; killing it")
             proc.kill()
             proc.wait()
 

@@ -65,7 +65,9 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (PrintLogger writes the newline apart: peers sharing a
+        # terminal would interleave mid-line).
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
 
