@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mesh.errors import FlowViolation, MeshError
+from mesh.registry import describe
 from mesh.result import MASK
 from mesh.runtime import (
     FINISHED,
@@ -208,7 +209,7 @@ def _on_line(state: FlowState | None, node: Node, text: str, event_dict: EventDi
             close_line(state)
             state.nexted = False
             return _open(state, following, event_dict)
-        return _violation(node, _expected(state, text, state.current + 1), event_dict)
+        return _violation(node, _in_handler_problem(state, node, text), event_dict)
     if state.awaiting >= 0 and lines[state.awaiting].text == text:
         state.context.update(_updates(event_dict))
         return _open(state, state.awaiting, event_dict)
@@ -226,6 +227,30 @@ def _on_line(state: FlowState | None, node: Node, text: str, event_dict: EventDi
         return _start_inline(node, openers[0], event_dict)
     expected = state.awaiting if state.awaiting >= 0 else state.current + 1
     return _violation(node, _expected(state, text, expected), event_dict)
+
+
+def _in_handler_problem(state: FlowState, node: Node, text: str) -> str:
+    """Why a handler may not log ``text`` now, in the terms of the flow file."""
+    flow = state.flow
+    following = state.current + 1
+    if following < len(flow.lines) and flow.lines[following].text == text:
+        line = flow.lines[following]
+        if not state.nexted:
+            return (
+                f'{flow.name} line {following} {text!r} logged before "next" for line'
+                f" {state.current} {flow.lines[state.current].text!r}"
+            )
+        if line.machine != node.machine:
+            return (
+                f"{flow.name} line {following} {text!r} runs on {line.machine}, not"
+                f" {node.machine}; it is called when this handler returns"
+            )
+        fn = node.handlers[flow.name][following]
+        return (
+            f"{flow.name} line {following} {text!r} has its own handler,"
+            f" {describe(fn) if fn else '?'}; it runs when this handler returns"
+        )
+    return _expected(state, text, following)
 
 
 def _expected(state: FlowState, text: str, expected: int) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from mesh.errors import FlowTimeout, FlowViolation, MeshError
+from mesh.errors import FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
 from mesh.registry import Handler, describe
 from mesh.result import MASK, Step
@@ -260,9 +260,17 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
             back = node.dialer.continue_flow(state, decision.machine, index)
             if back is None:
                 return FINISHED
-            if back.machine != me:
-                return back
-            index = back.index
+            if back.machine == me:
+                index = back.index
+                continue
+            if back.machine not in state.via:
+                raise PeerRefused(
+                    f"{decision.machine} handed {flow.name} line {back.index} back to"
+                    f" {back.machine}, which is not upstream of it",
+                    machine=decision.machine,
+                    address=node.dialer.address(decision.machine),
+                )
+            return back
         elif type(decision) is HandBack:
             return HandOff(decision.machine, decision.index)
         else:

@@ -272,3 +272,42 @@ def test_debug_next_works_below_the_output_level(
     finally:
         structlog.reset_defaults()
     assert "Other opener" not in capsys.readouterr().out
+
+
+def test_handler_cannot_log_a_line_that_has_its_own_handler(
+    tmp_path: Path, events: Events, reg: Registry
+) -> None:
+    """A handler logging the next line, which has a handler of its own, is refused."""
+
+    @reg.handler("local", "Middle step for :username")
+    def eager(ctx: dict[str, Any]) -> None:
+        log = structlog.get_logger()
+        log.info("next")
+        log.info("Computing total")
+
+    for node in _connect(tmp_path, reg):
+        with pytest.raises(mesh.FlowViolation, match=r"has its own handler, .*total"):
+            node.start("local", username="ada", password="pw")
+
+
+def test_handler_cannot_log_a_line_of_another_machine(
+    tmp_path: Path, events: Events, reg: Registry
+) -> None:
+    """A handler logging a following line owned elsewhere is told where it runs."""
+
+    @reg.handler("remote", "Remote opener")
+    def reach(ctx: dict[str, Any]) -> None:
+        log = structlog.get_logger()
+        log.info("next")
+        log.info("Remote work")
+
+    (tmp_path / "flow.tsv").write_text(FLOWS)
+    (tmp_path / "mesh.toml").write_text(
+        'flow = "flow.tsv"\n[machines]\nserver = "127.0.0.1:1"\nclient = ""\n'
+    )
+    node = mesh.connect(tmp_path / "mesh.toml", machine="client", registry=reg)
+    try:
+        with pytest.raises(mesh.FlowViolation, match=r"runs on server, not client"):
+            node.start("remote")
+    finally:
+        node.close()
