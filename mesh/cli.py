@@ -269,7 +269,14 @@ except (OSError, AttributeError):
 def _wait_healthy(
     name: str, address: str, proc: subprocess.Popen[bytes], stop: threading.Event, deadline: float
 ) -> None:
-    with grpc.insecure_channel(address) as channel:
+    # A peer that is still starting refuses connections: retry quickly, not
+    # after gRPC's default one-second reconnect backoff.
+    options = [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 200),
+    ]
+    with grpc.insecure_channel(address, options=options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Our own connection per channel: channels to one target otherwise share a
+    # subchannel, and with it the reconnect backoff of a peer that was down.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 
@@ -36,7 +39,7 @@ class Dialer:
     def __init__(self, machines: Mapping[str, MachineConfig]) -> None:
         self._machines = machines
         self._stubs: dict[str, _pb2_grpc.MeshStub] = {}
-        self._channels: list[grpc.Channel] = []
+        self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
     def address(self, machine: str) -> str:
@@ -59,13 +62,25 @@ class Dialer:
             stub = self._stubs.get(machine)
             if stub is None:
                 channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-                self._channels.append(channel)
+                self._channels[machine] = channel
                 stub = self._stubs[machine] = _pb2_grpc.MeshStub(channel)
         return stub
 
+    def _forget(self, machine: str, stub: _pb2_grpc.MeshStub) -> None:
+        """Drop a channel that found its peer down, so the next call dials afresh.
+
+        gRPC would otherwise fail every call at once until its reconnect backoff
+        (up to two minutes) ends, long after the peer is back. Calls still in
+        flight hold the old channel until they finish; then it is collected.
+        """
+        with self._lock:
+            if self._stubs.get(machine) is stub:
+                del self._stubs[machine]
+                del self._channels[machine]
+
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels:
+            for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
             self._stubs.clear()
@@ -89,6 +104,8 @@ class Dialer:
         try:
             reply = stub.Continue(request, timeout=max(state.remaining(), 0.001))
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._forget(machine, stub)
             raise self._error(exc, state, machine, index) from None
         state.steps.extend(steps_from_pb(reply.steps))
         outcome = reply.WhichOneof("outcome")

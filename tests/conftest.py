@@ -1,0 +1,339 @@
+"""Fixtures for tests that run a real mesh: peers are separate processes on 127.0.0.1.
+
+* :class:`MeshDir` writes a flow file, service modules and a ``mesh.toml`` into the
+  test's ``tmp_path``, with a free ephemeral port for every machine that needs one.
+* ``peers`` starts ``python -m mesh peer MACHINE -c CFG`` processes, waits for each
+  to report SERVING on the gRPC health service, and stops every one it started
+  (SIGTERM, wait, SIGKILL) when the test ends, passed or failed.
+* ``isolate_mesh`` (autouse) undoes what an in-process ``mesh.connect`` leaves
+  behind: structlog's configuration, the routing node, the handlers and modules
+  the services registered, the config folders put on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import mesh
+from mesh import runtime as mesh_runtime
+from mesh.processor import default_node
+from mesh.registry import default_registry
+
+#: The flow file of the design notes (tab-separated, with its header row).
+LOGIN_FLOW = (
+    "Request\tLog\tMachine\n"
+    "login\tUser attempted login as :username and #password\tclient\n"
+    "login\tReceived request to login as :username\tserver\n"
+    "login\tTesting password for :username\tserver\n"
+    "login\tSetting session for :username\tserver\n"
+    "login\tFinish handling user login\tserver\n"
+    "login\tLogin successful\tclient\n"
+    "feed\tFetching feed information\tclient\n"
+    "feed\tRetrieving feed information\tserver\n"
+)
+
+#: The login service the tests use in place of the repo's examples: a password is
+#: right when it is "hunter2-" + the username; the session token names its user.
+LOGIN_SERVICE = """
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("login", "Testing password for :username")
+def test_password(ctx):
+    log.info("checking password", user=ctx["username"])
+    if ctx["password"] != "hunter2-" + ctx["username"]:
+        raise PermissionError("invalid credentials")
+    log.info("next", verified=True)
+
+
+@mesh.handler("login", "Setting session for :username")
+def set_session(ctx):
+    log.info("next", session="session-" + ctx["username"])
+"""
+
+HEALTH_SERVICE = "mesh.v1.Mesh"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+_names = itertools.count()
+
+
+def free_port() -> int:
+    """An ephemeral port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def password_of(username: str) -> str:
+    """The password LOGIN_SERVICE accepts for ``username``."""
+    return "hunter2-" + username
+
+
+class MeshDir:
+    """A mesh in a folder: flow files, service modules and configs, all under ``root``."""
+
+    def __init__(self, root: Path, tag: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.tag = tag
+        self.services: list[str] = []
+        self.addresses: dict[str, str] = {}
+        self.config = root / "mesh.toml"
+
+    def service(self, code: str, name: str | None = None) -> str:
+        """Write a service module (a unique name, so in-process imports never collide)."""
+        module = name or f"svc_{self.tag}_{next(_names)}_{uuid.uuid4().hex[:6]}"
+        (self.root / f"{module}.py").write_text(textwrap.dedent(code), encoding="utf-8")
+        self.services.append(module)
+        return module
+
+    def flow(self, text: str, name: str = "flow.tsv") -> Path:
+        path = self.root / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def write_config(
+        self,
+        machines: Mapping[str, bool | str],
+        *,
+        flow: str | list[str] = "flow.tsv",
+        name: str = "mesh.toml",
+        extra: str = "",
+    ) -> Path:
+        """Write a ``mesh.toml``. A machine maps to True (give it a free port), False
+        (no address: a pure originator) or an address to use as is."""
+        lines = [f"flow = {json.dumps(flow)}", f"services = {json.dumps(self.services)}"]
+        if extra:
+            lines.append(textwrap.dedent(extra).strip())
+        lines.append("[machines]")
+        for machine, want in machines.items():
+            if want is True:
+                address = self.addresses.get(machine) or f"127.0.0.1:{free_port()}"
+            elif want is False:
+                address = ""
+            else:
+                address = str(want)
+            self.addresses[machine] = address
+            lines.append(f"{machine} = {json.dumps(address)}")
+        path = self.root / name
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if name == "mesh.toml":
+            self.config = path
+        return path
+
+
+class Peer:
+    """One ``mesh peer`` process; its stdout and stderr go to ``log_path``."""
+
+    def __init__(
+        self, machine: str, config: Path, address: str, proc: subprocess.Popen[bytes], log: Path
+    ) -> None:
+        self.machine = machine
+        self.config = config
+        self.address = address
+        self.proc = proc
+        self.pid = proc.pid
+        self.log_path = log
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.machine} pid {self.pid} at {self.address}>"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """The peer's JSON log events (other output lines are skipped)."""
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.proc.wait())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Poll the health service until it says SERVING; fail with the log if the peer dies."""
+        wait_serving(self.address, self.proc, timeout, self.log_text)
+
+
+def wait_serving(address: str, proc: subprocess.Popen[Any], timeout: float, log: Any) -> None:
+    deadline = time.monotonic() + timeout
+    # gRPC's default reconnect backoff (1 s, growing) would make each poll after a refused
+    # connection fail fast until the backoff ends; keep it short so readiness is seen at once.
+    options = [
+        ("grpc.initial_reconnect_backoff_ms", 50),
+        ("grpc.min_reconnect_backoff_ms", 50),
+        ("grpc.max_reconnect_backoff_ms", 100),
+    ]
+    with grpc.insecure_channel(address, options=options) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"peer at {address} exited with {proc.returncode}:\n{log()}")
+            try:
+                reply = stub.Check(request, timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"peer at {address} not SERVING after {timeout} s:\n{log()}")
+            time.sleep(0.05)
+
+
+def mesh_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("MESH_CONFIG", None)
+    return env
+
+
+class Peers:
+    """Starts peers and remembers them, so the fixture stops every one."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Peer] = []
+
+    def start(
+        self,
+        mesh_dir: MeshDir,
+        machine: str,
+        *,
+        config: Path | None = None,
+        wait: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> Peer:
+        cfg = config or mesh_dir.config
+        address = mesh_dir.addresses[machine]
+        log = self.tmp_path / f"peer-{machine}-{len(self.started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mesh", "peer", machine, "-c", str(cfg), "--json"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**mesh_env(), **(env or {})},
+                cwd=self.tmp_path,
+            )
+        peer = Peer(machine, cfg, address, proc, log)
+        self.started.append(peer)
+        if wait:
+            peer.wait_ready()
+        return peer
+
+    def stop_all(self) -> None:
+        for peer in reversed(self.started):
+            peer.stop()
+
+
+@pytest.fixture
+def mesh_dir(tmp_path: Path, request: pytest.FixtureRequest) -> MeshDir:
+    """An empty mesh folder for this test."""
+    tag = "".join(c if c.isalnum() else "_" for c in request.node.name)[:40]
+    return MeshDir(tmp_path / "meshdir", tag)
+
+
+@pytest.fixture
+def login_mesh(mesh_dir: MeshDir) -> MeshDir:
+    """The design notes' login flow: ``client`` (no address) and ``server``."""
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.service(LOGIN_SERVICE)
+    mesh_dir.write_config({"client": False, "server": True})
+    return mesh_dir
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[Peers]:
+    """``peers.start(mesh_dir, machine)``: a running peer, stopped at the end of the test."""
+    started = Peers(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[mesh.Node]]:
+    """Append every in-process node here; each is closed at the end of the test."""
+    opened: list[mesh.Node] = []
+    yield opened
+    for node in reversed(opened):
+        node.close()
+
+
+@pytest.fixture
+def connect(nodes: list[mesh.Node]) -> Any:
+    """``mesh.connect`` whose node is closed when the test ends."""
+
+    def _connect(config: Path, machine: str) -> mesh.Node:
+        node = mesh.connect(config, machine=machine)
+        nodes.append(node)
+        return node
+
+    return _connect
+
+
+@pytest.fixture(autouse=True)
+def isolate_mesh() -> Iterator[None]:
+    """Undo the global state an in-process ``mesh.connect`` installs."""
+    handlers = dict(default_registry._handlers)
+    modules = set(sys.modules)
+    path = list(sys.path)
+    try:
+        yield
+    finally:
+        node = default_node()
+        if node is not None:
+            node.close()
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
+        mesh_runtime.current.set(None)
+        default_registry._handlers.clear()
+        default_registry._handlers.update(handlers)
+        for name in set(sys.modules) - modules:
+            if name.startswith("svc_"):
+                del sys.modules[name]
+        sys.path[:] = path

@@ -1,0 +1,448 @@
+"""The ``mesh`` command line, run as a user runs it: subprocesses against real peers."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peers, mesh_env, password_of
+
+PASSWORD = password_of("ada")
+
+CLI_FLOW = LOGIN_FLOW + "echo\tEchoing values\tserver\n"
+INDEX_CSV = (
+    "index,Checking if signed in,server\n"
+    "index,Generating list of questions,server\n"
+    "index,Sending sign in email,emailservice\n"
+)
+
+ECHO_SERVICE = """
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("echo", "Echoing values")
+def echo(ctx):
+    log.info("next", types={key: type(value).__name__ for key, value in ctx.items()})
+
+
+@mesh.handler("index", "Sending sign in email")
+def send_sign_in_email(ctx):
+    log.info("next", emailed=ctx.get("username", "nobody"))
+"""
+
+
+def mesh_cmd(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``mesh ARGS`` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=mesh_env(),
+        check=False,
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The single error line a failing command printed; fails on tracebacks or more lines."""
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith(("mesh ", "error:")) and not line.startswith("mesh peer ")
+    ]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def cli_mesh(mesh_dir: MeshDir) -> MeshDir:
+    """login, echo (flow.tsv) and index (index.csv): client (no address), server, emailservice."""
+    mesh_dir.flow(CLI_FLOW)
+    mesh_dir.flow(INDEX_CSV, "index.csv")
+    mesh_dir.service(LOGIN_SERVICE)
+    mesh_dir.service(ECHO_SERVICE)
+    mesh_dir.write_config(
+        {"client": False, "server": True, "emailservice": True}, flow=["flow.tsv", "index.csv"]
+    )
+    return mesh_dir
+
+
+# -- mesh check ------------------------------------------------------------------------
+
+
+def test_check_prints_each_plan(cli_mesh: MeshDir) -> None:
+    """`mesh check` on a good config prints every request's lines, machines and handlers."""
+    done = mesh_cmd("check", "-c", cli_mesh.config)
+
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for request in ("login", "feed", "echo", "index"):
+        assert re.search(rf"^{request}\b", out, re.MULTILINE), out
+    login, echo_service = cli_mesh.services
+    rows = {
+        "Testing password for :username": ("server", f"{login}.test_password"),
+        "Setting session for :username": ("server", f"{login}.set_session"),
+        "Finish handling user login": ("server", "pass-through"),
+        "Login successful": ("client", "pass-through"),
+        "Sending sign in email": ("emailservice", f"{echo_service}.send_sign_in_email"),
+    }
+    for text, (machine, handler) in rows.items():
+        row = next(line for line in out.splitlines() if text in line)
+        assert machine in row.split(), row
+        assert handler in row.split(), row
+    assert "ok:" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "row", "what"),
+    [
+        pytest.param(
+            "Request\tLog\tMachine\nlogin\tHello\tserver\nlogin\tOnly two cells\n",
+            3,
+            "column",
+            id="wrong-column-count",
+        ),
+        pytest.param(
+            "Request\tLog\tMachine\nlogin\tHello\tserver\n\nlogin\t\tserver\n",
+            4,
+            "empty",
+            id="empty-log-cell",
+        ),
+        pytest.param(
+            "login,Hello,server\nlogin,Again,server\nlogin,Hello,server\n",
+            3,
+            "Hello",
+            id="same-line-twice",
+        ),
+    ],
+)
+def test_check_malformed_flow_file(mesh_dir: MeshDir, content: str, row: int, what: str) -> None:
+    """`mesh check` on a malformed flow file exits 1 with one PATH:ROW: line, no traceback."""
+    path = mesh_dir.flow(content)
+    mesh_dir.write_config({"server": True})
+
+    line = one_line_error(mesh_cmd("check", "-c", mesh_dir.config))
+
+    assert f"{path}:{row}: " in line
+    assert what.lower() in line.lower()
+
+
+def test_check_handler_for_a_line_no_flow_has(mesh_dir: MeshDir) -> None:
+    """A handler for a line missing from the flow file fails `mesh check` and `mesh peer`."""
+    mesh_dir.flow(LOGIN_FLOW)
+    module = mesh_dir.service(
+        """
+        import mesh
+
+
+        @mesh.handler("login", "Testing passwd for :username")
+        def test_passwd(ctx):
+            pass
+        """
+    )
+    mesh_dir.write_config({"client": False, "server": True})
+
+    line = one_line_error(mesh_cmd("check", "-c", mesh_dir.config))
+    assert f"{module}.test_passwd" in line
+    assert "Testing passwd for :username" in line
+    assert "Testing password for :username" in line  # the near miss is suggested
+
+    peer = one_line_error(mesh_cmd("peer", "server", "-c", mesh_dir.config, timeout=30))
+    assert f"{module}.test_passwd" in peer
+    assert "Testing passwd for :username" in peer
+
+
+def test_check_line_an_address_less_machine_cannot_receive(mesh_dir: MeshDir) -> None:
+    """A line for a machine with no address, not upstream at that point, is reported at file:row."""
+    flow = mesh_dir.flow(
+        "Request\tLog\tMachine\n"
+        "notify\tAsked to notify\tclient\n"
+        "notify\tQueueing notification\tserver\n"
+        "notify\tRinging the phone\tphone\n"
+    )
+    mesh_dir.write_config({"client": False, "server": True, "phone": False})
+
+    line = one_line_error(mesh_cmd("check", "-c", mesh_dir.config))
+
+    assert f"{flow}:4: " in line
+    assert "phone" in line
+    assert "no address" in line
+
+
+def test_config_from_env_or_current_folder(cli_mesh: MeshDir, tmp_path: Path) -> None:
+    """Without -c, commands use $MESH_CONFIG, else ./mesh.toml; a missing one is named."""
+    env = mesh_env()
+    run = [sys.executable, "-m", "mesh", "check"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    by_env = subprocess.run(
+        run,
+        capture_output=True,
+        text=True,
+        env={**env, "MESH_CONFIG": str(cli_mesh.config)},
+        cwd=elsewhere,
+        timeout=60,
+        check=False,
+    )
+    assert by_env.returncode == 0, by_env.stderr
+    assert "Testing password for :username" in by_env.stdout
+
+    by_cwd = subprocess.run(
+        run, capture_output=True, text=True, env=env, cwd=cli_mesh.root, timeout=60, check=False
+    )
+    assert by_cwd.returncode == 0, by_cwd.stderr
+
+    missing = subprocess.run(
+        run, capture_output=True, text=True, env=env, cwd=elsewhere, timeout=60, check=False
+    )
+    line = one_line_error(missing)
+    assert "mesh.toml" in line
+
+
+# -- mesh call ---------------------------------------------------------------------------
+
+
+def test_call_json_prints_one_object(cli_mesh: MeshDir, peers: Peers) -> None:
+    """`mesh call --json` prints exactly one JSON object: flow_id, masked context, steps."""
+    server = peers.start(cli_mesh, "server")
+
+    done = mesh_cmd(
+        "call", "login", "username=ada", f"password={PASSWORD}", "--json", "-c", cli_mesh.config
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1, done.stdout
+    out = json.loads(done.stdout)
+    assert set(out) == {"flow_id", "context", "steps"}
+    assert out["context"] == {
+        "username": "ada",
+        "password": "***",
+        "verified": True,
+        "session": "session-ada",
+    }
+    assert [(s["index"], s["machine"]) for s in out["steps"]] == [
+        (0, "client"),
+        (1, "server"),
+        (2, "server"),
+        (3, "server"),
+        (4, "server"),
+        (5, "client"),
+    ]
+    assert out["steps"][0]["line"] == "User attempted login as ada and ***"
+    assert all(isinstance(s["ms"], int | float) and s["ms"] >= 0 for s in out["steps"])
+    assert out["flow_id"] in done.stderr  # the client's log lines go to stderr
+    assert out["flow_id"] in server.log_text()
+    for text in (done.stdout, done.stderr, server.log_text()):
+        assert PASSWORD not in text
+
+
+def test_call_params_are_strings_or_json(cli_mesh: MeshDir, peers: Peers) -> None:
+    """key=value arrives as a string and key:=json as its JSON type (qty:=3 is the int 3)."""
+    peers.start(cli_mesh, "server")
+
+    done = mesh_cmd(
+        "call",
+        "echo",
+        "name=3",
+        "qty:=3",
+        "ok:=true",
+        'tags:=["a"]',
+        "price:=1.5",
+        "--json",
+        "-c",
+        cli_mesh.config,
+    )
+
+    assert done.returncode == 0, done.stderr
+    context = json.loads(done.stdout)["context"]
+    assert context["name"] == "3"
+    assert context["qty"] == 3
+    assert context["ok"] is True
+    assert context["tags"] == ["a"]
+    assert context["types"] == {
+        "name": "str",
+        "qty": "int",
+        "ok": "bool",
+        "tags": "list",
+        "price": "float",
+    }
+
+
+def test_call_failure_is_one_line(cli_mesh: MeshDir, peers: Peers) -> None:
+    """A failed step makes `mesh call` exit 1 with one line naming machine and line, no secret."""
+    peers.start(cli_mesh, "server")
+
+    done = mesh_cmd("call", "login", "username=ada", "password=not-hunter2", "-c", cli_mesh.config)
+
+    line = one_line_error(done)
+    assert "server" in line
+    assert "line 2" in line
+    assert "PermissionError: invalid credentials" in line
+    assert "not-hunter2" not in done.stdout + done.stderr
+
+
+def test_call_unknown_request_and_bad_params(cli_mesh: MeshDir) -> None:
+    """An unknown request or a bad key:=json argument is a one-line error, exit 1."""
+    line = one_line_error(mesh_cmd("call", "logout", "-c", cli_mesh.config))
+    assert "'logout'" in line
+    assert "login" in line
+
+    line = one_line_error(mesh_cmd("call", "echo", "qty:=three", "-c", cli_mesh.config))
+    assert "qty:=three" in line
+
+
+def test_call_with_peer_down_is_unavailable(cli_mesh: MeshDir) -> None:
+    """`mesh call` with no server running says the server is unavailable, at once."""
+    began = time.monotonic()
+    done = mesh_cmd("call", "echo", "--timeout", "10", "-c", cli_mesh.config)
+    elapsed = time.monotonic() - began
+
+    line = one_line_error(done)
+    assert "server" in line
+    assert cli_mesh.addresses["server"] in line
+    assert elapsed < 8
+
+
+# -- mesh up -----------------------------------------------------------------------------
+
+
+class Up:
+    """A running ``mesh up``; its stdout and stderr lines arrive on one queue as printed."""
+
+    def __init__(self, config: Path, tmp_path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "up", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=mesh_env(),
+            cwd=tmp_path,
+        )
+        self.pid = self.proc.pid
+        self.peer_pids: dict[str, int] = {}
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._open = 2
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)  # this stream ended
+
+    def expect(self, pattern: str, timeout: float = 30) -> str:
+        """Read output lines until one matches ``pattern``; fail at its end or the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} in {timeout} s; saw {self.seen}")
+            if line is None:
+                self._open -= 1
+                if not self._open:
+                    pytest.fail(f"mesh up ended before printing {pattern!r}: {self.seen}")
+                continue
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return line
+
+    def wait_healthy(self, count: int) -> None:
+        while len(self.peer_pids) < count:
+            line = self.expect(r"^mesh up: \S+ listening on \S+ \(pid \d+\)")
+            m = re.search(r"^mesh up: (\S+) listening on \S+ \(pid (\d+)\)", line)
+            assert m
+            self.peer_pids[m.group(1)] = int(m.group(2))
+        self.expect(rf"^mesh up: {count} peers healthy")
+
+    def stop(self) -> None:
+        """SIGTERM ``mesh up`` alone, wait, then SIGKILL it and any peer left over."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        for pid in self.peer_pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[object]:
+    """``up(config)`` starts ``mesh up``; everything it started is stopped at the end."""
+    started: list[Up] = []
+
+    def start(config: Path) -> Up:
+        started.append(Up(config, tmp_path))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def test_up_serves_calls_and_stops_its_peers(cli_mesh: MeshDir, up) -> None:
+    """`mesh up` starts every addressed machine, calls work, SIGTERM stops all its peers."""
+    running = up(cli_mesh.config)
+    running.wait_healthy(2)
+    assert set(running.peer_pids) == {"server", "emailservice"}
+    assert all(alive(pid) for pid in running.peer_pids.values())
+
+    login = mesh_cmd(
+        "call", "login", "username=ada", f"password={PASSWORD}", "--json", "-c", cli_mesh.config
+    )
+    assert login.returncode == 0, login.stderr
+    assert json.loads(login.stdout)["context"]["session"] == "session-ada"
+    index = mesh_cmd("call", "index", "username=ada", "--json", "-c", cli_mesh.config)
+    assert index.returncode == 0, index.stderr
+    steps = json.loads(index.stdout)["steps"]
+    assert [s["machine"] for s in steps] == ["server", "server", "emailservice"]
+
+    os.kill(running.pid, signal.SIGTERM)
+    assert running.proc.wait(30) == 0
+    for name, pid in running.peer_pids.items():
+        assert not alive(pid), f"peer {name} (pid {pid}) outlived mesh up"
+
+
+def test_up_reports_a_peer_that_dies(cli_mesh: MeshDir, up) -> None:
+    """When one of its peers dies, `mesh up` says which; SIGTERM still stops the others."""
+    running = up(cli_mesh.config)
+    running.wait_healthy(2)
+
+    os.kill(running.peer_pids["emailservice"], signal.SIGKILL)
+    line = running.expect(r"^mesh up: .*emailservice.*exited")
+
+    assert str(running.peer_pids["emailservice"]) in line
+    assert running.proc.poll() is None
+    os.kill(running.pid, signal.SIGTERM)
+    running.proc.wait(30)
+    assert not alive(running.peer_pids["server"])
