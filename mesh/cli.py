@@ -22,13 +22,14 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.config import find_config, import_services, load_config
+from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
+from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
 from mesh.processor import install
 from mesh.registry import default_registry, describe
-from mesh.routing import plan
+from mesh.routing import Hop, plan
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -92,7 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-
     config = load_config(find_config(args.config))
     import_services(config)
     problems = default_registry.problems(config.flows)
@@ -101,33 +101,39 @@ def _check(args: argparse.Namespace) -> int:
     machines = config.machines
     for name, flow in config.flows.flows.items():
         first = flow.lines[0]
-        origin = first.machine if not machines[first.machine].address else CALLER
+        origin = _default_origin(flow, config)
         hops = plan(flow, origin)
         print(f"{name}  ({first.path}, digest {flow.digest})")
         rows = [("#", "line", "machine", "handler", "how")]
         for line, hop in zip(flow.lines, hops, strict=True):
             fn = registered.get((name, line.text))
-            rows.append(
-                (
-                    str(line.index),
-                    line.text,
-                    line.machine,
-                    describe(fn) if fn else "pass-through",
-                    hop.how,
-                )
-            )
-            if hop.how == "call" and not machines[hop.machine].address:
-                chain = " → ".join(hop.via[1:] if hop.via and hop.via[0] == CALLER else hop.via)
-                problems.append(
-                    f'{line.path}:{line.row}: {name} line {line.index} "{line.text}" runs on'
-                    f" {hop.machine}, which has no address and is not upstream there"
-                    f" (call chain: {chain or 'none'}), so the flow cannot reach it"
-                )
+            handler = describe(fn) if fn else "pass-through"
+            rows.append((str(line.index), line.text, line.machine, handler, hop.how))
         _table(rows, indent="  ")
         print()
-        if len(config.flows.openers(first.text)) > 1:
+        unreachable = _unreachable(flow, hops, config)
+        if unreachable:
+            # `mesh call` would start it from outside; an address-less machine of the
+            # flow may still start it so that the flow comes back to it.
+            starters = [
+                m
+                for m in flow.machines
+                if m != origin
+                and not machines[m].address
+                and not _unreachable(flow, plan(flow, m), config)
+            ]
+            if starters:
+                warnings.append(
+                    f"{name} reaches {', '.join(sorted({h.machine for h in unreachable}))} only"
+                    f" when started by {' or '.join(starters)}"
+                    f" (mesh call --as {starters[0]}, or mesh.connect(machine={starters[0]!r}))"
+                )
+            else:
+                problems.append(_unreachable_message(flow, unreachable[0]))
+        openers = config.flows.openers(first.text)
+        if len(openers) > 1:
             warnings.append(
-                f"{first.text!r} opens requests {', '.join(config.flows.openers(first.text))}:"
+                f"{first.text!r} opens requests {', '.join(openers)}:"
                 " logging it cannot start a flow inline (node.start still works)"
             )
     for warning in dict.fromkeys(warnings):
@@ -138,6 +144,27 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"ok: {len(config.flows)} requests, {len(machines)} machines, {len(registered)} handlers")
     return 0
+
+
+def _default_origin(flow: Flow, config: Config) -> str:
+    """Who starts a flow by default: line 0's machine if it has no address, else an outsider."""
+    first = flow.lines[0].machine
+    return first if not config.machines[first].address else CALLER
+
+
+def _unreachable(flow: Flow, hops: Sequence[Hop], config: Config) -> list[Hop]:
+    """Hops that would call an address-less machine: no flow can get there."""
+    return [h for h in hops if h.how == "call" and not config.machines[h.machine].address]
+
+
+def _unreachable_message(flow: Flow, hop: Hop) -> str:
+    line = flow.lines[hop.index]
+    chain = " → ".join(m for m in hop.via if m != CALLER) or "none"
+    return (
+        f'{line.path}:{line.row}: {flow.name} line {line.index} "{line.text}" runs on'
+        f" {hop.machine}, which has no address and is not upstream there"
+        f" (call chain: {chain}), so the flow cannot reach it"
+    )
 
 
 def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
@@ -343,10 +370,7 @@ def _call(args: argparse.Namespace) -> int:
     if flow is None:
         known = ", ".join(config.flows) or "none"
         raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
-    machine = args.machine
-    if machine is None:
-        first = flow.lines[0].machine
-        machine = first if not config.machines[first].address else CALLER
+    machine = args.machine or _default_origin(flow, config)
     node = Node(config, machine, outside=machine == CALLER)
     install(node)
     try:

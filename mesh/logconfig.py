@@ -72,7 +72,20 @@ def configure_logging(
     )
 
 
-def has_processor() -> bool:
-    """Whether structlog's configured chain routes flow lines at all."""
-    procs = structlog.get_config().get("processors", [])
-    return any(isinstance(p, MeshProcessor) for p in procs)
+def chain_problem() -> str | None:
+    """What is wrong with structlog's configured chain for routing flows, if anything."""
+    procs = list(structlog.get_config().get("processors", []))
+    at = next((i for i, p in enumerate(procs) if isinstance(p, MeshProcessor)), None)
+    if at is None:
+        return (
+            'structlog is configured without mesh.processor, so flow lines and "next"'
+            " would do nothing: put mesh.processor first in processors=[...], or call"
+            " mesh.configure_logging()"
+        )
+    if structlog.contextvars.merge_contextvars in procs[:at]:
+        return (
+            "mesh.processor comes after merge_contextvars in structlog's processors, so"
+            ' "next" would copy context variables (flow_id, ...) into the flow context:'
+            " put mesh.processor first"
+        )
+    return None

@@ -22,7 +22,7 @@ from mesh.config import Config, find_config, import_services, load_config
 from mesh.dialer import Dialer
 from mesh.errors import ConfigError, MeshError
 from mesh.flowfile import Flow, FlowSet
-from mesh.logconfig import configure_logging, has_processor
+from mesh.logconfig import chain_problem, configure_logging
 from mesh.peer import Server
 from mesh.registry import Handler, Registry, default_registry
 from mesh.result import FlowResult
@@ -160,12 +160,10 @@ def connect(
     node = Node(cfg, machine, registry)
     if not structlog.is_configured():
         configure_logging()
-    elif not has_processor():
-        raise ConfigError(
-            'structlog is configured without mesh.processor, so flow lines and "next"'
-            " would do nothing: put mesh.processor first in processors=[...], or call"
-            " mesh.configure_logging()"
-        )
+    else:
+        problem = chain_problem()
+        if problem:
+            raise ConfigError(problem)
     _processor.install(node)
     return node
 

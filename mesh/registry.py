@@ -45,6 +45,11 @@ class Registry:
         def register(fn: H) -> H:
             if not callable(fn):
                 raise RegistryError(f"mesh.handler({request!r}, {line!r}) decorates {fn!r}")
+            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+                raise RegistryError(
+                    f"handler {describe(fn)} for {request} line {line!r} is async; handlers"
+                    " are plain functions (they run on the peer's worker threads)"
+                )
             try:
                 inspect.signature(fn).bind({})
             except TypeError:

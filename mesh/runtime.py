@@ -24,8 +24,8 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 from mesh.errors import FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
 from mesh.registry import Handler, describe
-from mesh.result import MASK, Step
-from mesh.routing import Call, HandBack, RunHere, route
+from mesh.result import Step, scrub, secret_values
+from mesh.routing import DONE, Call, HandBack, RunHere, route
 from mesh.wire import step_error
 
 if TYPE_CHECKING:
@@ -35,9 +35,6 @@ _log = structlog.get_logger("mesh")
 
 #: The flow active in this context, if any.
 current: ContextVar[FlowState | None] = ContextVar("mesh_flow", default=None)
-
-#: Free-text scrubbing leaves shorter secrets alone: they would mangle ordinary words.
-SCRUB_MIN = 4
 
 
 class Rendered(str):
@@ -106,14 +103,9 @@ class FlowState:
 
     def scrub(self, text: str) -> str:
         """``text`` with the values of this flow's secrets masked."""
-        for key in self.flow.secrets:
-            value = self.context.get(key)
-            if value is None:
-                continue
-            value = str(value)
-            if len(value) >= SCRUB_MIN and value in text:
-                text = text.replace(value, MASK)
-        return text
+        if not self.flow.secrets:
+            return text
+        return scrub(text, secret_values(self.context, self.flow.secrets))
 
 
 def activate(state: FlowState, index: int = 0) -> None:
@@ -144,7 +136,7 @@ def finish(state: FlowState) -> None:
 
 def open_line(state: FlowState, index: int) -> str:
     """Start timing line ``index`` and render it; returns the rendered text."""
-    rendered = state.flow.render(index, state.context)
+    rendered = state.scrub(state.flow.render(index, state.context))
     state.current = index
     state.awaiting = -1
     state._rendered = rendered
@@ -235,6 +227,15 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
     handlers = node.handlers[flow.name]
     while True:
         decision = route(flow, me, index, state.via)
+        if decision is not DONE and state.remaining() <= 0:
+            raise FlowTimeout(
+                f"{flow.name} passed its deadline on {me} before line {index}"
+                f" {flow.lines[index].text!r}",
+                request=flow.name,
+                flow_id=state.flow_id,
+                machine=me,
+                line_index=index,
+            )
         if type(decision) is RunHere:
             fn = handlers[index]
             if fn is None:
@@ -248,15 +249,6 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
             run_handler(state, index, fn)
             index = state.steps[-1].index + 1
         elif type(decision) is Call:
-            if state.remaining() <= 0:
-                raise FlowTimeout(
-                    f"{flow.name} timed out on {me} before calling {decision.machine}"
-                    f" for line {index}",
-                    request=flow.name,
-                    flow_id=state.flow_id,
-                    machine=me,
-                    line_index=index,
-                )
             back = node.dialer.continue_flow(state, decision.machine, index)
             if back is None:
                 return FINISHED

@@ -446,3 +446,15 @@ def test_up_reports_a_peer_that_dies(cli_mesh: MeshDir, up) -> None:
     os.kill(running.pid, signal.SIGTERM)
     running.proc.wait(30)
     assert not alive(running.peer_pids["server"])
+
+
+def test_check_warns_when_only_an_address_less_starter_reaches_a_line(mesh_dir: MeshDir) -> None:
+    """A flow that comes back to an address-less client works when the client starts it."""
+    mesh_dir.flow("Request\tLog\tMachine\nping\tPinging\tserver\nping\tPonged\tclient\n")
+    mesh_dir.write_config({"client": False, "server": True})
+
+    done = mesh_cmd("check", "-c", mesh_dir.config)
+
+    assert done.returncode == 0, done.stderr
+    assert "ping reaches client only when started by client" in done.stderr
+    assert "mesh call --as client" in done.stderr

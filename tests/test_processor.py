@@ -311,3 +311,32 @@ def test_handler_cannot_log_a_line_of_another_machine(
             node.start("remote")
     finally:
         node.close()
+
+
+def test_connect_refuses_the_processor_after_merge_contextvars(
+    tmp_path: Path, reg: Registry
+) -> None:
+    """mesh.processor after merge_contextvars would copy context variables into flows."""
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, mesh.processor])
+    try:
+        with pytest.raises(mesh.ConfigError, match=r"put mesh\.processor first"):
+            list(_connect(tmp_path, reg))
+    finally:
+        structlog.reset_defaults()
+
+
+def test_local_lines_stop_at_the_deadline(tmp_path: Path, events: Events, reg: Registry) -> None:
+    """A slow local handler is not killed, but the flow times out before its next line."""
+    import time
+
+    @reg.handler("local", "Middle step for :username")
+    def slow(ctx: dict[str, Any]) -> None:
+        time.sleep(0.3)
+        structlog.get_logger().info("next")
+
+    for node in _connect(tmp_path, reg):
+        with pytest.raises(mesh.FlowTimeout, match=r"before line 2 'Computing total'") as err:
+            node.start("local", username="ada", password="pw", timeout=0.1)
+    assert err.value.machine == "server"
+    assert err.value.line_index == 2
+    assert "Computing total" not in _texts(events)

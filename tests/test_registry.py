@@ -81,3 +81,13 @@ def test_empty_names_are_refused() -> None:
         reg.handler("", "Done")
     with pytest.raises(RegistryError):
         reg.handler("login", "  ")
+
+
+def test_async_handler_is_refused_when_declared() -> None:
+    """An async function would never run its "next": refused at declaration."""
+    reg = Registry()
+    with pytest.raises(RegistryError, match="is async"):
+
+        @reg.handler("login", "Done")
+        async def later(ctx: dict[str, Any]) -> None:
+            pass
