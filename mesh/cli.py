@@ -27,7 +27,7 @@ from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
-from mesh.processor import install
+from mesh.processors import install
 from mesh.registry import default_registry, describe
 from mesh.routing import Hop, plan
 

@@ -8,7 +8,7 @@ from typing import IO, Any
 
 import structlog
 
-from mesh.processor import EventDict, MeshProcessor, mask_secrets, processor
+from mesh.processors import EventDict, MeshProcessor, mask_secrets, processor
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from mesh import processor as _processor
+from mesh import processors as _processors
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.dialer import Dialer
 from mesh.errors import ConfigError, MeshError
@@ -135,7 +135,7 @@ class Node:
         """Stop serving, close channels, and stop routing this process's logs."""
         self.stop(0)
         self.dialer.close()
-        _processor.uninstall(self)
+        _processors.uninstall(self)
         state = current.get()
         if state is not None and state.node is self:  # an inline flow left unfinished here
             finish(state)
@@ -164,7 +164,7 @@ def connect(
         problem = chain_problem()
         if problem:
             raise ConfigError(problem)
-    _processor.install(node)
+    _processors.install(node)
     return node
 
 

@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import mesh
 from mesh import runtime as mesh_runtime
-from mesh.processor import default_node
+from mesh.processors import default_node
 from mesh.registry import default_registry
 
 #: The flow file of the design notes (tab-separated, with its header row).

@@ -1,0 +1,58 @@
+"""The public API: what `import mesh` offers users, and nothing else by accident."""
+
+from __future__ import annotations
+
+import mesh
+
+
+def test_exact_public_exports() -> None:
+    """__all__ is the documented API, sorted, and every name exists."""
+    assert mesh.__all__ == [
+        "ConfigError",
+        "ContextError",
+        "FlowError",
+        "FlowFileError",
+        "FlowResult",
+        "FlowTimeout",
+        "FlowViolation",
+        "MeshError",
+        "MeshProcessor",
+        "Node",
+        "PeerError",
+        "PeerRefused",
+        "PeerUnavailable",
+        "RegistryError",
+        "Step",
+        "configure_logging",
+        "connect",
+        "current_context",
+        "handler",
+        "mask_secrets",
+        "processor",
+    ]
+    for name in mesh.__all__:
+        assert hasattr(mesh, name), name
+
+
+def test_errors_form_one_hierarchy() -> None:
+    """Every error class the mesh raises derives from MeshError."""
+    errors = [getattr(mesh, n) for n in mesh.__all__ if n.endswith(("Error", "Violation"))]
+    errors += [mesh.FlowTimeout, mesh.PeerUnavailable, mesh.PeerRefused]
+    for cls in errors:
+        assert issubclass(cls, mesh.MeshError), cls
+    assert issubclass(mesh.PeerUnavailable, mesh.PeerError)
+    assert issubclass(mesh.PeerRefused, mesh.PeerError)
+
+
+def test_processor_is_the_instance_and_the_module_is_separate() -> None:
+    """mesh.processor is the structlog processor itself, not a module."""
+    import mesh.processors
+
+    assert isinstance(mesh.processor, mesh.MeshProcessor)
+    assert mesh.processors.processor is mesh.processor
+    assert callable(mesh.processor)
+
+
+def test_generated_code_stays_private() -> None:
+    """The protobuf modules are not part of the public namespace."""
+    assert not any(name.endswith("_pb2") for name in vars(mesh))
