@@ -106,6 +106,34 @@ def test_login_by_mesh_call(login_mesh: MeshDir, peers: Peers) -> None:
         assert PASSWORD not in text
 
 
+def test_peer_embedded_in_a_process(login_mesh: MeshDir, connect) -> None:
+    """node.serve() runs the server's lines inside this process; node.stop() ends it."""
+    server = connect(login_mesh.config, "server")
+    port = server.serve()
+    assert f":{port}" in server.address
+
+    done = run_mesh(
+        "call",
+        "login",
+        "username=ada",
+        f"password={PASSWORD}",
+        "--json",
+        "-c",
+        str(login_mesh.config),
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["context"]["session"] == "session-ada"
+    assert [s["machine"] for s in out["steps"]] == ["client"] + ["server"] * 4 + ["client"]
+
+    server.stop(grace=1)
+    after = run_mesh(
+        "call", "login", "username=ada", f"password={PASSWORD}", "-c", str(login_mesh.config)
+    )
+    assert after.returncode == 1
+    assert "server is unavailable" in after.stderr
+
+
 def test_pass_through_flow_without_handlers(login_mesh: MeshDir, peers: Peers, connect) -> None:
     """A flow whose lines have no handler passes through: feed runs client then server."""
     server = peers.start(login_mesh, "server")
