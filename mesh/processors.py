@@ -267,12 +267,16 @@ def _expected(state: FlowState, text: str, expected: int) -> str:
 def mask_secrets(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
     """Mask the active flow's secrets: their keys, and their values inside text.
 
-    Put it after ``merge_contextvars`` and ``format_exc_info``, so values bound
-    in context variables and exception text are masked too.
+    Put it after ``merge_contextvars`` (so values bound in context variables are
+    masked too) and before the renderer. While a flow with secrets is active it
+    renders ``exc_info`` itself, so a traceback cannot show a secret either.
     """
     state = current.get()
     if state is None or not state.flow.secrets:
         return event_dict
+    if "exc_info" in event_dict:
+        # A traceback rendered later would show the exception's message unmasked.
+        event_dict = structlog.processors.format_exc_info(logger, method_name, event_dict)
     for key in state.flow.secrets:
         if key in event_dict:
             event_dict[key] = MASK

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from mesh.errors import FlowTimeout, FlowViolation, MeshError, PeerRefused
+from mesh.errors import ContextError, FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
 from mesh.registry import Handler, describe
 from mesh.result import Step, scrub, secret_values
@@ -168,9 +168,14 @@ def emit(state: FlowState, index: int) -> None:
 
 def fail_step(state: FlowState, index: int, exc: BaseException) -> MeshError:
     """The FlowError for a step that raised ``exc``, secrets scrubbed."""
-    error_type = "FlowViolation" if isinstance(exc, FlowViolation) else type(exc).__name__
-    if type(exc).__name__ == "ContextError":
+    # The mesh's own rule-breaking errors keep their public names, so the
+    # originator can raise them as the same classes.
+    if isinstance(exc, FlowViolation):
+        error_type = "FlowViolation"
+    elif isinstance(exc, ContextError):
         error_type = "ContextError"
+    else:
+        error_type = type(exc).__name__
     return step_error(
         request=state.flow.name,
         flow_id=state.flow_id,
@@ -189,27 +194,25 @@ def run_handler(state: FlowState, index: int, fn: Handler) -> None:
     state.nexted = False
     try:
         fn(state.context)
+        if not state.nexted:
+            raise FlowViolation(
+                f'handler {describe(fn)} returned without logging "next"'
+                f" for line {state.current} {state.flow.lines[state.current].text!r}"
+            )
     except Exception as exc:
+        # Logged here, with the traceback, on the machine that ran the step; the
+        # originator gets the one-line FlowError.
         line = state.current if state.current >= 0 else index
         _log.error(
             "mesh.step_failed",
             handler=describe(fn),
             error=state.scrub(f"{type(exc).__name__}: {exc}"),
+            exc_info=exc,
             **state.fields(line),
         )
         raise fail_step(state, line, exc) from exc
     finally:
         state.in_handler = False
-    if not state.nexted:
-        line = state.current
-        raise fail_step(
-            state,
-            line,
-            FlowViolation(
-                f'handler {describe(fn)} returned without logging "next"'
-                f" for line {line} {state.flow.lines[line].text!r}"
-            ),
-        )
     state.nexted = False
     close_line(state)
 
