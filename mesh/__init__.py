@@ -20,7 +20,7 @@ from mesh.errors import (
 )
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect, current_context
-from mesh.processors import MeshProcessor, mask_secrets, processor
+from mesh.processors import mask_secrets, processor
 from mesh.registry import handler
 from mesh.result import FlowResult, Step
 
@@ -33,7 +33,6 @@ __all__ = [
     "FlowTimeout",
     "FlowViolation",
     "MeshError",
-    "MeshProcessor",
     "Node",
     "PeerError",
     "PeerRefused",

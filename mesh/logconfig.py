@@ -8,7 +8,7 @@ from typing import IO, Any
 
 import structlog
 
-from mesh.processors import EventDict, MeshProcessor, mask_secrets, processor
+from mesh.processors import EventDict, mask_secrets, processor
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
@@ -75,7 +75,7 @@ def configure_logging(
 def chain_problem() -> str | None:
     """What is wrong with structlog's configured chain for routing flows, if anything."""
     procs = list(structlog.get_config().get("processors", []))
-    at = next((i for i, p in enumerate(procs) if isinstance(p, MeshProcessor)), None)
+    at = next((i for i, p in enumerate(procs) if p is processor), None)
     if at is None:
         return (
             'structlog is configured without mesh.processor, so flow lines and "next"'

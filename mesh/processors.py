@@ -61,27 +61,21 @@ def default_node() -> Node | None:
     return _node
 
 
-class MeshProcessor:
-    """Routes flow lines and ``"next"``; every other event passes untouched."""
+def processor(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+    """Route flow lines and ``"next"``; every other event passes untouched.
 
-    __slots__ = ()
-
-    def __call__(self, logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
-        event = event_dict.get("event")
-        try:
-            if event not in _watched:
-                return event_dict
-        except TypeError:  # an unhashable event: not ours
+    A plain function rather than a callable object: it runs for every event the
+    application logs, and a function call costs half as much.
+    """
+    event = event_dict.get("event")
+    try:
+        if event not in _watched:
             return event_dict
-        if type(event) is Rendered:
-            return event_dict
-        return _flow_event(str(event), event_dict)
-
-    def __repr__(self) -> str:
-        return "mesh.processor"
-
-
-processor = MeshProcessor()
+    except TypeError:  # an unhashable event: not ours
+        return event_dict
+    if type(event) is Rendered:
+        return event_dict
+    return _flow_event(str(event), event_dict)
 
 
 def _flow_event(event: str, event_dict: EventDict) -> EventDict:
