@@ -355,8 +355,8 @@ def parse_params(params: Sequence[str]) -> dict[str, Any]:
             if not sep:
                 raise MeshError(f"argument {param!r}: expected key=value or key:=json")
             context[key] = raw
-        if not key.isidentifier():
-            raise MeshError(f"argument {param!r}: {key!r} is not a valid context key")
+        if not key.strip():
+            raise MeshError(f"argument {param!r}: the key is empty")
     return context
 
 
@@ -374,7 +374,7 @@ def _call(args: argparse.Namespace) -> int:
     node = Node(config, machine, outside=machine == CALLER)
     install(node)
     try:
-        result = node.start(args.request, timeout=args.timeout, **context)
+        result = node.start_with(args.request, context, timeout=args.timeout)
     finally:
         node.close()
     steps = [

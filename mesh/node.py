@@ -13,6 +13,7 @@ import contextvars
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -78,6 +79,13 @@ class Node:
         whole flow's deadline, default the config's. Raises FlowError for a failed
         step, PeerUnavailable / PeerRefused for a peer, FlowTimeout at the deadline.
         """
+        return self.start_with(request, context, timeout=timeout)
+
+    def start_with(
+        self, request: str, context: Mapping[str, Any], *, timeout: float | None = None
+    ) -> FlowResult:
+        """:meth:`start` with the context as a mapping, for keys that are not
+        identifiers or clash with ``timeout`` (``mesh call`` uses it)."""
         flow = self.flows.flows.get(request)
         if flow is None:
             known = ", ".join(self.flows) or "none"
@@ -85,7 +93,7 @@ class Node:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         check_values(context)
-        state = self.new_state(flow, context, timeout)
+        state = self.new_state(flow, dict(context), timeout)
         return contextvars.copy_context().run(self._run, state)
 
     def _run(self, state: FlowState) -> FlowResult:

@@ -458,3 +458,22 @@ def test_check_warns_when_only_an_address_less_starter_reaches_a_line(mesh_dir: 
     assert done.returncode == 0, done.stderr
     assert "ping reaches client only when started by client" in done.stderr
     assert "mesh call --as client" in done.stderr
+
+
+def test_parse_params_types_and_reserved_names() -> None:
+    """key=value is a string, key:=json is JSON; "timeout" is an ordinary context key."""
+    from mesh.cli import parse_params
+    from mesh.errors import MeshError
+
+    assert parse_params(["a=1", "b:=1", "ok:=true", 'tags:=["x"]', "url=http://h:=1"]) == {
+        "a": "1",
+        "b": 1,
+        "ok": True,
+        "tags": ["x"],
+        "url": "http://h:=1",
+    }
+    assert parse_params(["timeout=5"]) == {"timeout": "5"}
+    with pytest.raises(MeshError, match="expected key=value"):
+        parse_params(["novalue"])
+    with pytest.raises(MeshError, match="is not JSON"):
+        parse_params(["n:={bad"])
