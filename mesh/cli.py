@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -87,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mesh check | head`: the reader has gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 # -- check -----------------------------------------------------------------
@@ -99,6 +103,15 @@ def _check(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     registered = default_registry.registered()
     machines = config.machines
+    print(f"{config.path}")
+    _table(
+        [
+            (f"  {m.name}", m.address or "(no address: originates only)")
+            + ((f"listens on {m.listen}",) if m.listen and m.listen != m.address else ())
+            for m in machines.values()
+        ]
+    )
+    print()
     for name, flow in config.flows.flows.items():
         first = flow.lines[0]
         origin = _default_origin(flow, config)
@@ -168,9 +181,10 @@ def _unreachable_message(flow: Flow, hop: Hop) -> str:
 
 
 def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    columns = max(len(r) for r in rows)
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(columns)]
     for row in rows:
-        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
         print(indent + "  ".join(cells).rstrip())
 
 
