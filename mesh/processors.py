@@ -209,14 +209,19 @@ def _on_line(state: FlowState | None, node: Node, text: str, event_dict: EventDi
         return _open(state, state.awaiting, event_dict)
     openers = flows.openers(text)
     if len(openers) == 1:
-        # A new flow from inline code while an earlier one never finished (its
-        # code raised or returned early): start afresh rather than poison the thread.
-        _log.warning(
-            "mesh.flow_abandoned",
-            abandoned=state.flow_id,
-            at_line=max(state.current, state.awaiting),
-            request=flow.name,
-        )
+        if state.current == len(lines) - 1:
+            # The earlier flow was at its last line: only its final "next" is
+            # missing, and nothing is left to run. It is complete, not abandoned.
+            close_line(state)
+        else:
+            # An earlier flow never finished (its code raised or returned early):
+            # start afresh rather than poison the thread.
+            _log.warning(
+                "mesh.flow_abandoned",
+                abandoned=state.flow_id,
+                at_line=max(state.current, state.awaiting),
+                request=flow.name,
+            )
         finish(state)
         return _start_inline(node, openers[0], event_dict)
     expected = state.awaiting if state.awaiting >= 0 else state.current + 1

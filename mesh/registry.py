@@ -26,6 +26,18 @@ def describe(fn: Callable[..., object]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
+def _source(fn: Callable[..., object]) -> tuple[object, ...]:
+    """Where a function was defined: the same for a module imported twice.
+
+    A script run as ``__main__`` that is also listed in ``services`` registers
+    its handlers twice, under two module names; that is one handler, not two.
+    """
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return (describe(fn),)
+    return (getattr(fn, "__qualname__", None), code.co_filename, code.co_firstlineno)
+
+
 class Registry:
     """Handlers by (request, line text)."""
 
@@ -60,7 +72,7 @@ class Registry:
             except ValueError:  # no signature (some builtins): trust it
                 pass
             known = self._handlers.get(key)
-            if known is not None and describe(known) != describe(fn):
+            if known is not None and _source(known) != _source(fn):
                 raise RegistryError(
                     f"{request} line {line!r} already has a handler, {describe(known)};"
                     f" cannot register {describe(fn)} too"

@@ -340,3 +340,19 @@ def test_local_lines_stop_at_the_deadline(tmp_path: Path, events: Events, reg: R
     assert err.value.machine == "server"
     assert err.value.line_index == 2
     assert "Computing total" not in _texts(events)
+
+
+def test_inline_flow_ending_without_a_last_next_is_complete(
+    node: mesh.Node, events: Events
+) -> None:
+    """Logging the last line and then a new flow's line 0 is no abandoned flow."""
+    log = structlog.get_logger()
+    log.info("Other opener")
+    log.info("next")
+    log.info("Other second")  # the last line; no "next" after it
+    log.info("Other opener")
+    assert [e for e in events if e["event"] == "mesh.flow_abandoned"] == []
+    log.info("Starting for :username with #password", username="ada", password="pw")
+    abandoned = [e for e in events if e["event"] == "mesh.flow_abandoned"]
+    assert len(abandoned) == 1
+    assert abandoned[0]["request"] == "other"

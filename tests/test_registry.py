@@ -91,3 +91,18 @@ def test_async_handler_is_refused_when_declared() -> None:
         @reg.handler("login", "Done")
         async def later(ctx: dict[str, Any]) -> None:
             pass
+
+
+def test_same_function_registered_twice_is_one_handler() -> None:
+    """A module imported twice (as __main__ and by name) registers one handler, not a clash."""
+    reg = Registry()
+
+    def check(ctx: dict[str, Any]) -> None:
+        pass
+
+    twin = type(check)(check.__code__, check.__globals__, "check")
+    twin.__module__ = "__main__"
+    twin.__qualname__ = check.__qualname__
+    reg.handler("login", "Done")(check)
+    reg.handler("login", "Done")(twin)
+    assert reg.table(FLOWS)["login"][1] is twin
