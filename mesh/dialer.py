@@ -14,23 +14,33 @@ from typing import TYPE_CHECKING
 import grpc
 
 from mesh.config import MachineConfig
-from mesh.errors import FlowTimeout, MeshError, PeerRefused, PeerUnavailable
+from mesh.errors import ContextError, FlowTimeout, MeshError, PeerRefused, PeerUnavailable
 from mesh.runtime import HandOff
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
-from mesh.wire import dump_context, failure_to_error, load_context, steps_from_pb
+from mesh.wire import (
+    MAX_MESSAGE_BYTES,
+    MESSAGE_OPTIONS,
+    dump_context,
+    failure_to_error,
+    load_context,
+    steps_from_pb,
+)
 
 if TYPE_CHECKING:
     from mesh.runtime import FlowState
 
 #: Channel options every peer and originator use.
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    *MESSAGE_OPTIONS,
     # Our own connection per channel: channels to one target otherwise share a
     # subchannel, and with it the reconnect backoff of a peer that was down.
     ("grpc.use_local_subchannel_pool", 1),
 )
+
+
+#: Room left in a message for everything but the context (steps, names, digest).
+MAX_CONTEXT_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
 
 
 class Dialer:
@@ -92,10 +102,16 @@ class Dialer:
         context and the remote steps into ``state``. Raises MeshError otherwise.
         """
         flow = state.flow
+        context = dump_context(state.context)
+        if len(context) > MAX_CONTEXT_BYTES:
+            raise ContextError(
+                f"{flow.name} context is {len(context):,} bytes of JSON, over the"
+                f" {MAX_CONTEXT_BYTES:,} a call to {machine} may carry"
+            )
         request = _pb2.ContinueRequest(
             request=flow.name,
             line_index=index,
-            context=dump_context(state.context),
+            context=context,
             flow_id=state.flow_id,
             digest=flow.digest,
             via=(*state.via, state.node.machine),

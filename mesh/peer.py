@@ -24,7 +24,7 @@ from mesh.errors import MeshError
 from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
-from mesh.wire import dump_context, error_to_failure, load_context, steps_to_pb
+from mesh.wire import MESSAGE_OPTIONS, dump_context, error_to_failure, load_context, steps_to_pb
 
 if TYPE_CHECKING:
     from mesh.node import Node
@@ -138,7 +138,7 @@ class Server:
             # machines in opposite orders, so refuse them at once instead.
             maximum_concurrent_rpcs=workers,
             # Without this, two peers started on one port share it silently.
-            options=[("grpc.so_reuseport", 0), *_server_options()],
+            options=[("grpc.so_reuseport", 0), *MESSAGE_OPTIONS],
         )
         _pb2_grpc.add_MeshServicer_to_server(Peer(node), self._server)
         self.health = health.HealthServicer()
@@ -183,10 +183,3 @@ def _bind_problem(listen: str) -> str | None:
                 return "address in use"
             return exc.strerror or str(exc)
     return None
-
-
-def _server_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from mesh.errors import ContextError, FlowTimeout, FlowViolation, MeshError, PeerRefused
+from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
 from mesh.registry import Handler, describe
 from mesh.result import Step, scrub, secret_values
@@ -252,7 +252,14 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
             run_handler(state, index, fn)
             index = state.steps[-1].index + 1
         elif type(decision) is Call:
-            back = node.dialer.continue_flow(state, decision.machine, index)
+            try:
+                back = node.dialer.continue_flow(state, decision.machine, index)
+            except ContextError as exc:
+                # A step further down that failed is already a FlowError; the
+                # caller's own arguments (line 0) are theirs to fix, at the call.
+                if isinstance(exc, FlowError) or index == 0:
+                    raise
+                raise fail_step(state, index - 1, exc) from exc
             if back is None:
                 return FINISHED
             if back.machine == me:

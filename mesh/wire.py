@@ -23,6 +23,14 @@ from mesh.errors import (
 from mesh.result import Step
 from mesh.v1 import mesh_pb2 as _pb2
 
+#: The largest message a peer sends or accepts; gRPC's own default (4 MiB) would
+#: cut off a flow whose context grew past it with a cryptic RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MESSAGE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 

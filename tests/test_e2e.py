@@ -785,6 +785,15 @@ def test_non_json_context_value_is_a_context_error(
     assert server.alive()
 
 
+def test_context_too_large_fails_at_the_sender(login_mesh: MeshDir, connect) -> None:
+    """A context over the message limit is a ContextError naming its size, before sending."""
+    from mesh.dialer import MAX_CONTEXT_BYTES
+
+    node = connect(login_mesh.config, "client")  # no server running: nothing may be sent
+    with pytest.raises(mesh.ContextError, match=r"bytes of JSON, over the"):
+        node.start("login", username="ada", password="x" * (MAX_CONTEXT_BYTES + 1))
+
+
 def test_context_error_before_sending(login_mesh: MeshDir, connect) -> None:
     """A non-JSON value given to start() is a ContextError naming the key, before any call."""
     node = connect(login_mesh.config, "client")  # no server running: nothing may be sent
