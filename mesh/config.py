@@ -368,7 +368,7 @@ def _check_flow_machines(
         runs = ""
         if line is not None:
             runs = (
-                f", which runs {line.request} line {line.index + 1} "
+                f", which runs {line.request} line {line.index} "
                 f"({_shown_path(line.path, root)}:{line.row})"
             )
         raise ConfigError(f"{where}: [machines] has no entry for {machine!r}{runs}")

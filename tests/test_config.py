@@ -348,7 +348,7 @@ def test_machine_missing_for_a_flow(tmp_path: Path) -> None:
     write(tmp_path / "index.csv", INDEX_CSV)
     path = write(tmp_path / "mesh.toml", 'flow = "index.csv"\n' + MACHINES)
     assert config_error(path) == (
-        f"{path}: [machines] has no entry for 'emailservice', which runs index line 2 (index.csv:3)"
+        f"{path}: [machines] has no entry for 'emailservice', which runs index line 1 (index.csv:3)"
     )
 
 
