@@ -19,15 +19,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
+from mesh.peer import wait_serving
 from mesh.processors import install
 from mesh.registry import default_registry, describe
 from mesh.routing import Hop, plan
@@ -310,31 +309,14 @@ except (OSError, AttributeError):
 def _wait_healthy(
     name: str, address: str, proc: subprocess.Popen[bytes], stop: threading.Event, deadline: float
 ) -> None:
-    # A peer that is still starting refuses connections: retry quickly, not
-    # after gRPC's default one-second reconnect backoff.
-    options = [
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 200),
-    ]
-    with grpc.insecure_channel(address, options=options) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise MeshError(
-                    f"peer {name} exited with code {proc.returncode} before it was healthy"
-                )
-            if stop.is_set():
-                raise MeshError("stopped before every peer was healthy")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service="mesh.v1.Mesh"), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise MeshError(f"peer {name} did not become healthy at {address} within 30 s")
-            time.sleep(0.1)
+    timeout = deadline - time.monotonic()
+    if wait_serving(address, timeout, lambda: proc.poll() is not None or stop.is_set()):
+        return
+    if proc.poll() is not None:
+        raise MeshError(f"peer {name} exited with code {proc.returncode} before it was healthy")
+    if stop.is_set():
+        raise MeshError("stopped before every peer was healthy")
+    raise MeshError(f"peer {name} did not become healthy at {address} within {timeout:.0f} s")
 
 
 def _stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:

@@ -13,6 +13,7 @@ import contextvars
 import errno
 import socket
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import TYPE_CHECKING, NoReturn
 
@@ -183,3 +184,33 @@ def _bind_problem(listen: str) -> str | None:
                 return "address in use"
             return exc.strerror or str(exc)
     return None
+
+
+def wait_serving(address: str, timeout: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+    """Poll a peer's health service until it reports SERVING (True).
+
+    False when ``timeout`` seconds pass or ``give_up()`` says so first (the
+    peer's process died, the user pressed Ctrl-C): the caller knows why.
+    """
+    # A peer still starting refuses connections; gRPC's default reconnect
+    # backoff (one second, growing) would then hide its readiness for a while.
+    options = [
+        ("grpc.initial_reconnect_backoff_ms", 50),
+        ("grpc.min_reconnect_backoff_ms", 50),
+        ("grpc.max_reconnect_backoff_ms", 100),
+    ]
+    deadline = time.monotonic() + timeout
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    with grpc.insecure_channel(address, options=options) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not give_up():
+            try:
+                reply = stub.Check(request, timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+    return False

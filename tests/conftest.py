@@ -20,19 +20,17 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import mesh
 from mesh import runtime as mesh_runtime
+from mesh.peer import wait_serving as peer_serving
 from mesh.processors import default_node
 from mesh.registry import default_registry
 
@@ -72,7 +70,6 @@ def set_session(ctx):
     log.info("next", session="session-" + ctx["username"])
 """
 
-HEALTH_SERVICE = "mesh.v1.Mesh"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
@@ -198,29 +195,11 @@ class Peer:
 
 
 def wait_serving(address: str, proc: subprocess.Popen[Any], timeout: float, log: Any) -> None:
-    deadline = time.monotonic() + timeout
-    # gRPC's default reconnect backoff (1 s, growing) would make each poll after a refused
-    # connection fail fast until the backoff ends; keep it short so readiness is seen at once.
-    options = [
-        ("grpc.initial_reconnect_backoff_ms", 50),
-        ("grpc.min_reconnect_backoff_ms", 50),
-        ("grpc.max_reconnect_backoff_ms", 100),
-    ]
-    with grpc.insecure_channel(address, options=options) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"peer at {address} exited with {proc.returncode}:\n{log()}")
-            try:
-                reply = stub.Check(request, timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"peer at {address} not SERVING after {timeout} s:\n{log()}")
-            time.sleep(0.05)
+    if peer_serving(address, timeout, lambda: proc.poll() is not None):
+        return
+    if proc.poll() is not None:
+        pytest.fail(f"peer at {address} exited with {proc.returncode}:\n{log()}")
+    pytest.fail(f"peer at {address} not SERVING after {timeout} s:\n{log()}")
 
 
 def mesh_env() -> dict[str, str]:
