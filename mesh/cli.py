@@ -123,7 +123,7 @@ def _check(args: argparse.Namespace) -> int:
             rows.append((str(line.index), line.text, line.machine, handler, hop.how))
         _table(rows, indent="  ")
         print()
-        unreachable = _unreachable(flow, hops, config)
+        unreachable = _unreachable(hops, config)
         if unreachable:
             # `mesh call` would start it from outside; an address-less machine of the
             # flow may still start it so that the flow comes back to it.
@@ -132,7 +132,7 @@ def _check(args: argparse.Namespace) -> int:
                 for m in flow.machines
                 if m != origin
                 and not machines[m].address
-                and not _unreachable(flow, plan(flow, m), config)
+                and not _unreachable(plan(flow, m), config)
             ]
             if starters:
                 warnings.append(
@@ -164,7 +164,7 @@ def _default_origin(flow: Flow, config: Config) -> str:
     return first if not config.machines[first].address else CALLER
 
 
-def _unreachable(flow: Flow, hops: Sequence[Hop], config: Config) -> list[Hop]:
+def _unreachable(hops: Sequence[Hop], config: Config) -> list[Hop]:
     """Hops that would call an address-less machine: no flow can get there."""
     return [h for h in hops if h.how == "call" and not config.machines[h.machine].address]
 

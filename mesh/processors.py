@@ -15,7 +15,7 @@ import structlog
 
 from mesh.errors import FlowViolation, MeshError
 from mesh.registry import describe
-from mesh.result import MASK
+from mesh.result import MASK, scrub, secret_values
 from mesh.runtime import (
     FINISHED,
     FlowState,
@@ -279,9 +279,11 @@ def mask_secrets(logger: Any, method_name: str, event_dict: EventDict) -> EventD
     for key in state.flow.secrets:
         if key in event_dict:
             event_dict[key] = MASK
-    for key, value in event_dict.items():
-        if isinstance(value, str):
-            scrubbed = state.scrub(value)
-            if scrubbed is not value:
-                event_dict[key] = scrubbed
+    values = secret_values(state.context, state.flow.secrets)  # once per event, not per field
+    if values:
+        for key, value in event_dict.items():
+            if isinstance(value, str):
+                scrubbed = scrub(value, values)
+                if scrubbed is not value:
+                    event_dict[key] = scrubbed
     return event_dict
