@@ -27,12 +27,19 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import settings
 
 import mesh
 from mesh import runtime as mesh_runtime
 from mesh.peer import wait_serving as peer_serving
 from mesh.processors import default_node
 from mesh.registry import default_registry
+
+# CI runs the property tests on a fixed seed, so a run is reproducible; local runs
+# keep exploring new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 #: The flow file of the design notes (tab-separated, with its header row).
 LOGIN_FLOW = (
