@@ -30,6 +30,7 @@ from mesh.peer import wait_serving
 from mesh.processors import install
 from mesh.registry import default_registry, describe
 from mesh.routing import Hop, plan
+from mesh.transport import Transport
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -74,12 +75,25 @@ def make_argument_parser() -> argparse.ArgumentParser:
     call.add_argument("--as", dest="machine", metavar="MACHINE", help="originate as this machine")
     call.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     call.add_argument("--timeout", type=float, metavar="SECONDS", help="the flow's deadline")
+
+    certs = sub.add_parser(
+        "certs",
+        help="make a development CA and a certificate per machine (needs mesh[tls])",
+        description="make a development CA and a certificate per machine (needs mesh[tls])",
+    )
+    certs.add_argument("directory", metavar="DIR")
+    certs.add_argument(
+        "--machines", required=True, metavar="A,B,…", help="comma-separated machine names"
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_argument_parser().parse_args(argv)
-    command = {"check": _check, "peer": _peer, "up": _up, "call": _call}[args.command]
+    command = {"check": _check, "peer": _peer, "up": _up, "call": _call, "certs": _certs}[
+        args.command
+    ]
     try:
         return command(args)
     except MeshError as exc:
@@ -255,7 +269,14 @@ def _up(args: argparse.Namespace) -> int:
                 target=_relay, args=(f"{m.name:<{width}} | ", proc), daemon=True
             ).start()
         for m in machines:
-            _wait_healthy(m.name, m.address, procs[m.name], stop, deadline=time.monotonic() + 30)
+            _wait_healthy(
+                config,
+                name=m.name,
+                address=m.address,
+                proc=procs[m.name],
+                stop=stop,
+                deadline=time.monotonic() + 30,
+            )
             _say(f"mesh up: {m.name} listening on {m.listen} (pid {procs[m.name].pid})")
         _say(f"mesh up: {len(machines)} peers healthy; Ctrl-C stops them")
         alive = set(procs)
@@ -307,10 +328,17 @@ except (OSError, AttributeError):
 
 
 def _wait_healthy(
-    name: str, address: str, proc: subprocess.Popen[bytes], stop: threading.Event, deadline: float
+    config: Config,
+    *,
+    name: str,
+    address: str,
+    proc: subprocess.Popen[bytes],
+    stop: threading.Event,
+    deadline: float,
 ) -> None:
     timeout = deadline - time.monotonic()
-    if wait_serving(address, timeout, lambda: proc.poll() is not None or stop.is_set()):
+    probe = Transport.of(config, name)  # a TLS peer is probed with its own certificate
+    if wait_serving(address, timeout, lambda: proc.poll() is not None or stop.is_set(), probe):
         return
     if proc.poll() is not None:
         raise MeshError(f"peer {name} exited with code {proc.returncode} before it was healthy")
@@ -393,4 +421,18 @@ def _call(args: argparse.Namespace) -> int:
     rows = [("#", "line", "machine", "ms")]
     rows += [(str(s["index"]), str(s["line"]), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
     _table(rows, indent="  ")
+    return 0
+
+
+# -- certs -----------------------------------------------------------------
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from mesh.certs import config_snippet, make_certs  # noqa: PLC0415 - needs mesh[tls]
+
+    written = make_certs(args.directory, args.machines.split(","), days=args.days)
+    for path in written:
+        print(f"wrote {path}")
+    print("\nin mesh.toml (paths relative to it):\n")
+    print(config_snippet(args.directory.rstrip("/")))
     return 0

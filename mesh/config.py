@@ -20,20 +20,26 @@ import sys
 import tomllib
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from mesh.errors import ConfigError
-from mesh.flowfile import FlowSet, Line, load_flows
+from mesh.flowfile import DEFAULT_MAX_FLOW_FILE_BYTES, FlowSet, Line, load_flows
+from mesh.guard import Token, load_token
+from mesh.tls import TLSConfig, parse_tls
+from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["Config", "MachineConfig", "find_config", "import_services", "load_config"]
 
 _FILENAME = "mesh.toml"
 _ENV = "MESH_CONFIG"
 
-_TOP_KEYS = frozenset({"flow", "services", "timeout", "strict", "workers", "grace", "machines"})
-_MACHINE_KEYS = frozenset({"address", "listen"})
+_TOP_KEYS = frozenset(
+    {"flow", "services", "timeout", "strict", "workers", "grace", "machines"}
+    | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, guard.py
+)
+_MACHINE_KEYS = frozenset({"address", "listen", "tls"})  # tls: read by mesh/tls.py
 
 # Schemes gRPC resolves itself. Matched before host:port, as gRPC does: "dns:50052" is a target.
 _SCHEMES = frozenset({"ipv4", "ipv6", "dns", "unix", "unix-abstract", "xds"})
@@ -70,6 +76,10 @@ class Config:
     strict: bool = True
     workers: int = 256
     grace: float = 10.0
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    token: Token | None = field(default=None, repr=False)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_flow_file_bytes: int = DEFAULT_MAX_FLOW_FILE_BYTES
 
     @property
     def root(self) -> Path:
@@ -116,9 +126,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     workers = _workers(where, data)
     strict = _strict(where, data)
     machines = _machines(where, data)
+    max_message_bytes = _bytes(where, data, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+    max_flow_file_bytes = _bytes(where, data, "max_flow_file_bytes", DEFAULT_MAX_FLOW_FILE_BYTES)
+    tls = parse_tls(where, config_path.parent, data)
+    token = load_token(where, config_path.parent, data)
 
     # Config keys are checked before flow files are read: they are cheaper to fix first.
-    flows = load_flows(flow_paths)
+    flows = load_flows(flow_paths, max_bytes=max_flow_file_bytes)
     _check_flow_machines(where, config_path.parent, flows, machines)
 
     return Config(
@@ -130,6 +144,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         strict=strict,
         workers=workers,
         grace=grace,
+        tls=tls,
+        token=token,
+        max_message_bytes=max_message_bytes,
+        max_flow_file_bytes=max_flow_file_bytes,
     )
 
 
@@ -264,6 +282,16 @@ def _workers(where: str, data: Mapping[str, object]) -> int:
     value = data.get("workers", 256)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{where}: workers must be a positive integer, not {_show(value)}")
+    return value
+
+
+def _bytes(where: str, data: Mapping[str, object], key: str, default: int) -> int:
+    value = data.get(key, default)
+    # gRPC takes a message limit as a C int; below 64 KiB no real flow would fit.
+    if isinstance(value, bool) or not isinstance(value, int) or not 64 * 1024 <= value <= 2**31 - 1:
+        raise ConfigError(
+            f"{where}: {key} must be a number of bytes from 65536 to 2147483647, not {_show(value)}"
+        )
     return value
 
 

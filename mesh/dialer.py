@@ -14,13 +14,19 @@ from typing import TYPE_CHECKING
 import grpc
 
 from mesh.config import MachineConfig
-from mesh.errors import ContextError, FlowTimeout, MeshError, PeerRefused, PeerUnavailable
+from mesh.errors import (
+    AccessDenied,
+    ContextError,
+    FlowTimeout,
+    MeshError,
+    PeerRefused,
+    PeerUnavailable,
+)
 from mesh.runtime import HandOff
+from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
 from mesh.wire import (
-    MAX_MESSAGE_BYTES,
-    MESSAGE_OPTIONS,
     dump_context,
     failure_to_error,
     load_context,
@@ -30,24 +36,22 @@ from mesh.wire import (
 if TYPE_CHECKING:
     from mesh.runtime import FlowState
 
-#: Channel options every peer and originator use.
+#: Channel options every peer and originator use (the transport adds the message limit).
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
-    *MESSAGE_OPTIONS,
     # Our own connection per channel: channels to one target otherwise share a
     # subchannel, and with it the reconnect backoff of a peer that was down.
     ("grpc.use_local_subchannel_pool", 1),
 )
 
 
-#: Room left in a message for everything but the context (steps, names, digest).
-MAX_CONTEXT_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
-
-
 class Dialer:
     """Stubs by machine name, built from the config's addresses."""
 
-    def __init__(self, machines: Mapping[str, MachineConfig]) -> None:
+    def __init__(
+        self, machines: Mapping[str, MachineConfig], transport: Transport | None = None
+    ) -> None:
         self._machines = machines
+        self._transport = transport or Transport("")
         self._stubs: dict[str, _pb2_grpc.MeshStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
@@ -71,7 +75,7 @@ class Dialer:
         with self._lock:
             stub = self._stubs.get(machine)
             if stub is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = self._transport.open_channel(machine, address, CHANNEL_OPTIONS)
                 self._channels[machine] = channel
                 stub = self._stubs[machine] = _pb2_grpc.MeshStub(channel)
         return stub
@@ -103,11 +107,6 @@ class Dialer:
         """
         flow = state.flow
         context = dump_context(state.context)
-        if len(context) > MAX_CONTEXT_BYTES:
-            raise ContextError(
-                f"{flow.name} context is {len(context):,} bytes of JSON, over the"
-                f" {MAX_CONTEXT_BYTES:,} a call to {machine} may carry"
-            )
         request = _pb2.ContinueRequest(
             request=flow.name,
             line_index=index,
@@ -116,6 +115,14 @@ class Dialer:
             digest=flow.digest,
             via=(*state.via, state.node.machine),
         )
+        limit = self._transport.max_message_bytes
+        if request.ByteSize() > limit:
+            # Refused here, not as a cryptic RESOURCE_EXHAUSTED from the receiver.
+            raise ContextError(
+                f"{flow.name} context is {len(context):,} bytes of JSON; the call to {machine}"
+                f" would be {request.ByteSize():,} bytes, over the {limit:,}-byte limit"
+                " (max_message_bytes in mesh.toml)"
+            )
         stub = self.stub(machine)
         try:
             reply = stub.Continue(request, timeout=max(state.remaining(), 0.001))
@@ -163,6 +170,12 @@ class Dialer:
         if code == grpc.StatusCode.UNAVAILABLE:
             return PeerUnavailable(
                 f"{machine} is unavailable at {address} (for {where}): {details}",
+                machine=machine,
+                address=address,
+            )
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return AccessDenied(
+                f"{machine} at {address} refused {where}: {details} ({code.name})",
                 machine=machine,
                 address=address,
             )

@@ -6,6 +6,7 @@ Families, so callers can catch as broadly as they need:
 * a flow's own rules: :class:`FlowViolation`, :class:`ContextError`
 * a flow that ended badly: :class:`FlowError` (a step failed), :class:`FlowTimeout`
 * transport: :class:`PeerError` and its kinds :class:`PeerUnavailable`, :class:`PeerRefused`
+  (and :class:`AccessDenied`, a refusal of who is calling)
 """
 
 from __future__ import annotations
@@ -89,3 +90,8 @@ class PeerUnavailable(PeerError):
 
 class PeerRefused(PeerError):
     """The peer answered but refused the call: wrong line, wrong machine, other flow version."""
+
+
+class AccessDenied(PeerRefused):
+    """The peer refused the caller itself: no or a wrong token (UNAUTHENTICATED), or a
+    machine the flow file does not let send that line (PERMISSION_DENIED)."""

@@ -30,6 +30,10 @@ from mesh.errors import FlowFileError
 
 __all__ = ["Flow", "FlowSet", "Line", "load_flows", "parse_flows"]
 
+#: A flow file past this size is refused before it is parsed (``max_flow_file_bytes``):
+#: thousands of rows, far more than a readable flow file has.
+DEFAULT_MAX_FLOW_FILE_BYTES = 4 * 1024 * 1024
+
 #: What a secret renders as.  One constant so that logs never leak a value by accident.
 _MASK = "***"
 
@@ -242,7 +246,7 @@ def parse_flows(text: str, path: str = "<string>") -> FlowSet:
     return _merge([(path, _parse(text, path))])
 
 
-def load_flows(paths: Sequence[str | os.PathLike[str]]) -> FlowSet:
+def load_flows(paths: Sequence[str | os.PathLike[str]], *, max_bytes: int | None = None) -> FlowSet:
     """Read, parse and merge flow files; a request may be defined in only one of them.
 
     Files are read whole and decoded here, not by the csv module, so that every
@@ -261,20 +265,26 @@ def load_flows(paths: Sequence[str | os.PathLike[str]]) -> FlowSet:
         if real in seen:
             raise FlowFileError(f"{name}: flow file is listed twice (also as {seen[real]})")
         seen[real] = name
-        parsed.append((name, _parse(_read(name), name)))
+        parsed.append((name, _parse(_read(name, max_bytes), name)))
     return _merge(parsed)
 
 
-def _read(path: str) -> str:
+def _read(path: str, max_bytes: int | None = None) -> str:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            # One byte past the limit is enough to know; a huge file is never read whole.
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError:
         raise FlowFileError(f"{path}: no such flow file") from None
     except OSError as e:
         if os.path.isdir(path):
             raise FlowFileError(f"{path}: is a directory, not a flow file") from None
         raise FlowFileError(f"{path}: cannot read flow file: {e.strerror or e}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise FlowFileError(
+            f"{path}: flow file is over the {max_bytes:,}-byte limit"
+            " (max_flow_file_bytes in mesh.toml)"
+        )
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
     try:

@@ -28,6 +28,7 @@ from mesh.peer import Server
 from mesh.registry import Handler, Registry, default_registry
 from mesh.result import FlowResult
 from mesh.runtime import FlowState, activate, advance, current, finish
+from mesh.transport import Transport
 from mesh.wire import check_values
 
 
@@ -55,7 +56,8 @@ class Node:
         self.handlers: dict[str, tuple[Handler | None, ...]] = (registry or default_registry).table(
             config.flows
         )
-        self.dialer = Dialer(config.machines)
+        self.transport = Transport.of(config, machine)
+        self.dialer = Dialer(config.machines, self.transport)
         self._server: Server | None = None
 
     def __repr__(self) -> str:

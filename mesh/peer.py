@@ -23,9 +23,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mesh.errors import MeshError
 from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
+from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
-from mesh.wire import MESSAGE_OPTIONS, dump_context, error_to_failure, load_context, steps_to_pb
+from mesh.wire import dump_context, error_to_failure, load_context, steps_to_pb
 
 if TYPE_CHECKING:
     from mesh.node import Node
@@ -129,6 +130,7 @@ class Server:
 
     def __init__(self, node: Node, listen: str) -> None:
         workers = node.config.workers
+        transport = node.transport  # TLS, the token and the access list: mesh/transport.py
         self.listen = listen
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
@@ -139,7 +141,8 @@ class Server:
             # machines in opposite orders, so refuse them at once instead.
             maximum_concurrent_rpcs=workers,
             # Without this, two peers started on one port share it silently.
-            options=[("grpc.so_reuseport", 0), *MESSAGE_OPTIONS],
+            options=[("grpc.so_reuseport", 0), *transport.server_options()],
+            interceptors=transport.server_interceptors(node.flows),
         )
         _pb2_grpc.add_MeshServicer_to_server(Peer(node), self._server)
         self.health = health.HealthServicer()
@@ -147,10 +150,7 @@ class Server:
         problem = _bind_problem(listen)
         if problem:
             raise MeshError(f"{node.machine} cannot listen on {listen}: {problem}")
-        try:
-            port = self._server.add_insecure_port(listen)
-        except RuntimeError:
-            port = 0
+        port = transport.add_port(self._server, listen)
         if not port:
             raise MeshError(f"{node.machine} cannot listen on {listen}: address in use")
         self.port = port
@@ -186,11 +186,17 @@ def _bind_problem(listen: str) -> str | None:
     return None
 
 
-def wait_serving(address: str, timeout: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+def wait_serving(
+    address: str,
+    timeout: float,
+    give_up: Callable[[], bool] = lambda: False,
+    transport: Transport | None = None,
+) -> bool:
     """Poll a peer's health service until it reports SERVING (True).
 
     False when ``timeout`` seconds pass or ``give_up()`` says so first (the
     peer's process died, the user pressed Ctrl-C): the caller knows why.
+    A peer serving TLS is probed with ``transport``, the peer's own (``Transport.of``).
     """
     # A peer still starting refuses connections; gRPC's default reconnect
     # backoff (one second, growing) would then hide its readiness for a while.
@@ -201,7 +207,9 @@ def wait_serving(address: str, timeout: float, give_up: Callable[[], bool] = lam
     ]
     deadline = time.monotonic() + timeout
     request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-    with grpc.insecure_channel(address, options=options) as channel:
+    if transport is None:
+        transport = Transport("")
+    with transport.open_channel(transport.machine, address, options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while not give_up():
             try:

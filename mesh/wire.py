@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mesh.errors import (
+    AccessDenied,
     ContextError,
     FlowError,
     FlowTimeout,
@@ -23,13 +24,18 @@ from mesh.errors import (
 from mesh.result import Step
 from mesh.v1 import mesh_pb2 as _pb2
 
-#: The largest message a peer sends or accepts; gRPC's own default (4 MiB) would
-#: cut off a flow whose context grew past it with a cryptic RESOURCE_EXHAUSTED.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MESSAGE_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-)
+#: The largest message a peer sends or accepts unless ``max_message_bytes`` says otherwise
+#: (gRPC's own default). A context that would not fit fails at the sender, naming its size.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def message_options(limit: int) -> tuple[tuple[str, int], ...]:
+    """gRPC options that make channels and servers send and accept ``limit`` bytes."""
+    return (
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    )
+
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
@@ -136,7 +142,13 @@ def error_to_failure(exc: MeshError) -> _pb2.Failure:
     if isinstance(exc, PeerUnavailable):
         return F(kind=F.UNAVAILABLE, machine=exc.machine, address=exc.address, message=str(exc))
     if isinstance(exc, PeerRefused):
-        return F(kind=F.REFUSED, machine=exc.machine, address=exc.address, message=str(exc))
+        return F(
+            kind=F.REFUSED,
+            machine=exc.machine,
+            address=exc.address,
+            error_type=type(exc).__name__,
+            message=str(exc),
+        )
     return F(kind=F.REFUSED, error_type=type(exc).__name__, message=str(exc))
 
 
@@ -168,4 +180,5 @@ def failure_to_error(
         )
     if failure.kind == F.UNAVAILABLE:
         return PeerUnavailable(failure.message, machine=failure.machine, address=failure.address)
-    return PeerRefused(failure.message, machine=failure.machine, address=failure.address)
+    refused = AccessDenied if failure.error_type == "AccessDenied" else PeerRefused
+    return refused(failure.message, machine=failure.machine, address=failure.address)

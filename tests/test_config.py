@@ -295,7 +295,8 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     path = mesh_toml(tmp_path, 'flow = "flow.tsv"\ntimout = 5\n' + MACHINES)
     assert config_error(path) == (
         f"{path}: unknown key 'timout' "
-        "(known: flow, grace, machines, services, strict, timeout, workers)"
+        "(known: flow, grace, machines, max_flow_file_bytes, max_message_bytes, services,"
+        " strict, timeout, tls, token_file, workers)"
     )
 
 
@@ -421,7 +422,9 @@ def test_unknown_key_in_a_machine_table(tmp_path: Path) -> None:
     """A typo inside a machine table is caught like a top-level one."""
     body = 'flow = "flow.tsv"\n[machines]\nclient = ""\n[machines.server]\nadress = "h:1"\n'
     path = mesh_toml(tmp_path, body)
-    assert "machines.server: unknown key 'adress' (known: address, listen)" in config_error(path)
+    assert "machines.server: unknown key 'adress' (known: address, listen, tls)" in config_error(
+        path
+    )
 
 
 @pytest.mark.parametrize("key", ["address", "listen"])

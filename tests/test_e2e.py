@@ -787,11 +787,15 @@ def test_non_json_context_value_is_a_context_error(
 
 def test_context_too_large_fails_at_the_sender(login_mesh: MeshDir, connect) -> None:
     """A context over the message limit is a ContextError naming its size, before sending."""
-    from mesh.dialer import MAX_CONTEXT_BYTES
+    from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 
     node = connect(login_mesh.config, "client")  # no server running: nothing may be sent
-    with pytest.raises(mesh.ContextError, match=r"bytes of JSON, over the"):
-        node.start("login", username="ada", password="x" * (MAX_CONTEXT_BYTES + 1))
+    with pytest.raises(
+        mesh.ContextError,
+        match=r"bytes of JSON; the call to server would be [0-9,]+ bytes,"
+        r" over the 4,194,304-byte limit",
+    ):
+        node.start("login", username="ada", password="x" * DEFAULT_MAX_MESSAGE_BYTES)
 
 
 def test_context_error_before_sending(login_mesh: MeshDir, connect) -> None:

@@ -1,0 +1,282 @@
+"""Who may call a peer: the shared token, and the flow file as the access list.
+
+Every ``Continue`` passes here before the servicer sees it, in this order:
+
+1. **Token.** With a token configured (``token_file`` or ``$MESH_TOKEN``), a call without
+   ``authorization: Bearer <token>`` metadata, or with another token, is UNAUTHENTICATED.
+2. **Shape.** The raw bytes must be a ``ContinueRequest`` naming a flow this peer knows and
+   a line it has, with a ``flow_id`` and a call chain (``via``) that could be real: no longer
+   than the flow has lines, no machine twice. Anything else is INVALID_ARGUMENT, NOT_FOUND
+   or OUT_OF_RANGE with a short message (a request's own strings are cut, never echoed whole).
+3. **Access list.** Line 0 may come from any caller that got this far: it is a flow's entry.
+   Line N > 0 only from the machine that owns line N-1, because that is the only machine that
+   hands a flow on to line N (a hand-back travels in a reply, never as a call). Anything else
+   is PERMISSION_DENIED, logged with the caller and the line; no handler runs.
+
+Who the caller is: with mutual TLS, the machine names in its certificate (trusted: a CA
+signed them). Without client certificates, the machine the call names as the last of its
+``via`` chain (trusted as far as the token is: a token holder can claim any machine, so the
+access list then guards against mistakes and stale flow files more than against a hostile
+token holder). The health service is not guarded, so probes need no token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+
+from mesh.errors import ConfigError
+from mesh.flowfile import FlowSet
+from mesh.tls import peer_machines
+from mesh.v1 import mesh_pb2 as _pb2
+
+__all__ = ["CONTINUE", "ClientToken", "Guard", "Token", "load_token"]
+
+_log = structlog.get_logger("mesh")
+
+CONTINUE = "/mesh.v1.Mesh/Continue"
+_MESH_PREFIX = "/mesh.v1.Mesh/"
+_HEADER = "authorization"
+_SCHEME = "Bearer "
+TOKEN_ENV = "MESH_TOKEN"
+
+#: Longest string of a request the guard will quote back in a message.
+_SHOWN = 60
+#: Longest flow_id or machine name a call may carry (an originator's flow_id is 32 hex digits).
+MAX_NAME = 256
+
+
+class Token:
+    """The shared secret; its ``repr`` and ``str`` never show it, so a log or a traceback
+    that prints a config cannot leak it."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self.source = source  # "$MESH_TOKEN" or the token file's path
+
+    def __repr__(self) -> str:
+        return f"<mesh token from {self.source}>"
+
+    __str__ = __repr__
+
+    def header(self) -> tuple[str, str]:
+        """The metadata pair a caller sends."""
+        return (_HEADER, _SCHEME + self._value)
+
+    def matches(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        """True when ``metadata`` carries this token (compared in constant time)."""
+        expected = (_SCHEME + self._value).encode()
+        for key, value in metadata or ():
+            if key == _HEADER:
+                got = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
+                return hmac.compare_digest(got, expected)
+        return False
+
+
+def load_token(where: str, root: Path, data: Mapping[str, object]) -> Token | None:
+    """The token from ``$MESH_TOKEN`` (first) or ``token_file`` (relative to the config)."""
+    env = os.environ.get(TOKEN_ENV, "")
+    raw = data.get("token_file")
+    if raw is not None and (not isinstance(raw, str) or not raw):
+        raise ConfigError(f"{where}: token_file must be a file name (a string), not {raw!r}")
+    if env:
+        return Token(_checked(env.strip(), f"${TOKEN_ENV}"), f"${TOKEN_ENV}")
+    if raw is None:
+        return None
+    path = root / raw
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: token_file: no such file {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{where}: token_file: cannot read {path}: {reason}") from None
+    return Token(_checked(text.strip(), f"{where}: token_file {path}"), str(path))
+
+
+def _checked(value: str, where: str) -> str:
+    # Never quote the value: the message would leak the secret it is about.
+    if not value:
+        raise ConfigError(f"{where}: the token is empty")
+    if not all(" " < c < "\x7f" for c in value):
+        raise ConfigError(f"{where}: the token must be printable ASCII without spaces")
+    if len(value) < 16:
+        raise ConfigError(f"{where}: the token is shorter than 16 characters; make a longer one")
+    return value
+
+
+class _Details(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _CallDetails(_Details, grpc.ClientCallDetails):  # type: ignore[misc]
+    pass
+
+
+class ClientToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the token to every call a channel makes (call credentials would need TLS)."""
+
+    def __init__(self, token: Token) -> None:
+        self._pair = token.header()
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        metadata = [*(details.metadata or ()), self._pair]
+        new = _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+        return continuation(new, request)
+
+
+class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
+    """The server interceptor that admits or refuses each call (see the module docstring)."""
+
+    def __init__(self, machine: str, flows: FlowSet, token: Token | None) -> None:
+        self._machine = machine
+        self._flows = flows
+        self._token = token
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        method = details.method
+        if not method.startswith(_MESH_PREFIX):
+            return continuation(details)  # health: open, so probes need no token
+        handler = continuation(details)
+        if handler is None or method != CONTINUE or handler.unary_unary is None:
+            return handler
+        authenticated = self._token is None or self._token.matches(details.invocation_metadata)
+        inner = handler.unary_unary
+
+        def admit(raw: bytes, context: grpc.ServicerContext) -> Any:
+            if not authenticated:
+                self._refuse(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{self._machine}: missing or wrong token",
+                )
+            request = self._decode(raw, context)
+            self._check(request, context)
+            return inner(request, context)
+
+        # Raw bytes in: a message that does not decode is the guard's to refuse clearly,
+        # instead of gRPC's own "Exception deserializing request!" (INTERNAL).
+        return grpc.unary_unary_rpc_method_handler(
+            admit, request_deserializer=None, response_serializer=handler.response_serializer
+        )
+
+    # -- the checks --------------------------------------------------------------------
+
+    def _decode(self, raw: bytes, context: grpc.ServicerContext) -> _pb2.ContinueRequest:
+        try:
+            request: _pb2.ContinueRequest = _pb2.ContinueRequest.FromString(raw)
+            return request
+        except (DecodeError, ValueError, TypeError) as exc:
+            self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self._machine}: the call is not a mesh.v1.ContinueRequest"
+                f" ({len(raw):,} bytes: {_cut(str(exc))})",
+            )
+
+    def _check(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> None:
+        me = self._machine
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        flow = self._flows.flows.get(request.request)
+        if flow is None:
+            self._refuse(
+                context, grpc.StatusCode.NOT_FOUND, f"{me} has no flow {_cut(request.request)}"
+            )
+        index = request.line_index
+        if index >= len(flow.lines):
+            self._refuse(
+                context,
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"{me}: flow {flow.name} has {len(flow.lines)} lines, no line {index}",
+            )
+        if not request.flow_id:
+            self._refuse(context, invalid, f"{me}: the call has no flow_id")
+        if len(request.flow_id) > MAX_NAME:
+            self._refuse(context, invalid, f"{me}: flow_id of {len(request.flow_id):,} characters")
+        via = list(request.via)
+        if len(via) > len(flow.lines):
+            self._refuse(
+                context,
+                invalid,
+                f"{me}: a call chain (via) of {len(via)} machines is longer than flow"
+                f" {flow.name} has lines ({len(flow.lines)})",
+            )
+        if any(not m or len(m) > MAX_NAME for m in via) or len(set(via)) != len(via):
+            self._refuse(
+                context,
+                invalid,
+                f"{me}: the call chain (via) {_cut(' → '.join(via))} is not one a flow makes"
+                " (a machine twice, or an empty or overlong name)",
+            )
+        if index == 0:
+            return  # a flow's entry: any caller that passed the token may start one
+        owner = flow.lines[index - 1].machine
+        certified = peer_machines(context)
+        caller = via[-1] if via else ""
+        if certified is not None:
+            allowed = owner in certified
+            who = "certificate for " + ", ".join(sorted(certified))
+        else:
+            allowed = caller == owner
+            who = caller or "a caller that names no machine"
+        if not allowed:
+            self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{me}: {_cut(who)} may not send {flow.name} line {index}"
+                f" {flow.lines[index].text!r}: only {owner}, which runs line {index - 1},"
+                " hands the flow on to it",
+                caller=who,
+                request=flow.name,
+                line_index=index,
+            )
+
+    def _refuse(
+        self,
+        context: grpc.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        **fields: Any,
+    ) -> NoReturn:
+        _log.warning(
+            "mesh.refused",
+            code=code.name,
+            reason=message,
+            peer=context.peer(),
+            machine=self._machine,
+            **fields,
+        )
+        context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
+
+
+def _cut(text: str) -> str:
+    """A caller's string, quoted and cut short enough for a status message and a log line."""
+    if len(text) <= _SHOWN:
+        return repr(text)
+    return f"{text[:_SHOWN]!r}… ({len(text):,} characters)"

@@ -1,0 +1,223 @@
+"""TLS settings from ``mesh.toml``, and the gRPC credentials and identities they give.
+
+A machine's name in the flow file is its identity on the wire too: its certificate carries
+the name as a DNS subject alternative name (SAN). A caller checks that the peer it dials
+presents the certificate of the machine it meant to reach (the TLS target name is the
+machine's name, whatever the address), and a peer that requires client certificates knows
+which machine is calling from the caller's certificate.
+
+Settings come from ``[tls]`` (mesh-wide; ``{machine}`` in a path is replaced by the machine's
+name) and ``[machines.NAME.tls]`` (that machine's own, overriding the mesh-wide keys). Paths
+are relative to the config. Files are read only when credentials are built, so a machine
+needs only its own key on disk, and a missing file is a ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+
+from mesh.errors import ConfigError
+
+__all__ = [
+    "TLSConfig",
+    "TLSFiles",
+    "channel_credentials",
+    "parse_tls",
+    "peer_machines",
+    "server_credentials",
+]
+
+_KEYS = frozenset({"ca", "cert", "key", "require_client_cert"})
+_PATH_KEYS = ("ca", "cert", "key")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """One machine's TLS settings, resolved: absolute paths, the mesh-wide keys merged in.
+
+    ``source`` is the config path and ``key`` the TOML key each field came from, so an
+    unreadable file is reported where it was written.
+    """
+
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+    require_client_cert: bool
+    source: str
+    keys: Mapping[str, str] = field(default_factory=dict)
+
+    def read(self, name: str) -> bytes:
+        """The PEM bytes of ``ca``, ``cert`` or ``key``; ConfigError naming the key if unusable."""
+        path: Path | None = getattr(self, name)
+        where = f"{self.source}: {self.keys.get(name, 'tls.' + name)}"
+        if path is None:
+            raise ConfigError(f"{where} is not set")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such file {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+        if b"-----BEGIN " not in data:
+            raise ConfigError(f"{where}: {path} is not a PEM file")
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """Every machine's TLS settings; a machine missing from ``machines`` uses ``default``."""
+
+    default: TLSFiles | None = None
+    machines: Mapping[str, TLSFiles] = field(default_factory=lambda: MappingProxyType({}))
+
+    def of(self, machine: str) -> TLSFiles | None:
+        """The settings ``machine`` uses, or None when it speaks plaintext."""
+        return self.machines.get(machine, self.default)
+
+    @property
+    def enabled(self) -> bool:
+        return self.default is not None or bool(self.machines)
+
+
+def parse_tls(where: str, root: Path, data: Mapping[str, object]) -> TLSConfig:
+    """Read ``[tls]`` and every ``[machines.NAME.tls]`` of a loaded TOML document."""
+    mesh_wide = data.get("tls")
+    base: dict[str, Any] = {}
+    if mesh_wide is not None:
+        base = _table(where, "tls", mesh_wide)
+    default = _resolve(where, root, key="tls", base=base, own={}, machine="") if base else None
+
+    machines: dict[str, TLSFiles] = {}
+    raw_machines = data.get("machines")
+    if not isinstance(raw_machines, dict):
+        return TLSConfig(default, MappingProxyType(machines))
+    for name, entry in raw_machines.items():
+        key = f"{_machine_key(name)}.tls"
+        own: dict[str, Any] = {}
+        if isinstance(entry, dict) and "tls" in entry:
+            own = _table(where, key, entry["tls"])
+        if own or _per_machine(base):
+            machines[name] = _resolve(where, root, key=key, base=base, own=own, machine=name)
+        files = machines.get(name, default)
+        address = (
+            entry
+            if isinstance(entry, str)
+            else entry.get("address", "")
+            if isinstance(entry, dict)
+            else ""
+        )
+        if files is not None and address and files.cert is None:
+            raise ConfigError(
+                f"{where}: {key if own else 'tls'}: {name} has an address, so it serves TLS"
+                " and needs cert and key"
+            )
+    return TLSConfig(default, MappingProxyType(machines))
+
+
+def _per_machine(base: Mapping[str, Any]) -> bool:
+    return any("{machine}" in str(base.get(k, "")) for k in _PATH_KEYS)
+
+
+def _table(where: str, key: str, raw: object) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {key} must be a table ([{key}]), not {type(raw).__name__}")
+    for k, value in raw.items():
+        if k not in _KEYS:
+            raise ConfigError(
+                f"{where}: {key}: unknown key {k!r} (known: {', '.join(sorted(_KEYS))})"
+            )
+        if k == "require_client_cert":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: {key}.{k} must be true or false, not {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {key}.{k} must be a file name (a string), not {value!r}")
+    return dict(raw)
+
+
+def _resolve(
+    where: str,
+    root: Path,
+    *,
+    key: str,
+    base: Mapping[str, Any],
+    own: Mapping[str, Any],
+    machine: str,
+) -> TLSFiles:
+    """Merge a machine's own keys over the mesh-wide ones and make the paths absolute."""
+    paths: dict[str, Path | None] = {}
+    keys: dict[str, str] = {}
+    for name in _PATH_KEYS:
+        if name in own:
+            raw, keys[name] = own[name], f"{key}.{name}"
+        elif name in base:
+            raw, keys[name] = base[name], f"tls.{name}"
+        else:
+            paths[name] = None
+            continue
+        text = str(raw).replace("{machine}", machine) if machine else str(raw)
+        paths[name] = root / text
+    require = bool(own.get("require_client_cert", base.get("require_client_cert", False)))
+    shown = key if own else "tls"
+    if (paths["cert"] is None) != (paths["key"] is None):
+        missing = "key" if paths["key"] is None else "cert"
+        raise ConfigError(f"{where}: {shown}: cert and key go together; {missing} is missing")
+    if require and paths["ca"] is None:
+        raise ConfigError(
+            f"{where}: {shown}: require_client_cert needs ca, the authority client"
+            " certificates must be signed by"
+        )
+    return TLSFiles(paths["ca"], paths["cert"], paths["key"], require, where, keys)
+
+
+def _machine_key(name: str) -> str:
+    if name.replace("-", "").replace("_", "").isalnum():
+        return f"machines.{name}"
+    return 'machines."' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- credentials ---------------------------------------------------------------------------
+
+
+def server_credentials(files: TLSFiles) -> grpc.ServerCredentials:
+    """What a peer serving TLS presents, and (mTLS) the authority it checks callers against."""
+    if files.cert is None:
+        raise ConfigError(f"{files.source}: tls: a peer serving TLS needs cert and key")
+    pair = (files.read("key"), files.read("cert"))
+    if files.require_client_cert:
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=files.read("ca"), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials([pair])
+
+
+def channel_credentials(mine: TLSFiles | None, theirs: TLSFiles) -> grpc.ChannelCredentials:
+    """Credentials to dial a TLS peer: trust our CA (else theirs, else the system's), and
+    present our own certificate when we have one, for peers that require it."""
+    trust = mine if mine is not None and mine.ca is not None else theirs
+    root = trust.read("ca") if trust.ca is not None else None
+    if mine is not None and mine.cert is not None:
+        return grpc.ssl_channel_credentials(
+            root_certificates=root,
+            private_key=mine.read("key"),
+            certificate_chain=mine.read("cert"),
+        )
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+def target_name_option(machine: str) -> tuple[str, str]:
+    """The channel option that makes TLS check the peer's certificate names ``machine``."""
+    return ("grpc.ssl_target_name_override", machine)
+
+
+def peer_machines(context: grpc.ServicerContext) -> frozenset[str] | None:
+    """The names in the caller's certificate (its SANs), or None without a client certificate."""
+    identities = context.peer_identities()
+    if not identities:
+        return None
+    return frozenset(i.decode("utf-8", "replace") for i in identities)
