@@ -168,8 +168,9 @@ class Dialer:
                 line_index=index,
             )
         if code == grpc.StatusCode.UNAVAILABLE:
+            hint = self._transport.unavailable_hint(machine, details)
             return PeerUnavailable(
-                f"{machine} is unavailable at {address} (for {where}): {details}",
+                f"{machine} is unavailable at {address} (for {where}): {details}{hint}",
                 machine=machine,
                 address=address,
             )

@@ -88,6 +88,24 @@ class Transport:
             channel = grpc.intercept_channel(channel, ClientToken(self.token))
         return channel
 
+    def unavailable_hint(self, machine: str, details: str) -> str:
+        """Words to add when ``machine`` could not be reached and TLS is the likely cause:
+        gRPC's own message ("Socket closed", "Tls handshake failed") does not say so."""
+        if self.tls.of(machine) is None:
+            if "Socket closed" in details:
+                return (
+                    f"; if {machine} serves TLS, this machine dials it in plaintext"
+                    " (no [tls] for it in this mesh.toml)"
+                )
+            return ""
+        if "Socket closed" in details or "andshake" in details:
+            return (
+                f"; the TLS handshake with {machine} failed: both sides must trust the same ca,"
+                f" {machine}'s certificate must name {machine}, and a peer that requires client"
+                " certificates needs ours"
+            )
+        return ""
+
     # -- serving -------------------------------------------------------------------------
 
     def server_options(self) -> list[tuple[str, Any]]:

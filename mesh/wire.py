@@ -67,9 +67,20 @@ def dump_context(context: Mapping[str, Any]) -> bytes:
         raise
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (the mesh never sends it)")
+
+
 def load_context(data: bytes) -> dict[str, Any]:
-    """Decode a context from the wire; ValueError unless it is a JSON object."""
-    value = json.loads(data) if data else {}
+    """Decode a context from the wire; ValueError unless it is a JSON object.
+
+    Stricter than ``json.loads``: NaN and Infinity, which the mesh never sends and could not
+    send on, and nesting too deep to decode are ValueErrors too, not a crash later.
+    """
+    try:
+        value = json.loads(data, parse_constant=_no_constant) if data else {}
+    except RecursionError:
+        raise ValueError("context is nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError(f"context is a JSON {type(value).__name__}, not an object")
     return value

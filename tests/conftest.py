@@ -5,6 +5,7 @@
 * ``peers`` starts ``python -m mesh peer MACHINE -c CFG`` processes, waits for each
   to report SERVING on the gRPC health service, and stops every one it started
   (SIGTERM, wait, SIGKILL) when the test ends, passed or failed.
+* ``dev_certs`` makes a development CA and certificates with ``mesh.certs``, in the test.
 * ``isolate_mesh`` (autouse) undoes what an in-process ``mesh.connect`` leaves
   behind: structlog's configuration, the routing node, the handlers and modules
   the services registered, the config folders put on ``sys.path``.
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ from hypothesis import settings
 
 import mesh
 from mesh import runtime as mesh_runtime
+from mesh.config import load_config
 from mesh.peer import wait_serving as peer_serving
 from mesh.processors import default_node
 from mesh.registry import default_registry
+from mesh.transport import Transport
 
 # CI runs the property tests on a fixed seed, so a run is reproducible; local runs
 # keep exploring new examples.
@@ -152,8 +155,16 @@ class Peer:
     """One ``mesh peer`` process; its stdout and stderr go to ``log_path``."""
 
     def __init__(
-        self, machine: str, config: Path, address: str, proc: subprocess.Popen[bytes], log: Path
+        self,
+        machine: str,
+        config: Path,
+        address: str,
+        proc: subprocess.Popen[bytes],
+        log: Path,
+        *,
+        probe: Transport | None = None,
     ) -> None:
+        self.probe = probe  # how to reach its health service when it serves TLS
         self.machine = machine
         self.config = config
         self.address = address
@@ -198,11 +209,17 @@ class Peer:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Poll the health service until it says SERVING; fail with the log if the peer dies."""
-        wait_serving(self.address, self.proc, timeout, self.log_text)
+        wait_serving(self.address, self.proc, timeout, self.log_text, self.probe)
 
 
-def wait_serving(address: str, proc: subprocess.Popen[Any], timeout: float, log: Any) -> None:
-    if peer_serving(address, timeout, lambda: proc.poll() is not None):
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen[Any],
+    timeout: float,
+    log: Any,
+    probe: Transport | None = None,
+) -> None:
+    if peer_serving(address, timeout, lambda: proc.poll() is not None, probe):
         return
     if proc.poll() is not None:
         pytest.fail(f"peer at {address} exited with {proc.returncode}:\n{log()}")
@@ -231,20 +248,24 @@ class Peers:
         config: Path | None = None,
         wait: bool = True,
         env: Mapping[str, str] | None = None,
+        tls: bool = False,
+        args: Sequence[str] = (),
     ) -> Peer:
+        """``tls``: the peer serves TLS, so probe it with its own config's credentials."""
         cfg = config or mesh_dir.config
         address = mesh_dir.addresses[machine]
         log = self.tmp_path / f"peer-{machine}-{len(self.started)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "peer", machine, "-c", str(cfg), "--json"],
+                [sys.executable, "-m", "mesh", "peer", machine, "-c", str(cfg), "--json", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**mesh_env(), **(env or {})},
                 cwd=self.tmp_path,
             )
-        peer = Peer(machine, cfg, address, proc, log)
+        probe = Transport.of(load_config(cfg), machine) if tls else None
+        peer = Peer(machine, cfg, address, proc, log, probe=probe)
         self.started.append(peer)
         if wait:
             peer.wait_ready()
@@ -279,6 +300,32 @@ def peers(tmp_path: Path) -> Iterator[Peers]:
         yield started
     finally:
         started.stop_all()
+
+
+@pytest.fixture(scope="module")
+def login_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MeshDir, Peer]]:
+    """The login mesh's ``server`` peer, shared by one module's tests (which must leave it
+    serving); stopped when the module is done."""
+    root = tmp_path_factory.mktemp("login_server")
+    mesh_dir = MeshDir(root / "meshdir", "login_server")
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.service(LOGIN_SERVICE)
+    mesh_dir.write_config({"client": False, "server": True})
+    started = Peers(root)
+    try:
+        yield mesh_dir, started.start(mesh_dir, "server")
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
+def dev_certs(tmp_path: Path) -> Path:
+    """``mesh certs`` output for server, client and mesh-call: ca.pem, NAME.pem, NAME.key."""
+    from mesh.certs import make_certs
+
+    folder = tmp_path / "meshdir" / "certs"
+    make_certs(folder, ["server", "client", "mesh-call"])
+    return folder
 
 
 @pytest.fixture

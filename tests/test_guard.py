@@ -1,0 +1,254 @@
+"""A peer under garbage: raw bytes and malformed requests over a real channel to a real peer.
+
+Each bad call gets a clear gRPC status (never UNKNOWN or INTERNAL, which would mean an
+exception of ours escaped), a message short enough to read, and the peer goes on serving
+the next valid flow. One ``server`` peer serves the whole module (``login_server``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import MeshDir, Peer, password_of
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mesh
+from mesh.config import load_config
+from mesh.errors import ConfigError
+from mesh.guard import CONTINUE, Token, load_token
+from mesh.v1 import mesh_pb2 as _pb2
+
+Status = grpc.StatusCode
+
+#: Statuses that mean the mesh handled the input on purpose.
+EXPECTED = {
+    Status.OK,
+    Status.INVALID_ARGUMENT,
+    Status.NOT_FOUND,
+    Status.OUT_OF_RANGE,
+    Status.FAILED_PRECONDITION,
+    Status.PERMISSION_DENIED,
+    Status.RESOURCE_EXHAUSTED,
+}
+
+
+@pytest.fixture(scope="module")
+def raw(login_server: tuple[MeshDir, Peer]) -> Iterator[grpc.UnaryUnaryMultiCallable]:
+    """``raw(bytes) -> bytes``: Continue on the module's server, no serializer either way."""
+    _, server = login_server
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel.unary_unary(CONTINUE, request_serializer=None, response_deserializer=None)
+
+
+@pytest.fixture(scope="module")
+def digest(login_server: tuple[MeshDir, Peer]) -> str:
+    return load_config(login_server[0].config).flows["login"].digest
+
+
+def request(right_digest: str, /, **fields: object) -> bytes:
+    """A valid call for login line 1 from client, with ``fields`` changed."""
+    values: dict[str, object] = {
+        "request": "login",
+        "line_index": 1,
+        "context": json.dumps({"username": "ada", "password": password_of("ada")}).encode(),
+        "flow_id": "f" * 32,
+        "digest": right_digest,
+        "via": ["client"],
+    }
+    values.update(fields)
+    return bytes(_pb2.ContinueRequest(**values).SerializeToString())  # type: ignore[arg-type]
+
+
+def status_of(raw: grpc.UnaryUnaryMultiCallable, data: bytes) -> tuple[Status, str]:
+    try:
+        raw(data, timeout=30)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return Status.OK, ""
+
+
+def assert_still_serves(login_server: tuple[MeshDir, Peer], connect: object) -> None:
+    """The real originator runs a whole login through the peer afterwards."""
+    mesh_dir, server = login_server
+    assert server.alive()
+    node = connect(mesh_dir.config, "client")  # type: ignore[operator]
+    result = node.start("login", username="ada", password=password_of("ada"), timeout=30)
+    assert result.context["session"] == "session-ada"
+
+
+def case(name: str, make, code: Status, fragment: str):  # type: ignore[no-untyped-def]
+    return pytest.param((make, code, fragment), id=name)
+
+
+GARBAGE = [
+    case("bytes", lambda d: b"\xff\xfe\xfd garbage", Status.INVALID_ARGUMENT, "not a mesh.v1"),
+    case("request", lambda d: request(d, request="nosuch"), Status.NOT_FOUND, "no flow 'nosuch'"),
+    case("index", lambda d: request(d, line_index=6), Status.OUT_OF_RANGE, "no line 6"),
+    case("max-index", lambda d: request(d, line_index=2**32 - 1), Status.OUT_OF_RANGE, "6 lines"),
+    case("json", lambda d: request(d, context=b"{not"), Status.INVALID_ARGUMENT, "bad context"),
+    case("list", lambda d: request(d, context=b"[1]"), Status.INVALID_ARGUMENT, "not an object"),
+    case("nan", lambda d: request(d, context=b'{"a": NaN}'), Status.INVALID_ARGUMENT, "NaN"),
+    case("deep", lambda d: request(d, context=b"[" * 100_000), Status.INVALID_ARGUMENT, "deeply"),
+    case(
+        "huge-request",
+        lambda d: request(d, request="x" * 1_000_000),
+        Status.NOT_FOUND,
+        "1,000,000 characters",
+    ),
+    case(
+        "huge-flow-id",
+        lambda d: request(d, flow_id="f" * 100_000),
+        Status.INVALID_ARGUMENT,
+        "flow_id of 100,000",
+    ),
+    case(
+        "digest",
+        lambda d: request(d, digest="0" * 16),
+        Status.FAILED_PRECONDITION,
+        "different version",
+    ),
+    case("no-flow-id", lambda d: request(d, flow_id=""), Status.INVALID_ARGUMENT, "no flow_id"),
+    case("via-twice", lambda d: request(d, via=["client"] * 2), Status.INVALID_ARGUMENT, "via"),
+    case(
+        "via-long",
+        lambda d: request(d, via=[f"m{i}" for i in range(7)] + ["client"]),
+        Status.INVALID_ARGUMENT,
+        "longer than flow login has lines (6)",
+    ),
+    case("owner", lambda d: request(d, line_index=0), Status.FAILED_PRECONDITION, "client does"),
+    case(
+        "over-limit",
+        lambda d: request(d, context=b" " * (5 * 1024 * 1024)),
+        Status.RESOURCE_EXHAUSTED,
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", GARBAGE)
+def test_garbage_gets_a_clear_status_and_the_peer_serves_on(
+    case, raw, digest, login_server, connect
+) -> None:
+    """Each bad call gets its status and a short message; a valid login works after it."""
+    make, code, fragment = case
+    got, details = status_of(raw, make(digest))
+    assert got == code, details
+    assert fragment in details
+    assert len(details) < 400
+    assert_still_serves(login_server, connect)
+
+
+def test_refusals_are_logged_with_their_reason(raw, digest, login_server) -> None:
+    """The peer logs each refusal as a mesh.refused warning with code and reason."""
+    status_of(raw, request(digest, request="logged-refusal"))
+    _, server = login_server
+    refused = [e for e in server.events() if e.get("event") == "mesh.refused"]
+    assert any(
+        e["code"] == "NOT_FOUND" and "logged-refusal" in e["reason"] and e["level"] == "warning"
+        for e in refused
+    )
+
+
+_ANY_REQUEST = st.builds(
+    dict,
+    request=st.one_of(st.sampled_from(["login", "feed"]), st.text(max_size=30)),
+    line_index=st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1)),
+    context=st.one_of(
+        st.binary(max_size=64),
+        st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8)).map(
+            lambda d: json.dumps(d).encode()
+        ),
+    ),
+    flow_id=st.text(max_size=40),
+    digest=st.sampled_from(["", "right", "0" * 16]),
+    via=st.lists(st.sampled_from(["client", "server", "", "x"]) | st.text(max_size=5), max_size=8),
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(fields=_ANY_REQUEST, junk=st.binary(max_size=200))
+def test_fuzzed_calls_never_crash_the_peer(fields, junk, raw, digest) -> None:
+    """Generated requests and random bytes get one of the statuses the mesh means to send."""
+    if fields["digest"] == "right":
+        fields["digest"] = digest
+    for data in (request(digest, **fields), junk):
+        got, details = status_of(raw, data)
+        assert got in EXPECTED, (got, details)
+
+
+def test_peer_serves_after_the_fuzz(login_server, connect) -> None:
+    """After everything above, the shared peer still runs a whole login."""
+    assert_still_serves(login_server, connect)
+
+
+# --- the token -----------------------------------------------------------------------------
+
+
+def test_token_never_shows_itself() -> None:
+    """repr and str of a token name where it came from, never the value."""
+    token = Token("s3cret-token-value-0123", "$MESH_TOKEN")
+    assert "s3cret" not in repr(token)
+    assert "s3cret" not in str(token)
+    assert "MESH_TOKEN" in repr(token)
+
+
+def test_token_file_relative_to_the_config(tmp_path: Path, monkeypatch) -> None:
+    """token_file is read relative to the config's folder, stripped of its newline."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    (tmp_path / "token").write_text("a-token-long-enough-1234\n")
+    token = load_token("mesh.toml", tmp_path, {"token_file": "token"})
+    assert token is not None
+    assert token.header() == ("authorization", "Bearer a-token-long-enough-1234")
+
+
+def test_env_token_wins_over_the_file(tmp_path: Path, monkeypatch) -> None:
+    """$MESH_TOKEN is used when set, so a deployment can inject it."""
+    monkeypatch.setenv("MESH_TOKEN", "from-the-environment-0123")
+    token = load_token("mesh.toml", tmp_path, {"token_file": "missing"})
+    assert token is not None
+    assert token.header()[1].endswith("from-the-environment-0123")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("", "the token is empty"),
+        ("tiny-tok", "shorter than 16"),
+        ("has a space in the middle!", "printable ASCII"),
+    ],
+)
+def test_bad_token_files(tmp_path: Path, monkeypatch, content: str, fragment: str) -> None:
+    """A token file that is empty, short or not one word: ConfigError naming token_file,
+    without quoting the token."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    (tmp_path / "token").write_text(content)
+    with pytest.raises(ConfigError, match=fragment) as info:
+        load_token("/x/mesh.toml", tmp_path, {"token_file": "token"})
+    assert "/x/mesh.toml: token_file" in str(info.value)
+    if content:
+        assert content not in str(info.value)
+
+
+def test_missing_token_file(tmp_path: Path, monkeypatch) -> None:
+    """A token file that does not exist is named, with the key."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"/x/mesh.toml: token_file: no such file .*nope"):
+        load_token("/x/mesh.toml", tmp_path, {"token_file": "nope"})
+
+
+def test_config_repr_hides_the_token(login_mesh: MeshDir, monkeypatch) -> None:
+    """Printing a loaded Config never shows the token."""
+    monkeypatch.setenv("MESH_TOKEN", "do-not-print-this-token")
+    config = load_config(login_mesh.config)
+    assert config.token is not None
+    assert "do-not-print" not in repr(config)
+    assert isinstance(mesh.MeshError(), Exception)
