@@ -6,6 +6,7 @@ owns the following line.
 """
 
 from mesh.errors import (
+    AccessDenied,
     ConfigError,
     ContextError,
     FlowError,
@@ -25,6 +26,7 @@ from mesh.registry import handler
 from mesh.result import FlowResult, Step
 
 __all__ = [
+    "AccessDenied",
     "ConfigError",
     "ContextError",
     "FlowError",

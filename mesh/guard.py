@@ -248,7 +248,7 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
             self._refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{me}: {_cut(who)} may not send {flow.name} line {index}"
+                f"{me}: {_name(who)} may not send {flow.name} line {index}"
                 f" {flow.lines[index].text!r}: only {owner}, which runs line {index - 1},"
                 " hands the flow on to it",
                 caller=who,
@@ -273,6 +273,11 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
         )
         context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
+
+
+def _name(text: str) -> str:
+    """A caller's name as is when it is short and printable, else quoted and cut."""
+    return text if len(text) <= _SHOWN and text.isprintable() else _cut(text)
 
 
 def _cut(text: str) -> str:

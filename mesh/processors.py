@@ -15,7 +15,7 @@ import structlog
 
 from mesh.errors import FlowViolation, MeshError
 from mesh.registry import describe
-from mesh.result import MASK, scrub, secret_values
+from mesh.result import MASK, scrub_any, secret_values
 from mesh.runtime import (
     FINISHED,
     FlowState,
@@ -282,8 +282,8 @@ def mask_secrets(logger: Any, method_name: str, event_dict: EventDict) -> EventD
     values = secret_values(state.context, state.flow.secrets)  # once per event, not per field
     if values:
         for key, value in event_dict.items():
-            if isinstance(value, str):
-                scrubbed = scrub(value, values)
-                if scrubbed is not value:
-                    event_dict[key] = scrubbed
+            # Containers and objects too: a renderer prints what is inside them.
+            scrubbed = scrub_any(value, values)
+            if scrubbed is not value:
+                event_dict[key] = scrubbed
     return event_dict

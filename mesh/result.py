@@ -36,6 +36,28 @@ def _scrub_deep(value: Any, values: list[str]) -> Any:
     return value
 
 
+def scrub_any(value: Any, values: list[str]) -> Any:
+    """Any value a log event may carry, with ``values`` scrubbed from wherever a renderer
+    would print them: inside strings, containers, and the ``repr`` of other objects.
+
+    Returns ``value`` itself when nothing needed scrubbing, so callers can tell cheaply.
+    """
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return scrub(value, values)
+    if isinstance(value, dict | list):
+        scrubbed = _scrub_deep(value, values)
+        return value if scrubbed == value else scrubbed
+    if isinstance(value, tuple | set | frozenset):
+        items = [scrub_any(v, values) for v in value]
+        changed = any(a is not b for a, b in zip(items, value, strict=True))
+        return type(value)(items) if changed else value
+    shown = repr(value)  # what a renderer would print for an arbitrary object
+    cleaned = scrub(shown, values)
+    return value if cleaned is shown else cleaned
+
+
 def masked(context: Mapping[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
     """A copy of ``context`` fit to show: secret keys as ``***``, their values scrubbed
     from the text of every other value."""

@@ -124,7 +124,7 @@ class Transport:
             port = int(server.add_insecure_port(listen))
         except RuntimeError:
             return 0
-        if not _loopback(listen):
+        if not is_loopback(listen):
             _log.warning(
                 "mesh.plaintext",
                 machine=self.machine,
@@ -135,7 +135,8 @@ class Transport:
         return port
 
 
-def _loopback(listen: str) -> bool:
+def is_loopback(listen: str) -> bool:
+    """True when ``host:port`` can only be reached from this host."""
     host = listen.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True

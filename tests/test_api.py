@@ -8,6 +8,7 @@ import mesh
 def test_exact_public_exports() -> None:
     """__all__ is the documented API, sorted, and every name exists."""
     assert mesh.__all__ == [
+        "AccessDenied",
         "ConfigError",
         "ContextError",
         "FlowError",
@@ -36,11 +37,12 @@ def test_exact_public_exports() -> None:
 def test_errors_form_one_hierarchy() -> None:
     """Every error class the mesh raises derives from MeshError."""
     errors = [getattr(mesh, n) for n in mesh.__all__ if n.endswith(("Error", "Violation"))]
-    errors += [mesh.FlowTimeout, mesh.PeerUnavailable, mesh.PeerRefused]
+    errors += [mesh.FlowTimeout, mesh.PeerUnavailable, mesh.PeerRefused, mesh.AccessDenied]
     for cls in errors:
         assert issubclass(cls, mesh.MeshError), cls
     assert issubclass(mesh.PeerUnavailable, mesh.PeerError)
     assert issubclass(mesh.PeerRefused, mesh.PeerError)
+    assert issubclass(mesh.AccessDenied, mesh.PeerRefused)
 
 
 def test_processor_is_the_instance_and_the_module_is_separate() -> None:

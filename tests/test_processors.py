@@ -228,6 +228,36 @@ def test_handler_error_scrubs_secret_values(tmp_path: Path, events: Events, reg:
     assert all("hunter22" not in repr(e) for e in events)
 
 
+def test_secret_inside_containers_and_objects_is_scrubbed(
+    tmp_path: Path, events: Events, reg: Registry
+) -> None:
+    """A secret value inside a list, dict, tuple or an object's repr is masked in the event."""
+
+    class Holder:
+        def __init__(self, value: str) -> None:
+            self.value = value
+
+        def __repr__(self) -> str:
+            return f"Holder({self.value})"
+
+    @reg.handler("local", "Middle step for :username")
+    def leaky(ctx: dict[str, Any]) -> None:
+        pw = ctx["password"]
+        structlog.get_logger().info(
+            "leak", items=[pw, {"deep": pw}], pair=(1, pw), obj=Holder(pw), n=3
+        )
+        structlog.get_logger().info("next")
+
+    for node in _connect(tmp_path, reg):
+        node.start("local", username="ada", password="hunter22")
+    [leak] = [e for e in events if e["event"] == "leak"]
+    assert leak["items"] == ["***", {"deep": "***"}]
+    assert leak["pair"] == (1, "***")
+    assert leak["obj"] == "Holder(***)"
+    assert leak["n"] == 3
+    assert all("hunter22" not in repr(e) for e in events)
+
+
 def test_non_flow_events_pass_untouched(node: mesh.Node, events: Events) -> None:
     """An ordinary event goes through unchanged, with no flow fields."""
     structlog.get_logger().info("hello", x=1)

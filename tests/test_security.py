@@ -1,0 +1,386 @@
+"""Who may call a peer, over what: tokens, the flow file as access list, TLS and mutual TLS.
+
+Real peers in separate processes, certificates made in the test with ``mesh.certs``, and
+callers that are the real originator (``mesh.connect``) or a raw gRPC channel where the test
+needs to misbehave on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, mesh_env, password_of
+
+import mesh
+from mesh.certs import make_certs
+from mesh.config import load_config
+from mesh.transport import Transport, is_loopback
+from mesh.v1 import mesh_pb2 as _pb2
+from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
+
+TOKEN = "tok-" + "7f3a9c" * 5
+
+MTLS = """
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/{machine}.pem"
+key = "certs/{machine}.key"
+require_client_cert = true
+"""
+
+
+def session_steps(peer: Peer) -> list[dict[str, object]]:
+    """The events of lines 1-4 (the server's handlers and pass-throughs) in a peer's log."""
+    return [
+        e
+        for e in peer.events()
+        if e.get("request") == "login" and e.get("event", "").startswith(("Testing", "Setting"))
+    ]
+
+
+def refusals(peer: Peer) -> list[dict[str, object]]:
+    return [e for e in peer.events() if e.get("event") == "mesh.refused"]
+
+
+# --- the token -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def token_mesh(login_mesh: MeshDir) -> MeshDir:
+    """The login mesh with ``token_file = "token"`` in its mesh.toml."""
+    (login_mesh.root / "token").write_text(TOKEN + "\n")
+    login_mesh.write_config({"client": False, "server": True}, extra='token_file = "token"')
+    return login_mesh
+
+
+def test_login_with_the_token(token_mesh: MeshDir, peers: Peers, connect, monkeypatch) -> None:
+    """With a token on both sides, login runs across the peers, hand-back included."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    server = peers.start(token_mesh, "server")
+    node = connect(token_mesh.config, "client")
+    result = node.start("login", username="ada", password=password_of("ada"))
+    assert result.context["session"] == "session-ada"
+    assert [s.machine for s in result.steps] == ["client"] + ["server"] * 4 + ["client"]
+    assert TOKEN not in server.log_text()
+
+
+def test_no_token_is_unauthenticated(
+    token_mesh: MeshDir, peers: Peers, connect, monkeypatch
+) -> None:
+    """A caller without the token is refused UNAUTHENTICATED, and no line runs on the peer."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    server = peers.start(token_mesh, "server")
+    no_token = token_mesh.write_config({"client": False, "server": True}, name="no-token.toml")
+    node = connect(no_token, "client")
+    with pytest.raises(mesh.AccessDenied, match=r"server.*missing or wrong token.*UNAUTHENTICATED"):
+        node.start("login", username="ada", password=password_of("ada"))
+    assert not session_steps(server)
+    assert not [e for e in server.events() if e.get("event") == "Received request to login as ada"]
+    assert [e["code"] for e in refusals(server)] == ["UNAUTHENTICATED"]
+
+
+def test_wrong_token_is_unauthenticated(
+    token_mesh: MeshDir, peers: Peers, connect, monkeypatch
+) -> None:
+    """$MESH_TOKEN overrides the file; a wrong one is refused like none, never shown."""
+    server = peers.start(token_mesh, "server")
+    monkeypatch.setenv("MESH_TOKEN", "not-the-token-" + "0" * 10)
+    node = connect(token_mesh.config, "client")
+    with pytest.raises(mesh.AccessDenied, match="UNAUTHENTICATED") as info:
+        node.start("login", username="ada", password=password_of("ada"))
+    assert isinstance(info.value, mesh.PeerRefused)
+    assert not session_steps(server)
+    assert "not-the-token" not in server.log_text()
+    assert "not-the-token" not in str(info.value)
+
+
+def test_health_needs_no_token(token_mesh: MeshDir, peers: Peers) -> None:
+    """peers.start waited on gRPC health without a token: probes stay open."""
+    server = peers.start(token_mesh, "server")
+    assert server.alive()
+    assert not refusals(server)
+
+
+# --- the flow file as access list ----------------------------------------------------------
+
+
+def test_line_3_sent_directly_is_refused(
+    token_mesh: MeshDir, peers: Peers, connect, monkeypatch
+) -> None:
+    """An authenticated client sending login line 3 itself is PERMISSION_DENIED: only server,
+    which runs line 2, may hand the flow on to line 3. Its handler never runs."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    server = peers.start(token_mesh, "server")
+    node = connect(token_mesh.config, "client")
+    state = node.new_state(node.flows["login"], {"username": "ada", "password": "x" * 8})
+    with pytest.raises(mesh.AccessDenied) as info:
+        node.dialer.continue_flow(state, "server", 3)
+    message = str(info.value)
+    assert "PERMISSION_DENIED" in message
+    assert "client may not send login line 3 'Setting session for :username'" in message
+    assert "only server, which runs line 2" in message
+    assert not session_steps(server)
+    [refused] = refusals(server)
+    assert refused["code"] == "PERMISSION_DENIED"
+    assert refused["caller"] == "client"
+    assert refused["line_index"] == 3
+    # The same client may still start a flow: line 0's sender is anyone authenticated.
+    assert node.start("login", username="ada", password=password_of("ada")).context["verified"]
+
+
+def test_access_list_holds_without_a_token(login_mesh: MeshDir, peers: Peers, connect) -> None:
+    """Without a token the access list still refuses a line from the wrong machine."""
+    server = peers.start(login_mesh, "server")
+    node = connect(login_mesh.config, "client")
+    state = node.new_state(node.flows["login"], {"username": "ada", "password": "x" * 8})
+    with pytest.raises(mesh.AccessDenied, match="PERMISSION_DENIED"):
+        node.dialer.continue_flow(state, "server", 4)
+    assert [e["line_index"] for e in refusals(server)] == [4]
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_mesh(login_mesh: MeshDir, dev_certs: Path) -> MeshDir:
+    """The login mesh with the mutual-TLS [tls] table ``mesh certs`` suggests."""
+    login_mesh.write_config({"client": False, "server": True}, extra=MTLS)
+    return login_mesh
+
+
+def test_login_over_mutual_tls(tls_mesh: MeshDir, peers: Peers, connect) -> None:
+    """With certificates from mesh certs, login runs over mTLS across the peers."""
+    server = peers.start(tls_mesh, "server", tls=True)
+    node = connect(tls_mesh.config, "client")
+    result = node.start("login", username="ada", password=password_of("ada"))
+    assert result.context["session"] == "session-ada"
+    assert len(session_steps(server)) == 2
+    assert not [e for e in server.events() if e.get("event") == "mesh.plaintext"]
+
+
+def test_plaintext_caller_to_a_tls_peer(tls_mesh: MeshDir, peers: Peers, connect) -> None:
+    """A caller whose config has no [tls] fails with PeerUnavailable naming the machine."""
+    server = peers.start(tls_mesh, "server", tls=True)
+    plain = tls_mesh.write_config({"client": False, "server": True}, name="plain.toml")
+    node = connect(plain, "client")
+    with pytest.raises(mesh.PeerUnavailable) as info:
+        node.start("login", username="ada", password=password_of("ada"))
+    assert info.value.machine == "server"
+    assert str(info.value).startswith(f"server is unavailable at {server.address}")
+    assert "if server serves TLS, this machine dials it in plaintext" in str(info.value)
+    assert not session_steps(server)
+
+
+def test_client_certificate_from_another_ca_is_refused(
+    tls_mesh: MeshDir, peers: Peers, connect
+) -> None:
+    """A caller presenting a certificate that another CA signed never reaches a line."""
+    server = peers.start(tls_mesh, "server", tls=True)
+    make_certs(tls_mesh.root / "rogue", ["client"])
+    rogue = tls_mesh.write_config(
+        {"client": False, "server": True},
+        name="rogue.toml",
+        extra=MTLS.replace('cert = "certs/', 'cert = "rogue/').replace(
+            'key = "certs/', 'key = "rogue/'
+        ),
+    )
+    node = connect(rogue, "client")
+    with pytest.raises(mesh.PeerUnavailable, match="TLS handshake with server failed"):
+        node.start("login", username="ada", password=password_of("ada"))
+    assert not session_steps(server)
+
+
+def test_server_certificate_from_another_ca_is_refused(
+    tls_mesh: MeshDir, peers: Peers, connect
+) -> None:
+    """A caller refuses a peer whose certificate its CA did not sign."""
+    make_certs(tls_mesh.root / "rogue", ["server"])
+    rogue_server = tls_mesh.write_config(
+        {"client": False, "server": True},
+        name="rogue-server.toml",
+        extra=MTLS.replace('"certs/ca.pem"', '"rogue/ca.pem"')
+        .replace('cert = "certs/', 'cert = "rogue/')
+        .replace('key = "certs/', 'key = "rogue/'),
+    )
+    server = peers.start(tls_mesh, "server", config=rogue_server, tls=True)
+    node = connect(tls_mesh.config, "client")
+    with pytest.raises(mesh.PeerUnavailable, match=r"server is unavailable.*handshake"):
+        node.start("login", username="ada", password=password_of("ada"))
+    assert not session_steps(server)
+
+
+def test_certificate_decides_who_calls(tls_mesh: MeshDir, peers: Peers) -> None:
+    """Under mTLS the certificate names the caller: client's certificate claiming to be
+    server (via) for line 3 is refused, and the refusal names the certificate."""
+    server = peers.start(tls_mesh, "server", tls=True)
+    config = load_config(tls_mesh.config)
+    flow = config.flows["login"]
+    channel = Transport.of(config, "client").open_channel("server", server.address)
+    with channel:
+        stub = _pb2_grpc.MeshStub(channel)
+        request = _pb2.ContinueRequest(
+            request="login",
+            line_index=3,
+            context=json.dumps({"username": "ada", "password": "x" * 8}).encode(),
+            flow_id="a" * 32,
+            digest=flow.digest,
+            via=["server"],
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Continue(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "certificate for client may not send login line 3" in info.value.details()
+    assert not session_steps(server)
+
+
+def test_mesh_call_and_mesh_up_over_mutual_tls(tls_mesh: MeshDir, tmp_path: Path) -> None:
+    """The CLI end to end: mesh up probes its TLS peers' health, mesh call runs login."""
+    env = mesh_env()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "mesh", "up", "-c", str(tls_mesh.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert up.stdout is not None
+        for raw in up.stdout:
+            if b"peers healthy" in raw:
+                break
+        else:
+            pytest.fail("mesh up ended before its peers were healthy")
+        call = subprocess.run(
+            [
+                *(sys.executable, "-m", "mesh", "call", "login", "username=ada"),
+                *(f"password={password_of('ada')}", "--json", "-c", str(tls_mesh.config)),
+            ],
+            capture_output=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert call.returncode == 0, call.stderr.decode()
+        assert json.loads(call.stdout)["context"]["session"] == "session-ada"
+    finally:
+        up.terminate()
+        up.wait(30)
+
+
+def test_loopback_is_the_only_plaintext_without_a_warning() -> None:
+    """Which listen addresses make a plaintext peer warn (the peer logs mesh.plaintext)."""
+    assert is_loopback("127.0.0.1:50052")
+    assert is_loopback("[::1]:50052")
+    assert is_loopback("localhost:50052")
+    assert not is_loopback("0.0.0.0:50052")
+    assert not is_loopback("[::]:50052")
+    assert not is_loopback("10.0.0.5:50052")
+    assert not is_loopback("server.internal:50052")
+
+
+# --- secrets: nothing anywhere -------------------------------------------------------------
+
+SECRET = "correct-horse-battery-staple"
+
+#: login with a third machine, audit, that logs the secret on purpose, and a step whose
+#: exception message quotes it.
+AUDIT_FLOW = LOGIN_FLOW.replace(
+    "login\tSetting session for :username\tserver\n",
+    "login\tAuditing login of :username\taudit\nlogin\tSetting session for :username\tserver\n",
+)
+
+AUDIT_SERVICE = f"""
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("login", "Testing password for :username")
+def test_password(ctx):
+    if ctx["password"] != {SECRET!r}:
+        raise PermissionError(f"wrong password {{ctx['password']}} for {{ctx['username']}}")
+    log.info("next", verified=True)
+
+
+@mesh.handler("login", "Setting session for :username")
+def set_session(ctx):
+    log.info("next", session="session-" + ctx["username"])
+
+
+@mesh.handler("login", "Auditing login of :username")
+def audit(ctx):
+    password = ctx["password"]
+    log.info("audit", password=password, note=f"the password is {{password}}")
+    log.warning(f"free text with {{password}} inside")
+    try:
+        raise RuntimeError(f"while auditing {{password}}")
+    except RuntimeError:
+        log.exception("audit trace", echoed=[password, {{"deep": password}}])
+    if ctx["username"] == "mallory":
+        raise ValueError(f"bad {{password}}")
+    log.info("next", audited=f"audited {{password}}")
+"""
+
+
+def test_secret_appears_in_no_output(
+    mesh_dir: MeshDir, peers: Peers, tmp_path: Path, monkeypatch
+) -> None:
+    """login across three machines, one logging the secret on purpose, two failing with it
+    in their exceptions: the secret (and the token) appear in no stdout, stderr or log file."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    mesh_dir.flow(AUDIT_FLOW)
+    mesh_dir.service(AUDIT_SERVICE)
+    (mesh_dir.root / "token").write_text(TOKEN)
+    mesh_dir.write_config(
+        {"client": False, "server": True, "audit": True}, extra='token_file = "token"'
+    )
+    audit_log = tmp_path / "audit-events.log"
+    server = peers.start(mesh_dir, "server")
+    audit = peers.start(mesh_dir, "audit", args=["--log-file", str(audit_log)])
+    cases = {
+        "ok": ["username=ada", f"password={SECRET}"],
+        "ok-json": ["username=ada", f"password={SECRET}", "--json"],
+        "mallory": ["username=mallory", f"password={SECRET}"],  # fails on audit
+        "wrong": ["username=ada", f"password={SECRET}-wrong", "--json"],  # fails on server
+    }
+    outputs: dict[str, bytes] = {}
+    codes = {}
+    for name, args in cases.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "mesh", "call", "login", *args, "-c", str(mesh_dir.config)],
+            capture_output=True,
+            env=mesh_env(),
+            timeout=60,
+            check=False,
+        )
+        codes[name] = done.returncode
+        outputs[f"{name} stdout"] = done.stdout
+        outputs[f"{name} stderr"] = done.stderr
+    audit.stop()
+    server.stop()
+    outputs["server output"] = server.log_path.read_bytes()
+    outputs["audit output"] = audit.log_path.read_bytes()
+    outputs["audit log file"] = audit_log.read_bytes()
+
+    assert codes == {"ok": 0, "ok-json": 0, "mallory": 1, "wrong": 1}, outputs
+    assert b'password = "***"' in outputs["ok stdout"]
+    assert b"Auditing login of ada" in outputs["ok stdout"]  # the timeline
+    assert json.loads(outputs["ok-json stdout"])["context"]["audited"] == "audited ***"
+    assert b"ValueError: bad ***" in outputs["mallory stderr"]
+    assert b"PermissionError: wrong password *** for ada" in outputs["wrong stderr"]
+    events = [json.loads(line) for line in outputs["audit log file"].splitlines()]
+    audits = [e for e in events if e.get("event") == "audit"]
+    assert len(audits) == 3
+    assert all(e["password"] == "***" for e in audits)
+    assert any("Traceback" in str(e.get("exception", "")) for e in events)
+    for where, data in outputs.items():
+        assert SECRET.encode() not in data, f"the secret leaked into {where}"
+        assert TOKEN.encode() not in data, f"the token leaked into {where}"
