@@ -35,9 +35,7 @@ def _crypto() -> Any:
         from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - an optional extra
         from cryptography.x509.oid import NameOID  # noqa: PLC0415 - an optional extra
     except ImportError:
-        raise MeshError(
-            "mesh certs needs the cryptography package: pip install 'mesh[tls]'"
-        ) from None
+        raise MeshError("the cryptography package is missing: pip install 'mesh[tls]'") from None
     return x509, hashes, serialization, ec, NameOID
 
 
@@ -48,21 +46,21 @@ def make_certs(
     ``MACHINE.pem``/``MACHINE.key`` for each machine; returns the files written."""
     names = [m.strip() for m in machines if m.strip()]
     if not names:
-        raise MeshError("mesh certs: name at least one machine (--machines server,client)")
+        raise MeshError("name at least one machine (--machines server,client)")
     for name in names:
         if not _DNS_NAME.fullmatch(name):
             raise MeshError(
-                f"mesh certs: machine {name!r} cannot be a certificate's DNS name"
+                f"machine {name!r} cannot be a certificate's DNS name"
                 " (letters, digits, '-' and '.')"
             )
         if name in {"ca"}:
-            raise MeshError("mesh certs: a machine named 'ca' would overwrite the authority")
+            raise MeshError("a machine named 'ca' would overwrite the authority")
     x509, hashes, serialization, ec, NameOID = _crypto()
     folder = Path(directory)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise MeshError(f"mesh certs: cannot create {folder}: {exc.strerror or exc}") from None
+        raise MeshError(f"cannot create {folder}: {exc.strerror or exc}") from None
 
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
@@ -73,9 +71,7 @@ def make_certs(
             ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
             ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
         except (ValueError, TypeError) as exc:
-            raise MeshError(
-                f"mesh certs: {ca_cert_path} / {ca_key_path}: not usable: {exc}"
-            ) from None
+            raise MeshError(f"{ca_cert_path} / {ca_key_path}: not usable: {exc}") from None
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh development CA")])

@@ -143,6 +143,75 @@ def test_check_malformed_flow_file(mesh_dir: MeshDir, content: str, row: int, wh
     assert what.lower() in line.lower()
 
 
+@pytest.mark.parametrize(
+    ("machines", "extra", "fragment"),
+    [
+        pytest.param({"client": False}, "", "[machines] has no entry for 'server'", id="machine"),
+        pytest.param(
+            {"client": False, "server": "nohost"},
+            "",
+            "machines.server: address 'nohost' is malformed",
+            id="address",
+        ),
+        pytest.param(
+            {"client": False, "server": True},
+            "[tls]\nca = 3",
+            "tls.ca must be a file name",
+            id="tls",
+        ),
+        pytest.param(
+            {"client": False, "server": True},
+            'token_file = "no-such-token"',
+            "token_file: no such file",
+            id="token-file",
+        ),
+    ],
+)
+def test_config_errors_are_one_line_naming_file_and_key(
+    mesh_dir: MeshDir, machines: dict[str, bool | str], extra: str, fragment: str
+) -> None:
+    """Unknown machine, malformed address, bad [tls], missing token file: exit 1, one line
+    that starts with the config's path."""
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.write_config(machines, extra=extra)
+    line = one_line_error(mesh_cmd("check", "-c", mesh_dir.config))
+    assert line.startswith(f"mesh check: {mesh_dir.config}: ")
+    assert fragment in line
+
+
+@pytest.mark.parametrize(
+    ("code", "fragment"),
+    [
+        pytest.param(None, "services: cannot import", id="missing"),
+        pytest.param("raise RuntimeError('boom')", "failed: RuntimeError: boom", id="raising"),
+    ],
+)
+def test_services_that_cannot_be_imported(
+    mesh_dir: MeshDir, code: str | None, fragment: str
+) -> None:
+    """A services module that is missing or raises: exit 1 from check and peer, one line."""
+    mesh_dir.flow(LOGIN_FLOW)
+    module = mesh_dir.service(code or "")
+    if code is None:
+        (mesh_dir.root / f"{module}.py").unlink()
+    mesh_dir.write_config({"client": False, "server": True})
+    for args in (["check"], ["peer", "server"]):
+        line = one_line_error(mesh_cmd(*args, "-c", mesh_dir.config))
+        assert line.startswith(f"mesh {args[0]}: {mesh_dir.config}: services")
+        assert fragment in line
+        assert module in line
+
+
+def test_missing_config_and_unknown_machine(mesh_dir: MeshDir) -> None:
+    """A -c path that does not exist, and `mesh peer` for a machine [machines] lacks."""
+    missing = one_line_error(mesh_cmd("check", "-c", mesh_dir.root / "nope.toml"))
+    assert missing.endswith("nope.toml: config given with -c does not exist")
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.write_config({"client": False, "server": True})
+    unknown = one_line_error(mesh_cmd("peer", "sever", "-c", mesh_dir.config))
+    assert "machine 'sever' is not in [machines] (known: client, server)" in unknown
+
+
 def test_check_handler_for_a_line_no_flow_has(mesh_dir: MeshDir) -> None:
     """A handler for a line missing from the flow file fails `mesh check` and `mesh peer`."""
     mesh_dir.flow(LOGIN_FLOW)

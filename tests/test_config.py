@@ -86,6 +86,10 @@ def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
     assert config.strict is True
     assert config.workers == 256
     assert config.grace == 10.0
+    assert config.max_message_bytes == 4 * 1024 * 1024
+    assert config.max_flow_file_bytes == 4 * 1024 * 1024
+    assert config.token is None
+    assert not config.tls.enabled
     assert list(config.flows) == ["login"]
     assert config.machines["client"] == MachineConfig("client", "", "")
     assert config.machines["server"] == MachineConfig(
@@ -394,6 +398,33 @@ def test_strict_must_be_a_bool(tmp_path: Path, value: str) -> None:
     """strict accepts only true or false."""
     path = mesh_toml(tmp_path, f'flow = "flow.tsv"\nstrict = {value}\n' + MACHINES)
     assert "strict must be true or false" in config_error(path)
+
+
+@pytest.mark.parametrize("key", ["max_message_bytes", "max_flow_file_bytes"])
+@pytest.mark.parametrize("value", ["0", "1000", "2147483648", "4.5", "true", '"4MiB"'])
+def test_byte_limits_are_sane_integers(tmp_path: Path, key: str, value: str) -> None:
+    """Size limits are whole bytes from 64 KiB up to what gRPC takes (a C int)."""
+    path = mesh_toml(tmp_path, f'flow = "flow.tsv"\n{key} = {value}\n' + MACHINES)
+    assert f"{key} must be a number of bytes from 65536 to 2147483647" in config_error(path)
+
+
+def test_byte_limits_are_read(tmp_path: Path) -> None:
+    """max_message_bytes and max_flow_file_bytes take the values given."""
+    body = 'flow = "flow.tsv"\nmax_message_bytes = 65536\nmax_flow_file_bytes = 100000\n'
+    config = load_config(mesh_toml(tmp_path, body + MACHINES))
+    assert (config.max_message_bytes, config.max_flow_file_bytes) == (65536, 100000)
+
+
+def test_flow_file_over_the_size_limit(tmp_path: Path) -> None:
+    """A flow file past max_flow_file_bytes is refused before parsing, naming file and limit."""
+    big = FLOW_TSV + "".join(f"bulk\tLine {i}\tserver\n" for i in range(5000))
+    path = mesh_toml(tmp_path, 'flow = "flow.tsv"\nmax_flow_file_bytes = 65536\n' + MACHINES, big)
+    with pytest.raises(FlowFileError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{tmp_path / 'flow.tsv'}: flow file is over the 65,536-byte limit"
+        " (max_flow_file_bytes in mesh.toml)"
+    )
 
 
 # --- machines ------------------------------------------------------------------------------

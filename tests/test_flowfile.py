@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -483,13 +485,33 @@ _ANY_TEXT = st.one_of(st.text(), st.lists(_CSV_ALPHABET, max_size=60).map("".joi
 @settings(max_examples=200, deadline=None)
 @given(_ANY_TEXT)
 def test_any_text_parses_or_fails_cleanly(text: str) -> None:
-    """Any text gives a FlowSet or a FlowFileError naming <string>, never another exception."""
+    """Any text gives a FlowSet or a FlowFileError naming the row it is about (or saying the
+    text has no lines at all), never another exception."""
     try:
         flows = parse_flows(text)
     except FlowFileError as e:
-        assert str(e).startswith("<string>:")
+        message = str(e)
+        row = re.match(r"<string>:(\d+): \S", message)
+        if row is None:
+            assert message == "<string>: flow file has no lines"
+        else:
+            # A row that exists: counted from 1, at most one past the last physical line.
+            assert 1 <= int(row.group(1)) <= len(text.splitlines()) + 1, message
     else:
         assert len(flows) > 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_on_disk_load_or_fail_naming_the_file(data: bytes) -> None:
+    """Any file content (bad UTF-8, BOMs, NULs) gives flows or a FlowFileError naming the file."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "flow.csv"
+        path.write_bytes(data)
+        try:
+            load_flows([path])
+        except FlowFileError as e:
+            assert str(e).startswith(f"{path}:")
 
 
 def _cell() -> st.SearchStrategy[str]:
