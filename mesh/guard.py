@@ -36,6 +36,7 @@ from mesh.errors import ConfigError
 from mesh.flowfile import FlowSet
 from mesh.tls import peer_machines
 from mesh.v1 import mesh_pb2 as _pb2
+from mesh.wire import step_error
 
 __all__ = ["CONTINUE", "ClientToken", "Guard", "Token", "load_token"]
 
@@ -151,10 +152,13 @@ class ClientToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
     """The server interceptor that admits or refuses each call (see the module docstring)."""
 
-    def __init__(self, machine: str, flows: FlowSet, token: Token | None) -> None:
+    def __init__(
+        self, machine: str, flows: FlowSet, token: Token | None, max_message_bytes: int
+    ) -> None:
         self._machine = machine
         self._flows = flows
         self._token = token
+        self._limit = max_message_bytes
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -177,7 +181,7 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
                 )
             request = self._decode(raw, context)
             self._check(request, context)
-            return inner(request, context)
+            return self._bounded(request, inner(request, context))
 
         # Raw bytes in: a message that does not decode is the guard's to refuse clearly,
         # instead of gRPC's own "Exception deserializing request!" (INTERNAL).
@@ -233,6 +237,8 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
                 f"{me}: the call chain (via) {_cut(' → '.join(via))} is not one a flow makes"
                 " (a machine twice, or an empty or overlong name)",
             )
+        if request.digest != flow.digest:
+            return  # the servicer refuses another version of the flow, saying so
         if index == 0:
             return  # a flow's entry: any caller that passed the token may start one
         owner = flow.lines[index - 1].machine
@@ -255,6 +261,36 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
                 request=flow.name,
                 line_index=index,
             )
+
+    def _bounded(self, request: _pb2.ContinueRequest, reply: Any) -> Any:
+        """The reply, or a step failure when it would not fit in a message: gRPC would
+        otherwise fail the call with RESOURCE_EXHAUSTED, which the caller reads as "busy"."""
+        size = reply.ByteSize()
+        if size <= self._limit:
+            return reply
+        last = reply.steps[-1].line_index if reply.steps else request.line_index
+        flow = self._flows[request.request]
+        message = str(
+            step_error(
+                request=flow.name,
+                flow_id=request.flow_id,
+                machine=self._machine,
+                line=flow.lines[last].text,
+                line_index=last,
+                error_type="ContextError",
+                detail=f"the context grew to a {size:,}-byte reply, over the {self._limit:,}-byte"
+                " limit (max_message_bytes in mesh.toml)",
+            )
+        )
+        _log.error("mesh.reply_too_large", size=size, limit=self._limit, request=request.request)
+        failure = _pb2.Failure(
+            kind=_pb2.Failure.STEP,
+            machine=self._machine,
+            line_index=last,
+            error_type="ContextError",
+            message=message,
+        )
+        return _pb2.ContinueReply(failed=failure)
 
     def _refuse(
         self,

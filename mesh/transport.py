@@ -112,7 +112,7 @@ class Transport:
         return list(message_options(self.max_message_bytes))
 
     def server_interceptors(self, flows: FlowSet) -> list[grpc.ServerInterceptor]:
-        return [Guard(self.machine, flows, self.token)]
+        return [Guard(self.machine, flows, self.token, self.max_message_bytes)]
 
     def add_port(self, server: grpc.Server, listen: str) -> int:
         """Bind ``listen`` with TLS when this machine has a certificate, else in plaintext

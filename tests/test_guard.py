@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import MeshDir, Peer, password_of
+from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, password_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,6 +112,12 @@ GARBAGE = [
         Status.FAILED_PRECONDITION,
         "different version",
     ),
+    case(
+        "digest-before-access",  # another version's line 3 from client: say version, not access
+        lambda d: request(d, digest="0" * 16, line_index=3),
+        Status.FAILED_PRECONDITION,
+        "different version",
+    ),
     case("no-flow-id", lambda d: request(d, flow_id=""), Status.INVALID_ARGUMENT, "no flow_id"),
     case("via-twice", lambda d: request(d, via=["client"] * 2), Status.INVALID_ARGUMENT, "via"),
     case(
@@ -188,6 +194,38 @@ def test_fuzzed_calls_never_crash_the_peer(fields, junk, raw, digest) -> None:
 def test_peer_serves_after_the_fuzz(login_server, connect) -> None:
     """After everything above, the shared peer still runs a whole login."""
     assert_still_serves(login_server, connect)
+
+
+# --- limits --------------------------------------------------------------------------------
+
+GROWING_SERVICE = """
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("login", "Setting session for :username")
+def set_session(ctx):
+    log.info("next", session="s" * 100_000)
+"""
+
+
+def test_a_reply_over_the_limit_is_a_step_error(mesh_dir: MeshDir, peers: Peers, connect) -> None:
+    """A context that grows past max_message_bytes on a peer fails the flow with a
+    ContextError naming size and limit, not a RESOURCE_EXHAUSTED read as "busy"."""
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.service(GROWING_SERVICE)
+    mesh_dir.write_config({"client": False, "server": True}, extra="max_message_bytes = 65536")
+    server = peers.start(mesh_dir, "server")
+    node = connect(mesh_dir.config, "client")
+    with pytest.raises(mesh.ContextError) as info:
+        node.start("login", username="ada", password="pw")
+    assert isinstance(info.value, mesh.FlowError)
+    assert info.value.machine == "server"
+    assert "over the 65,536-byte limit (max_message_bytes in mesh.toml)" in str(info.value)
+    assert server.alive()
 
 
 # --- the token -----------------------------------------------------------------------------
