@@ -8,8 +8,10 @@ needs to misbehave on purpose.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -67,6 +69,7 @@ def test_login_with_the_token(token_mesh: MeshDir, peers: Peers, connect, monkey
     assert result.context["session"] == "session-ada"
     assert [s.machine for s in result.steps] == ["client"] + ["server"] * 4 + ["client"]
     assert TOKEN not in server.log_text()
+    assert not [e for e in server.events() if e.get("event") == "mesh.plaintext"]  # loopback
 
 
 def test_no_token_is_unauthenticated(
@@ -271,6 +274,52 @@ def test_mesh_call_and_mesh_up_over_mutual_tls(tls_mesh: MeshDir, tmp_path: Path
     finally:
         up.terminate()
         up.wait(30)
+
+
+def _in_a_network_namespace() -> bool:
+    try:
+        done = subprocess.run(
+            ["unshare", "-rn", "true"], capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_plaintext_beyond_loopback_warns(login_mesh: MeshDir, tmp_path: Path) -> None:
+    """A plaintext peer listening on 0.0.0.0 logs a mesh.plaintext warning. It runs in a
+    network namespace of its own (unshare), so nothing outside can reach it."""
+    if not _in_a_network_namespace():
+        pytest.skip("needs `unshare -rn` (util-linux, user namespaces) for a private network")
+    log = tmp_path / "namespaced-peer.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                *("unshare", "-rn", sys.executable, "-m", "mesh", "peer", "server"),
+                *("-c", str(login_mesh.config), "--listen", "0.0.0.0:50052", "--json"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=mesh_env(),
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"mesh.peer_ready" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    [warning] = [e for e in events if e["event"] == "mesh.plaintext"]
+    assert warning["level"] == "warning"
+    assert warning["listen"] == "0.0.0.0:50052"
+    assert "configure [tls]" in warning["advice"]
 
 
 def test_loopback_is_the_only_plaintext_without_a_warning() -> None:
