@@ -14,6 +14,8 @@ needs only its own key on disk, and a missing file is a ``ConfigError`` naming t
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +79,18 @@ class TLSConfig:
     machines: Mapping[str, TLSFiles] = field(default_factory=lambda: MappingProxyType({}))
 
     def of(self, machine: str) -> TLSFiles | None:
-        """The settings ``machine`` uses, or None when it speaks plaintext."""
-        return self.machines.get(machine, self.default)
+        """The settings ``machine`` uses, or None when it speaks plaintext.
+
+        A caller that is no machine of the config (``mesh call`` acts as ``mesh-call``)
+        gets the mesh-wide settings with ``{machine}`` in their paths replaced by its name.
+        """
+        files = self.machines.get(machine)
+        if files is not None or self.default is None or not machine:
+            return files or self.default
+        d = self.default
+        return dataclasses.replace(
+            d, ca=_named(d.ca, machine), cert=_named(d.cert, machine), key=_named(d.key, machine)
+        )
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +130,12 @@ def parse_tls(where: str, root: Path, data: Mapping[str, object]) -> TLSConfig:
                 " and needs cert and key"
             )
     return TLSConfig(default, MappingProxyType(machines))
+
+
+def _named(path: Path | None, machine: str) -> Path | None:
+    if path is None or "{machine}" not in str(path):
+        return path
+    return Path(str(path).replace("{machine}", machine))
 
 
 def _per_machine(base: Mapping[str, Any]) -> bool:
@@ -176,7 +194,8 @@ def _resolve(
 
 
 def _machine_key(name: str) -> str:
-    if name.replace("-", "").replace("_", "").isalnum():
+    """The TOML key path of a machine, quoted when TOML would need quotes (as config.py)."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
         return f"machines.{name}"
     return 'machines."' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

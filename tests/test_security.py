@@ -242,7 +242,10 @@ def test_certificate_decides_who_calls(tls_mesh: MeshDir, peers: Peers) -> None:
 
 
 def test_mesh_call_and_mesh_up_over_mutual_tls(tls_mesh: MeshDir, tmp_path: Path) -> None:
-    """The CLI end to end: mesh up probes its TLS peers' health, mesh call runs login."""
+    """The CLI end to end: mesh up probes its TLS peers' health, mesh call runs login as
+    client, and a flow that starts on server from outside, presenting mesh-call's
+    certificate."""
+    tls_mesh.flow(LOGIN_FLOW + "ping\tPinging for :who\tserver\n")
     env = mesh_env()
     up = subprocess.Popen(
         [sys.executable, "-m", "mesh", "up", "-c", str(tls_mesh.config)],
@@ -271,6 +274,16 @@ def test_mesh_call_and_mesh_up_over_mutual_tls(tls_mesh: MeshDir, tmp_path: Path
         )
         assert call.returncode == 0, call.stderr.decode()
         assert json.loads(call.stdout)["context"]["session"] == "session-ada"
+        ping = subprocess.run(
+            [sys.executable, "-m", "mesh", "call", "ping", "who=x", "-c", str(tls_mesh.config)],
+            capture_output=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert ping.returncode == 0, ping.stderr.decode()
+        assert b"Pinging for x" in ping.stdout
     finally:
         up.terminate()
         up.wait(30)
