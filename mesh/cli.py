@@ -269,14 +269,9 @@ def _up(args: argparse.Namespace) -> int:
                 target=_relay, args=(f"{m.name:<{width}} | ", proc), daemon=True
             ).start()
         for m in machines:
-            _wait_healthy(
-                config,
-                name=m.name,
-                address=m.address,
-                proc=procs[m.name],
-                stop=stop,
-                deadline=time.monotonic() + 30,
-            )
+            deadline = time.monotonic() + 30
+            probe = Transport.of(config, m.name)  # a TLS peer is probed with its own certificate
+            _wait_healthy(m.name, m.address, procs[m.name], stop, deadline, probe=probe)
             _say(f"mesh up: {m.name} listening on {m.listen} (pid {procs[m.name].pid})")
         _say(f"mesh up: {len(machines)} peers healthy; Ctrl-C stops them")
         alive = set(procs)
@@ -328,16 +323,15 @@ except (OSError, AttributeError):
 
 
 def _wait_healthy(
-    config: Config,
-    *,
     name: str,
     address: str,
     proc: subprocess.Popen[bytes],
     stop: threading.Event,
     deadline: float,
+    *,
+    probe: Transport,
 ) -> None:
     timeout = deadline - time.monotonic()
-    probe = Transport.of(config, name)  # a TLS peer is probed with its own certificate
     if wait_serving(address, timeout, lambda: proc.poll() is not None or stop.is_set(), probe):
         return
     if proc.poll() is not None:
