@@ -168,10 +168,15 @@ def test_check_malformed_flow_file(mesh_dir: MeshDir, content: str, row: int, wh
     ],
 )
 def test_config_errors_are_one_line_naming_file_and_key(
-    mesh_dir: MeshDir, machines: dict[str, bool | str], extra: str, fragment: str
+    mesh_dir: MeshDir,
+    machines: dict[str, bool | str],
+    extra: str,
+    fragment: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Unknown machine, malformed address, bad [tls], missing token file: exit 1, one line
     that starts with the config's path."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)  # it would stand in for the token file
     mesh_dir.flow(LOGIN_FLOW)
     mesh_dir.write_config(machines, extra=extra)
     line = one_line_error(mesh_cmd("check", "-c", mesh_dir.config))
