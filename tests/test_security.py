@@ -102,6 +102,27 @@ def test_wrong_token_is_unauthenticated(
     assert "not-the-token" not in str(info.value)
 
 
+def test_refusal_further_down_arrives_as_access_denied(
+    mesh_dir: MeshDir, peers: Peers, connect, monkeypatch
+) -> None:
+    """A peer two hops away that refuses the token: the originator gets AccessDenied naming
+    that peer, carried back through the one in between."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    mesh_dir.flow(AUDIT_FLOW)
+    (mesh_dir.root / "token").write_text(TOKEN)
+    mesh_dir.write_config(
+        {"client": False, "server": True, "audit": True}, extra='token_file = "token"'
+    )
+    peers.start(mesh_dir, "server")
+    audit = peers.start(mesh_dir, "audit", env={"MESH_TOKEN": "another-token-" + "9" * 10})
+    node = connect(mesh_dir.config, "client")
+    with pytest.raises(mesh.AccessDenied) as info:
+        node.start("login", username="ada", password="pw")
+    assert info.value.machine == "audit"
+    assert "UNAUTHENTICATED" in str(info.value)
+    assert [e["code"] for e in refusals(audit)] == ["UNAUTHENTICATED"]
+
+
 def test_health_needs_no_token(token_mesh: MeshDir, peers: Peers) -> None:
     """peers.start waited on gRPC health without a token: probes stay open."""
     server = peers.start(token_mesh, "server")
