@@ -167,9 +167,12 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
         if not method.startswith(_MESH_PREFIX):
             return continuation(details)  # health: open, so probes need no token
         handler = continuation(details)
-        if handler is None or method != CONTINUE or handler.unary_unary is None:
-            return handler
         authenticated = self._token is None or self._token.matches(details.invocation_metadata)
+        if handler is None:
+            return None  # UNIMPLEMENTED, as gRPC says for a method nobody serves
+        if method != CONTINUE or handler.unary_unary is None:
+            # Any other method of the mesh service needs the token too.
+            return handler if authenticated else self._denied(handler)
         inner = handler.unary_unary
 
         def admit(raw: bytes, context: grpc.ServicerContext) -> Any:
@@ -188,6 +191,23 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(
             admit, request_deserializer=None, response_serializer=handler.response_serializer
         )
+
+    def _denied(self, handler: Any) -> Any:
+        """A handler of the same kind as ``handler`` that refuses UNAUTHENTICATED."""
+
+        def deny(_request: Any, context: grpc.ServicerContext) -> NoReturn:
+            self._refuse(
+                context, grpc.StatusCode.UNAUTHENTICATED, f"{self._machine}: missing or wrong token"
+            )
+
+        kinds = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }
+        make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        return make(deny, request_deserializer=None, response_serializer=None)
 
     # -- the checks --------------------------------------------------------------------
 

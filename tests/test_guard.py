@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import mesh
 from mesh.config import load_config
 from mesh.errors import ConfigError
-from mesh.guard import CONTINUE, Token, load_token
+from mesh.guard import CONTINUE, Guard, Token, load_token
 from mesh.v1 import mesh_pb2 as _pb2
 
 Status = grpc.StatusCode
@@ -229,6 +229,59 @@ def test_a_reply_over_the_limit_is_a_step_error(mesh_dir: MeshDir, peers: Peers,
 
 
 # --- the token -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_other_mesh_methods_need_the_token_too(streaming: bool) -> None:
+    """A method added to mesh.v1.Mesh later (served here by a stand-in) is token-checked by
+    the guard as well: without the token it is UNAUTHENTICATED and never runs."""
+    from concurrent import futures
+
+    from mesh.flowfile import parse_flows
+
+    ran: list[bytes] = []
+
+    def other(request: bytes, context: grpc.ServicerContext) -> bytes:
+        ran.append(request)
+        return b"ran"
+
+    def other_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        ran.append(request)
+        yield b"ran"
+
+    kind = (
+        grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+    )
+    token = Token("the-right-token-0123", "test")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[Guard("server", parse_flows(LOGIN_FLOW), token, 4 << 20)],
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "mesh.v1.Mesh", {"Other": kind(other_stream if streaming else other)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = (channel.unary_stream if streaming else channel.unary_unary)(
+                "/mesh.v1.Mesh/Other"
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                reply = call(b"x", timeout=30)
+                if streaming:
+                    list(reply)  # a stream's status arrives as it is read
+            assert info.value.code() == Status.UNAUTHENTICATED
+            assert ran == []
+            reply = call(b"y", timeout=30, metadata=[token.header()])
+            assert (list(reply) if streaming else [reply]) == [b"ran"]
+            assert ran == [b"y"]
+    finally:
+        server.stop(None).wait()
 
 
 def test_token_never_shows_itself() -> None:
