@@ -17,10 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from mesh import scaffold
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -74,12 +76,15 @@ def make_argument_parser() -> argparse.ArgumentParser:
     call.add_argument("--as", dest="machine", metavar="MACHINE", help="originate as this machine")
     call.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     call.add_argument("--timeout", type=float, metavar="SECONDS", help="the flow's deadline")
+    _add_tool_commands(add)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_argument_parser().parse_args(argv)
-    command = {"check": _check, "peer": _peer, "up": _up, "call": _call}[args.command]
+    command = {"check": _check, "peer": _peer, "up": _up, "call": _call, **_TOOL_COMMANDS}[
+        args.command
+    ]
     try:
         return command(args)
     except MeshError as exc:
@@ -394,3 +399,52 @@ def _call(args: argparse.Namespace) -> int:
     rows += [(str(s["index"]), str(s["line"]), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
     _table(rows, indent="  ")
     return 0
+
+
+# -- scaffold, diagram, logs: tools around the flow file ----------------------
+
+
+def _add_tool_commands(add: Any) -> None:
+    scaffold = add("scaffold", "write a services module with a handler for each line of a request")
+    scaffold.add_argument("request", metavar="REQUEST")
+    scaffold.add_argument("--out", metavar="PATH", help="default: services/REQUEST.py")
+    scaffold.add_argument(
+        "--missing", action="store_true", help="only lines that have no handler yet"
+    )
+    scaffold.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def _scaffold(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    flow = config.flows.flows.get(args.request)
+    if flow is None:
+        known = ", ".join(config.flows) or "none"
+        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+    only = None
+    if args.missing:
+        import_services(config)
+        registered = default_registry.registered()
+        only = {ln.index for ln in flow.lines if (flow.name, ln.text) not in registered}
+        if not only:
+            print(f"mesh scaffold: every line of {flow.name} has a handler; nothing to write")
+            return 0
+    out = Path(args.out) if args.out else scaffold.default_out(flow, config.root)
+    source = os.path.relpath(flow.lines[0].path, out.parent.resolve())
+    text = scaffold.render_module(
+        flow,
+        only=only,
+        source=Path(flow.lines[0].path).name,
+        mesh_is_local=scaffold.mesh_is_local(config.root),
+    )
+    scaffold.write_module(out, text, force=args.force)
+    count = len(only) if only is not None else len(flow.lines)
+    print(f"wrote {out}: {count} handlers for {flow.name} ({source})")
+    module = scaffold.module_name(out, config.root)
+    if module is None:
+        print(f"note: {out} is not importable from {config.root}; move it there to use it")
+    elif module not in config.services:
+        print(f'next: add "{module}" to services in {config.path}, then run mesh check')
+    return 0
+
+
+_TOOL_COMMANDS = {"scaffold": _scaffold}

@@ -323,3 +323,44 @@ def isolate_mesh() -> Iterator[None]:
             if name.startswith("svc_"):
                 del sys.modules[name]
         sys.path[:] = path
+
+
+# -- command line, browser and lint helpers (scaffold, diagram, logs) ---------
+
+
+def run_mesh(
+    *args: str | Path, timeout: float = 60, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mesh ARGS`` as a user would (a subprocess), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**mesh_env(), **(env or {})},
+        check=False,
+    )
+
+
+def ruff_as_a_user(tmp_path: Path) -> Path:
+    """A ruff config with this project's lint rules, in a folder that has no ``mesh``.
+
+    Generated code is checked as it would be in a user's project, where ``mesh``
+    is an installed (third-party) package rather than one of the project's own.
+    """
+    import tomllib
+
+    project = tomllib.loads(
+        (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    )
+    lint = project["tool"]["ruff"]["lint"]
+    lines = [
+        f"line-length = {project['tool']['ruff']['line-length']}",
+        'target-version = "py311"',
+        "[lint]",
+        f"select = {json.dumps(lint['select'])}",
+        f"ignore = {json.dumps(lint['ignore'])}",
+    ]
+    path = tmp_path / "ruff.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
