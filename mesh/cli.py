@@ -429,7 +429,6 @@ def _scaffold(args: argparse.Namespace) -> int:
             print(f"mesh scaffold: every line of {flow.name} has a handler; nothing to write")
             return 0
     out = Path(args.out) if args.out else scaffold.default_out(flow, config.root)
-    source = os.path.relpath(flow.lines[0].path, out.parent.resolve())
     text = scaffold.render_module(
         flow,
         only=only,
@@ -438,7 +437,7 @@ def _scaffold(args: argparse.Namespace) -> int:
     )
     scaffold.write_module(out, text, force=args.force)
     count = len(only) if only is not None else len(flow.lines)
-    print(f"wrote {out}: {count} handlers for {flow.name} ({source})")
+    print(f"wrote {out}: {count} handlers for {flow.name} ({flow.lines[0].path})")
     module = scaffold.module_name(out, config.root)
     if module is None:
         print(f"note: {out} is not importable from {config.root}; move it there to use it")

@@ -159,7 +159,7 @@ def test_scaffold_unknown_request_is_one_line(mesh_dir: MeshDir) -> None:
 def test_names_and_literals_survive_awkward_lines() -> None:
     """Quotes, backslashes, keywords and long texts still make valid, unique Python."""
     flows = parse_flows(
-        "r,\"Say \"\"hi\"\" \\ to :who\",a\n"
+        'r,"Say ""hi"" \\ to :who",a\n'
         "r,class,a\n"
         "r,9 lives,b\n"
         f"r,{'very long line ' * 8}for :who,b\n"
