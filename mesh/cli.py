@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from mesh import scaffold
+from mesh import diagram, scaffold
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -76,6 +76,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     call.add_argument("--as", dest="machine", metavar="MACHINE", help="originate as this machine")
     call.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     call.add_argument("--timeout", type=float, metavar="SECONDS", help="the flow's deadline")
+    call.add_argument(
+        "--diagram", metavar="FILE", help="draw the run (.svg, .html, else Mermaid text)"
+    )
     _add_tool_commands(add)
     return parser
 
@@ -378,6 +381,8 @@ def _call(args: argparse.Namespace) -> int:
         result = node.start_with(args.request, context, timeout=args.timeout)
     finally:
         node.close()
+    if args.diagram:
+        _write_run_diagram(args.diagram, flow, result)
     steps = [
         {"index": s.index, "line": s.line, "machine": s.machine, "ms": round(s.ms, 3)}
         for s in result.steps
@@ -413,6 +418,44 @@ def _add_tool_commands(add: Any) -> None:
     )
     scaffold.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+    drawing = add("diagram", "draw requests as sequence diagrams (Mermaid text, SVG or HTML)")
+    drawing.add_argument("request", nargs="?", metavar="REQUEST", help="default: every request")
+    drawing.add_argument("--format", choices=diagram.FORMATS, help="default: from -o, else mermaid")
+    drawing.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+
+
+def _diagram(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    if args.request is None:
+        flows = list(config.flows.flows.values())
+    elif args.request in config.flows:
+        flows = [config.flows[args.request]]
+    else:
+        known = ", ".join(config.flows) or "none"
+        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+    fmt = diagram.format_for(args.output or "", args.format)
+    title = args.request or config.path.parent.name
+    text = diagram.render([diagram.from_flow(f) for f in flows], fmt, title=title)
+    if args.output:
+        _write_text(args.output, text)
+        print(f"wrote {args.output}: {fmt}, {len(flows)} requests", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _write_run_diagram(path: str, flow: Flow, result: Any) -> None:
+    fmt = diagram.format_for(path)
+    picture = diagram.from_run(flow, result.steps, result.flow_id)
+    _write_text(path, diagram.render([picture], fmt, title=f"{flow.name} {result.flow_id}"))
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise MeshError(f"cannot write {path}: {exc.strerror or exc}") from None
+
 
 def _scaffold(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
@@ -446,4 +489,4 @@ def _scaffold(args: argparse.Namespace) -> int:
     return 0
 
 
-_TOOL_COMMANDS = {"scaffold": _scaffold}
+_TOOL_COMMANDS = {"scaffold": _scaffold, "diagram": _diagram}
