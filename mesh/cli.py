@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from mesh import diagram, scaffold
+from mesh import diagram, scaffold, transcript
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -78,6 +78,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=float, metavar="SECONDS", help="the flow's deadline")
     call.add_argument(
         "--diagram", metavar="FILE", help="draw the run (.svg, .html, else Mermaid text)"
+    )
+    call.add_argument(
+        "--log-file", metavar="PATH", help="append JSON logs here (for mesh logs), not stderr"
     )
     _add_tool_commands(add)
     return parser
@@ -367,7 +370,8 @@ def parse_params(params: Sequence[str]) -> dict[str, Any]:
 def _call(args: argparse.Namespace) -> int:
 
     context = parse_params(args.params)
-    configure_logging(file=sys.stderr)
+    log_file = _open_log(args.log_file) if args.log_file else None
+    configure_logging(json=log_file is not None, file=log_file or sys.stderr)
     config = load_config(find_config(args.config))
     import_services(config)
     flow = config.flows.flows.get(args.request)
@@ -381,6 +385,8 @@ def _call(args: argparse.Namespace) -> int:
         result = node.start_with(args.request, context, timeout=args.timeout)
     finally:
         node.close()
+        if log_file is not None:
+            log_file.close()
     if args.diagram:
         _write_run_diagram(args.diagram, flow, result)
     steps = [
@@ -423,6 +429,10 @@ def _add_tool_commands(add: Any) -> None:
     drawing.add_argument("--format", choices=diagram.FORMATS, help="default: from -o, else mermaid")
     drawing.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
 
+    logs = add("logs", "merge peers' JSON logs into one transcript per flow; check each")
+    logs.add_argument("files", nargs="+", metavar="FILE", help="JSON log files of the peers")
+    logs.add_argument("--flow", metavar="FLOW_ID", help="only this flow (a prefix will do)")
+
 
 def _diagram(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
@@ -457,6 +467,30 @@ def _write_text(path: str, text: str) -> None:
         raise MeshError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def _logs(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    found = transcript.transcripts(transcript.read_logs(args.files), config.flows, args.flow)
+    if not found:
+        which = f"flow {args.flow}" if args.flow else "flow lines"
+        raise MeshError(f"no {which} in {', '.join(args.files)}")
+    bad = 0
+    for n, t in enumerate(found):
+        if n:
+            print()
+        sys.stdout.write(transcript.format_transcript(t))
+        bad += bool(t.problems)
+    if len(found) > 1:
+        print(f"\n{len(found)} flows, {bad} with problems")
+    return EXIT_FAILURE if bad else 0
+
+
+def _open_log(path: str) -> Any:
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise MeshError(f"cannot open log file {path}: {exc.strerror}") from None
+
+
 def _scaffold(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     flow = config.flows.flows.get(args.request)
@@ -489,4 +523,4 @@ def _scaffold(args: argparse.Namespace) -> int:
     return 0
 
 
-_TOOL_COMMANDS = {"scaffold": _scaffold, "diagram": _diagram}
+_TOOL_COMMANDS = {"scaffold": _scaffold, "diagram": _diagram, "logs": _logs}
