@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peer, Peers, password_of, run_mesh
+from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peer, Peers, password_of, run_mesh
 
 Events = list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class RealRun:
+    config: Path
+    client_log: Path
+    server: Peer
+    ids: list[str]
+
+
 def _call(mesh_dir: MeshDir, log: Path, password: str) -> str:
+    # The service module is imported by `mesh call` from the config's folder.
     """Run login as the client, logging JSON to ``log``; the flow id (or "" if it failed)."""
     done = run_mesh(
         "call", "login", "username=ada", f"password={password}",
@@ -25,15 +35,25 @@ def _call(mesh_dir: MeshDir, log: Path, password: str) -> str:
     return str(json.loads(done.stdout)["flow_id"])
 
 
-@pytest.fixture
-def real_run(login_mesh: MeshDir, peers: Peers, tmp_path: Path) -> tuple[Path, Peer, list[str]]:
-    """Two good logins and a bad one against a real server; the client's log file."""
-    server = peers.start(login_mesh, "server")
-    client_log = tmp_path / "client.log"
-    ids = [_call(login_mesh, client_log, password_of("ada")) for _ in range(2)]
-    assert all(ids)
-    assert _call(login_mesh, client_log, "wrong-password") == ""
-    return client_log, server, ids
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealRun]:
+    """Two good logins and a bad one against a real server (once for this module)."""
+    tmp_path = tmp_path_factory.mktemp("real_run")
+    mesh_dir = MeshDir(tmp_path / "meshdir", "transcript")
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.service(LOGIN_SERVICE)
+    mesh_dir.write_config({"client": False, "server": True})
+    started = Peers(tmp_path)
+    try:
+        server = started.start(mesh_dir, "server")
+        client_log = tmp_path / "client.log"
+        ids = [_call(mesh_dir, client_log, password_of("ada")) for _ in range(2)]
+        assert all(ids)
+        assert _call(mesh_dir, client_log, "wrong-password") == ""
+        started.stop_all()  # its log is complete once it has stopped
+        yield RealRun(mesh_dir.config, client_log, server, ids)
+    finally:
+        started.stop_all()
 
 
 def _lines(path: Path) -> Events:
@@ -45,12 +65,10 @@ def _write(path: Path, events: Events) -> Path:
     return path
 
 
-def test_real_run_reads_back_in_flow_order(
-    real_run: tuple[Path, Peer, list[str]], login_mesh: MeshDir
-) -> None:
+def test_real_run_reads_back_in_flow_order(real_run: RealRun) -> None:
     """Both machines' files merge into one transcript per flow; a failed flow is reported."""
-    client_log, server, ids = real_run
-    first = run_mesh("logs", client_log, server.log_path, "-c", login_mesh.config, "--flow", ids[0])
+    client_log, server, ids = real_run.client_log, real_run.server, real_run.ids
+    first = run_mesh("logs", client_log, server.log_path, "-c", real_run.config, "--flow", ids[0])
     assert first.returncode == 0, first.stdout + first.stderr
     out = first.stdout.splitlines()
     assert out[0] == f"login  flow {ids[0]}  6 of 6 lines  ok"
@@ -69,7 +87,7 @@ def test_real_run_reads_back_in_flow_order(
     # Every step but the last has a duration, in ms.
     assert all(re.search(r"\d+\.\d{3}$", row) for row in out[2:7])
 
-    every = run_mesh("logs", client_log, server.log_path, "-c", login_mesh.config)
+    every = run_mesh("logs", client_log, server.log_path, "-c", real_run.config)
     assert every.returncode == 1
     assert every.stdout.count("6 of 6 lines  ok") == 2
     assert "login line 2" not in every.stdout
@@ -85,9 +103,9 @@ def test_real_run_reads_back_in_flow_order(
     assert every.stdout.index(ids[0]) < every.stdout.index(ids[1])
 
 
-def _one_flow(real_run: tuple[Path, Peer, list[str]]) -> Events:
-    client_log, server, ids = real_run
-    events = [e for e in _lines(client_log) + server.events() if e.get("flow_id") == ids[0]]
+def _one_flow(real_run: RealRun) -> Events:
+    every = _lines(real_run.client_log) + real_run.server.events()
+    events = [e for e in every if e.get("flow_id") == real_run.ids[0]]
     return sorted(events, key=lambda e: e["timestamp"])
 
 
@@ -134,30 +152,29 @@ def _lines_2_and_3_swapped(events: Events) -> Events:
     ],
 )
 def test_tampered_logs_are_reported(
-    real_run: tuple[Path, Peer, list[str]],
-    login_mesh: MeshDir,
-    tmp_path: Path,
-    tamper: Callable[[Events], Events],
-    problem: str,
+    real_run: RealRun, tmp_path: Path, tamper: Callable[[Events], Events], problem: str
 ) -> None:
     """A missing, misplaced, repeated or reordered line is named, and mesh logs exits 1."""
-    untouched = _write(tmp_path / "flow.jsonl", _one_flow(real_run))
-    clean = run_mesh("logs", untouched, "-c", login_mesh.config)
-    assert clean.returncode == 0, clean.stdout
     tampered = _write(tmp_path / "tampered.jsonl", tamper(_one_flow(real_run)))
-    done = run_mesh("logs", tampered, "-c", login_mesh.config)
+    done = run_mesh("logs", tampered, "-c", real_run.config)
     assert done.returncode == 1
     problems = [line for line in done.stdout.splitlines() if "problem:" in line]
     assert len(problems) == 1, done.stdout
     assert problem in problems[0]
 
 
-def test_a_machine_whose_log_is_missing_is_named(
-    real_run: tuple[Path, Peer, list[str]], login_mesh: MeshDir
-) -> None:
+def test_one_flow_in_one_file_reads_back_clean(real_run: RealRun, tmp_path: Path) -> None:
+    """The untouched events of one flow, in one file, pass (the baseline of the tampering)."""
+    untouched = _write(tmp_path / "flow.jsonl", _one_flow(real_run))
+    clean = run_mesh("logs", untouched, "-c", real_run.config)
+    assert clean.returncode == 0, clean.stdout
+    assert clean.stdout.startswith(f"login  flow {real_run.ids[0]}  6 of 6 lines  ok\n")
+
+
+def test_a_machine_whose_log_is_missing_is_named(real_run: RealRun) -> None:
     """Given the server's log alone, the client's lines are missing, and the hint says why."""
-    _, server, ids = real_run
-    done = run_mesh("logs", server.log_path, "-c", login_mesh.config, "--flow", ids[0][:8])
+    server, ids = real_run.server, real_run.ids
+    done = run_mesh("logs", server.log_path, "-c", real_run.config, "--flow", ids[0][:8])
     assert done.returncode == 1
     assert (
         "line 0 'User attempted login as :username and #password' on client is missing"
@@ -165,15 +182,15 @@ def test_a_machine_whose_log_is_missing_is_named(
     ) in done.stdout
 
 
-def test_bad_input_is_one_line(login_mesh: MeshDir, tmp_path: Path) -> None:
+def test_bad_input_is_one_line(real_run: RealRun, tmp_path: Path) -> None:
     """A missing file, or files with no flow lines, are one line and exit 1."""
-    missing = run_mesh("logs", tmp_path / "nope.log", "-c", login_mesh.config)
+    missing = run_mesh("logs", tmp_path / "nope.log", "-c", real_run.config)
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
         f"mesh logs: {tmp_path / 'nope.log'}: no such log file"
     ]
     empty = tmp_path / "empty.log"
     empty.write_text("not json\n{}\n", encoding="utf-8")
-    none = run_mesh("logs", empty, "-c", login_mesh.config, "--flow", "abc")
+    none = run_mesh("logs", empty, "-c", real_run.config, "--flow", "abc")
     assert none.returncode == 1
     assert none.stderr.strip().splitlines() == [f"mesh logs: no flow abc in {empty}"]
