@@ -150,6 +150,7 @@ def _lines_2_and_3_swapped(events: Events) -> Events:
             " 'Setting session for :username'; the flow file has it before",
         ),
     ],
+    ids=["missing", "wrong-machine", "twice", "out-of-order"],
 )
 def test_tampered_logs_are_reported(
     real_run: RealRun, tmp_path: Path, tamper: Callable[[Events], Events], problem: str
