@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 from typing import Literal
 
@@ -53,8 +53,14 @@ class Event:
     source: str  # the machine the flow comes from (== target for a note)
     target: str  # the machine that runs the line
     label: str
-    ms: float | None = None  # runs only
+    ms: float | None = None  # runs only: the step's own time
     slowest: bool = False
+    hop_ms: float | None = None  # runs only: from the previous step's end to this one's start
+
+    @property
+    def total_ms(self) -> float:
+        """The time this row stands for: the hop to it, and the step itself."""
+        return (self.ms or 0.0) + (self.hop_ms or 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,30 +87,42 @@ def from_flow(flow: Flow) -> Diagram:
 
 
 def from_run(flow: Flow, steps: Sequence[Step], flow_id: str = "") -> Diagram:
-    """A finished flow as it ran: rendered lines (secrets masked), machines, durations."""
+    """A finished flow as it ran: rendered lines (secrets masked), machines, durations.
+
+    A hop's time is the gap between the step before it ending and its own start,
+    by two machines' clocks; the row with the most time (hop and step) is marked.
+    """
     hops = plan(flow, flow.lines[0].machine)
-    slowest = max(range(len(steps)), key=lambda i: steps[i].duration, default=-1)
-    events = []
+    events: list[Event] = []
     previous = steps[0].machine if steps else ""
     for i, step in enumerate(steps):
         kind: Kind = "note"
+        hop_ms = None
         if step.machine != previous:
             how = hops[step.index].how if step.index < len(hops) else "call"
             kind = "back" if how == "hand back" else "call"
+            before = steps[i - 1]
+            hop_ms = max(step.start - (before.start + before.duration), 0.0) * 1000.0
         events.append(
-            Event(kind, step.index, previous, step.machine, step.line, step.ms, i == slowest)
+            Event(kind, step.index, previous, step.machine, step.line, step.ms, hop_ms=hop_ms)
         )
         previous = step.machine
+    if events:
+        slow = max(range(len(events)), key=lambda i: events[i].total_ms)
+        events[slow] = replace(events[slow], slowest=True)
     machines = tuple(dict.fromkeys(s.machine for s in steps))
-    total = sum(s.ms for s in steps)
-    title = f"{flow.name} {flow_id[:8]} ({len(steps)} steps, {total:.2f} ms)".replace("  ", " ")
+    end = steps[-1].start + steps[-1].duration if steps else 0.0
+    total = (end - steps[0].start) * 1000.0 if steps else 0.0
+    title = f"{flow.name} {flow_id[:8]} ({len(steps)} steps, {total:.2f} ms end to end)"
+    title = title.replace("  ", " ")
     return Diagram(title, machines, tuple(events))
 
 
 def _label(event: Event) -> str:
     text = f"{event.index}. {event.label}"
     if event.ms is not None:
-        text += f" ({event.ms:.2f} ms{', slowest' if event.slowest else ''})"
+        hop = f" + {event.hop_ms:.2f} ms hop" if event.hop_ms is not None else ""
+        text += f" ({event.ms:.2f} ms{hop}{', slowest' if event.slowest else ''})"
     return text
 
 
@@ -265,7 +283,7 @@ def to_svg(diagram: Diagram, *, standalone: bool = True) -> str:
     height = _TOP + _BOX_H + 16 + _ROW * len(diagram.events) + 16 + _BOX_H + 20
     width = right - left
     uid = f"mesh{next(_ids_made)}"
-    most = max((e.ms or 0.0 for e in diagram.events), default=0.0) or 1.0
+    most = max((e.total_ms for e in diagram.events), default=0.0) or 1.0
     ns = ' xmlns="http://www.w3.org/2000/svg"' if standalone else ""
     out = [
         f'<svg{ns} class="mesh-diagram" width="{_fmt(width)}" height="{_fmt(height)}"'
@@ -329,14 +347,14 @@ def to_svg(diagram: Diagram, *, standalone: bool = True) -> str:
                 f' fill="{colour}">{label}</text></g>'
             )
         if event.ms is not None:
-            w = max(_BAR * event.ms / most, 1.0)
+            w = max(_BAR * event.total_ms / most, 1.0)
             fill = "#c0392b" if event.slowest else "#7aa6d8"
             out.append(
                 f'<g class="duration" data-line="{event.index}">'
                 f'<rect x="{_fmt(bar_x)}" y="{_fmt(mid - 6)}" width="{_fmt(w)}" height="12"'
                 f' fill="{fill}"/>'
                 f'<text x="{_fmt(bar_x + w + 6)}" y="{_fmt(mid + 4.5)}"'
-                f' fill="#222">{event.ms:.2f} ms</text></g>'
+                f' fill="#222">{event.total_ms:.2f} ms</text></g>'
             )
         y += _ROW
     out.append("</svg>")

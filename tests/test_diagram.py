@@ -90,32 +90,40 @@ def test_machine_names_mermaid_cannot_take_get_an_alias() -> None:
     assert "m0->>m1: 1. two" in text
 
 
-def test_run_diagram_marks_the_slowest_step() -> None:
-    """A run shows each step's machine and duration; the slowest is marked in both formats."""
+def test_run_diagram_marks_the_slowest_hop() -> None:
+    """A run shows each step's machine, duration and hop time; the slowest row is marked."""
     flow = parse_flows(LOGIN_FLOW)["login"]
     steps = [
-        Step(0, "User attempted login as ada and ***", "client", 0.0, 0.001),
-        Step(1, "Received request to login as ada", "server", 0.0, 0.002),
-        Step(2, "Testing password for ada", "server", 0.0, 0.250),
-        Step(3, "Setting session for ada", "server", 0.0, 0.003),
-        Step(4, "Finish handling user login", "server", 0.0, 0.001),
-        Step(5, "Login successful", "client", 0.0, 0.001),
+        Step(0, "User attempted login as ada and ***", "client", 100.000, 0.001),
+        Step(1, "Received request to login as ada", "server", 100.101, 0.002),  # a 100 ms hop
+        Step(2, "Testing password for ada", "server", 100.103, 0.020),
+        Step(3, "Setting session for ada", "server", 100.123, 0.003),
+        Step(4, "Finish handling user login", "server", 100.126, 0.001),
+        Step(5, "Login successful", "client", 100.128, 0.001),
     ]
     picture = diagram.from_run(flow, steps, "0123456789abcdef")
     text = diagram.to_mermaid(picture)
-    assert "    title login 01234567 (6 steps, 258.00 ms)\n" in text
+    assert "    title login 01234567 (6 steps, 129.00 ms end to end)\n" in text
     assert (
         "    rect rgb(255, 224, 214)\n"
-        "        Note over server: 2. Testing password for ada (250.00 ms, slowest)\n"
+        "        client->>server: 1. Received request to login as ada"
+        " (2.00 ms + 100.00 ms hop, slowest)\n"
         "    end\n"
     ) in text
-    assert "client->>server: 1. Received request to login as ada (2.00 ms)" in text
+    assert "    Note over server: 2. Testing password for ada (20.00 ms)\n" in text
+    assert "server-->>client: 5. Login successful (1.00 ms + 1.00 ms hop)" in text
     svg = ET.fromstring(diagram.to_svg(picture))
     slow = [g.get("data-line") for g in svg.iter(f"{SVG}g") if g.get("data-slowest")]
-    assert slow == ["2"]
+    assert slow == ["1"]
     bars = {g.get("data-line"): "".join(g.itertext()) for g in _groups(svg, "duration")}
-    assert bars["2"] == "250.00 ms"
-    assert len(bars) == 6
+    assert bars == {
+        "0": "1.00 ms",
+        "1": "102.00 ms",
+        "2": "20.00 ms",
+        "3": "3.00 ms",
+        "4": "1.00 ms",
+        "5": "2.00 ms",
+    }
 
 
 def test_cli_writes_each_format(tmp_path: Path) -> None:
