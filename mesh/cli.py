@@ -484,6 +484,12 @@ def _logs(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if bad else 0
 
 
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the current folder when it is inside it: shorter to read."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def _open_log(path: str) -> Any:
     try:
         return open(path, "a", encoding="utf-8")
@@ -514,7 +520,7 @@ def _scaffold(args: argparse.Namespace) -> int:
     )
     scaffold.write_module(out, text, force=args.force)
     count = len(only) if only is not None else len(flow.lines)
-    print(f"wrote {out}: {count} handlers for {flow.name} ({flow.lines[0].path})")
+    print(f"wrote {_shown(out)}: {count} handlers for {flow.name} ({_shown(flow.lines[0].path)})")
     module = scaffold.module_name(out, config.root)
     if module is None:
         print(f"note: {out} is not importable from {config.root}; move it there to use it")
