@@ -36,6 +36,7 @@ protos-check: protos
 
 bench: $(STAMP)
 	$(PY) scripts/bench_processor.py
+	$(PY) scripts/bench_tracing.py
 
 clean:
 	rm -rf $(VENV) .mesh-data .pytest_cache .mypy_cache .ruff_cache

@@ -51,6 +51,7 @@ TRACESTATE = "tracestate"
 #: next line here). Keyed by flow so a new inline flow in the same thread does
 #: not hang under the last flow's line.
 _parent: ContextVar[tuple[str, Any] | None] = ContextVar("mesh_trace_parent", default=None)
+_tracer: Any = None
 
 
 def _parent_context(flow_id: str) -> Any:
@@ -67,8 +68,13 @@ def _record(
 ) -> None:
     """Record line ``index``'s span: ``times`` is (wall-clock start, duration) in seconds."""
     start, duration = times
+    global _tracer
     flow = state.flow
-    tracer = api.get_tracer(TRACER)
+    tracer = _tracer
+    if tracer is None:
+        # Made once: a tracer taken before the application sets its provider is
+        # OpenTelemetry's proxy, which follows the provider set later.
+        tracer = _tracer = api.get_tracer(TRACER)
     start_ns = int(start * 1e9)
     span = tracer.start_span(
         flow.lines[index].text,
