@@ -128,39 +128,17 @@ def _label(event: Event) -> str:
 
 # -- Mermaid -------------------------------------------------------------------
 
-_MERMAID_WORDS = frozenset(
-    [
-        "participant",
-        "actor",
-        "as",
-        "note",
-        "over",
-        "left",
-        "right",
-        "of",
-        "loop",
-        "alt",
-        "else",
-        "opt",
-        "par",
-        "and",
-        "rect",
-        "critical",
-        "break",
-        "end",
-        "box",
-        "title",
-        "activate",
-        "deactivate",
-        "autonumber",
-        "create",
-        "destroy",
-        "link",
-        "links",
-        "properties",
-        "details",
-    ]
+#: Mermaid's sequence lexer takes the first rule that matches, not the longest, so
+#: a machine whose name merely *starts* with one of its keywords ("endpoint",
+#: "parser", "notifier") would be misread; such names get an alias.
+# fmt: off
+_MERMAID_WORDS = (
+    "sequencediagram", "participant", "actor", "create", "destroy", "box", "loop", "rect",
+    "opt", "option", "alt", "else", "par", "and", "critical", "break", "end", "left", "right",
+    "links", "link", "properties", "details", "over", "note", "activate", "deactivate",
+    "title", "autonumber", "off", "acctitle", "accdescr",
 )
+# fmt: on
 _MERMAID_CODES = {"#": "#35;", ";": "#59;", "<": "#lt;", ">": "#gt;"}
 _MERMAID_SPECIAL = re.compile(r"[#;<>]|[\r\n]+")
 _PLAIN_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -179,7 +157,7 @@ def _ids(participants: Sequence[str]) -> dict[str, str]:
     """Mermaid ids: the machine name where it is a plain word, else an alias."""
     ids = {}
     for n, name in enumerate(participants):
-        plain = _PLAIN_ID.fullmatch(name) and name.lower() not in _MERMAID_WORDS
+        plain = _PLAIN_ID.fullmatch(name) and not name.lower().startswith(_MERMAID_WORDS)
         ids[name] = name if plain else f"m{n}"
     return ids
 

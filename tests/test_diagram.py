@@ -83,11 +83,17 @@ def test_text_is_escaped_for_mermaid_and_svg() -> None:
 
 
 def test_machine_names_mermaid_cannot_take_get_an_alias() -> None:
-    """A machine named like a keyword or with a dash is aliased, and still shown by name."""
-    flows = parse_flows("r,one,end\nr,two,email-service\n")
+    """A machine name Mermaid would misread (a keyword, a keyword's prefix, a dash) is aliased."""
+    flows = parse_flows("r,one,end\nr,two,email-service\nr,three,parser\nr,four,web\n")
     text = diagram.to_mermaid(diagram.from_flow(flows["r"]))
-    assert "    participant m0 as end\n    participant m1 as email-service\n" in text
+    assert (
+        "    participant m0 as end\n"
+        "    participant m1 as email-service\n"
+        "    participant m2 as parser\n"
+        "    participant web\n"
+    ) in text
     assert "m0->>m1: 1. two" in text
+    assert "m2->>web: 3. four" in text
 
 
 def test_run_diagram_marks_the_slowest_hop() -> None:
