@@ -370,6 +370,8 @@ def parse_params(params: Sequence[str]) -> dict[str, Any]:
 def _call(args: argparse.Namespace) -> int:
 
     context = parse_params(args.params)
+    if args.diagram and not Path(args.diagram).resolve().parent.is_dir():
+        raise MeshError(f"--diagram {args.diagram}: no such folder")  # say so before the run
     log_file = _open_log(args.log_file) if args.log_file else None
     configure_logging(json=log_file is not None, file=log_file or sys.stderr)
     config = load_config(find_config(args.config))
@@ -512,6 +514,9 @@ def _scaffold(args: argparse.Namespace) -> int:
             print(f"mesh scaffold: every line of {flow.name} has a handler; nothing to write")
             return 0
     out = Path(args.out) if args.out else scaffold.default_out(flow, config.root)
+    if args.missing and not args.out and out.exists():
+        # That is most likely the module holding the handlers that exist already.
+        raise MeshError(f"{_shown(out)} exists; with --missing, name a new module with --out")
     text = scaffold.render_module(
         flow,
         only=only,

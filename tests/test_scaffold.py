@@ -135,6 +135,14 @@ def test_scaffold_missing_writes_only_lines_without_a_handler(mesh_dir: MeshDir)
     assert source.count("@mesh.handler(") == 4
     assert '"Creating account for :email"' not in source
 
+    (mesh_dir.root / "services").mkdir()
+    (mesh_dir.root / "services" / "signup.py").write_text("# handlers\n", encoding="utf-8")
+    kept = run_mesh("scaffold", "signup", "-c", mesh_dir.config, "--missing", "--force")
+    assert kept.returncode == 1
+    assert kept.stderr.strip().endswith(
+        "services/signup.py exists; with --missing, name a new module with --out"
+    )
+    assert (mesh_dir.root / "services" / "signup.py").read_text(encoding="utf-8") == "# handlers\n"
     mesh_dir.services.append("svc_rest")
     mesh_dir.write_config({"web": False, "accounts": True, "mailer": True})
     check = run_mesh("check", "-c", mesh_dir.config)
