@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,12 @@ from typing import Any
 import pytest
 from conftest import MeshDir, Peers, run_mesh
 
-pytest.importorskip("opentelemetry.sdk", reason="needs the mesh[otel] extra (make test has it)")
+# Looked up, not imported: importing OpenTelemetry here would turn tracing on for
+# every in-process test of this session (the hooks trace once the app imports it).
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("opentelemetry.sdk") is None,
+    reason="needs the mesh[otel] extra, opentelemetry-sdk (make test installs it)",
+)
 
 #: A client with no address, a server, and a ticket office; line 4 is handed back.
 TRIP_FLOW = (
