@@ -446,7 +446,7 @@ def _diagram(args: argparse.Namespace) -> int:
         known = ", ".join(config.flows) or "none"
         raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
     fmt = diagram.format_for(args.output or "", args.format)
-    title = args.request or config.path.parent.name
+    title = args.request or f"{config.path.parent.name}/{config.path.name}"
     text = diagram.render([diagram.from_flow(f) for f in flows], fmt, title=title)
     if args.output:
         _write_text(args.output, text)

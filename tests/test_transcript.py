@@ -172,6 +172,16 @@ def test_one_flow_in_one_file_reads_back_clean(real_run: RealRun, tmp_path: Path
     assert clean.stdout.startswith(f"login  flow {real_run.ids[0]}  6 of 6 lines  ok\n")
 
 
+def test_prefixed_lines_and_other_output_are_read(real_run: RealRun, tmp_path: Path) -> None:
+    """JSON after a "machine | " prefix (a relay's output) is read; other lines are skipped."""
+    relayed = tmp_path / "relayed.log"
+    lines = [f"{e['machine']:<6} | {json.dumps(e)}" for e in _one_flow(real_run)]
+    relayed.write_text("\n".join(["starting up", *lines, "bye"]) + "\n", encoding="utf-8")
+    done = run_mesh("logs", relayed, "-c", real_run.config)
+    assert done.returncode == 0, done.stdout
+    assert f"login  flow {real_run.ids[0]}  6 of 6 lines  ok" in done.stdout
+
+
 def test_a_machine_whose_log_is_missing_is_named(real_run: RealRun) -> None:
     """Given the server's log alone, the client's lines are missing, and the hint says why."""
     server, ids = real_run.server, real_run.ids
