@@ -31,6 +31,7 @@ from mesh.node import Node, connect
 from mesh.peer import wait_serving
 from mesh.processors import install
 from mesh.registry import default_registry, describe
+from mesh.result import FlowResult
 from mesh.routing import Hop, plan
 
 EXIT_FAILURE = 1
@@ -418,13 +419,11 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _add_tool_commands(add: Any) -> None:
-    scaffold = add("scaffold", "write a services module with a handler for each line of a request")
-    scaffold.add_argument("request", metavar="REQUEST")
-    scaffold.add_argument("--out", metavar="PATH", help="default: services/REQUEST.py")
-    scaffold.add_argument(
-        "--missing", action="store_true", help="only lines that have no handler yet"
-    )
-    scaffold.add_argument("--force", action="store_true", help="overwrite an existing file")
+    stubs = add("scaffold", "write a services module with a handler for each line of a request")
+    stubs.add_argument("request", metavar="REQUEST")
+    stubs.add_argument("--out", metavar="PATH", help="default: services/REQUEST.py")
+    stubs.add_argument("--missing", action="store_true", help="only lines that have no handler yet")
+    stubs.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     drawing = add("diagram", "draw requests as sequence diagrams (Mermaid text, SVG or HTML)")
     drawing.add_argument("request", nargs="?", metavar="REQUEST", help="default: every request")
@@ -456,7 +455,7 @@ def _diagram(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_run_diagram(path: str, flow: Flow, result: Any) -> None:
+def _write_run_diagram(path: str, flow: Flow, result: FlowResult) -> None:
     fmt = diagram.format_for(path)
     picture = diagram.from_run(flow, result.steps, result.flow_id)
     _write_text(path, diagram.render([picture], fmt, title=f"{flow.name} {result.flow_id}"))
