@@ -46,6 +46,11 @@ def function_name(text: str, taken: AbstractSet[str]) -> str:
     return name
 
 
+def _prose(text: str) -> str:
+    """``text`` safe inside a docstring or a comment: one line, no quote to end it."""
+    return " ".join(text.replace("\\", "\\\\").replace('"', '\\"').split())
+
+
 def _literal(text: str) -> str:
     """A double-quoted Python string literal (the house style, and ``ruff format``'s)."""
     return json.dumps(text, ensure_ascii=False)
@@ -97,7 +102,7 @@ def _next_call(flow: Flow, index: int) -> list[str]:
 
 def _docstring(flow: Flow, index: int) -> list[str]:
     line = flow.lines[index]
-    first = f"{flow.name} line {index}, on {line.machine}."
+    first = f"{_prose(flow.name)} line {index}, on {line.machine}."
     if index + 1 < len(flow.lines):
         after = flow.lines[index + 1]
         where = "here" if after.machine == line.machine else f"on {after.machine}"
@@ -112,7 +117,7 @@ def _docstring(flow: Flow, index: int) -> list[str]:
             "    that logs this line itself takes its place.",
         ]
     body.append('    """')
-    return [b.replace("\\", "\\\\") for b in body]
+    return body
 
 
 def render_module(
@@ -130,9 +135,10 @@ def render_module(
     first-party and want it in a block of its own (see :func:`mesh_is_local`).
     """
     indexes = [i for i in range(len(flow.lines)) if only is None or i in only]
-    origin = f" from {source}" if source else ""
+    origin = f" from {_prose(source)}" if source else ""
+    request = _prose(flow.name)
     out = [
-        f'"""Handlers for the ``{flow.name}`` request, scaffolded by ``mesh scaffold``{origin}.',
+        f'"""Handlers for the ``{request}`` request, scaffolded by ``mesh scaffold``{origin}.',
         "",
         "Each handler runs its line on the machine the flow file names; logging",
         '"next" merges its keyword arguments into the flow context and hands the flow',
@@ -159,7 +165,7 @@ def render_module(
         out += ["", "", *_decorator(flow.name, line.text)]
         out.append(f"def {name}(ctx: dict[str, Any]) -> None:")
         out += _docstring(flow, index)
-        out.append(f"    # TODO: the work of {flow.name} line {index} goes here.")
+        out.append(f"    # TODO: the work of {_prose(flow.name)} line {index} goes here.")
         out += _next_call(flow, index)
     return "\n".join(out) + "\n"
 

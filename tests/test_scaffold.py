@@ -179,3 +179,8 @@ def test_names_and_literals_survive_awkward_lines() -> None:
     assert "def line_9_lives(" in source
     assert all(len(line) <= 100 or "noqa: E501" in line for line in source.splitlines())
     assert function_name("Say hi", {"say_hi"}) == "say_hi_2"
+    # A request name is free text too: quotes, a backslash, a line break.
+    odd = parse_flows('"odd """""" \\ name\nx",one :a,m\n"odd """""" \\ name\nx",two,n\n')
+    (name,) = odd
+    assert name == 'odd """ \\ name\nx'
+    compile(render_module(odd[name], source='we"ird.csv'), "<scaffold>", "exec")
