@@ -6,6 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from conftest import (
     ARTIFACTS,
     LOGIN_FLOW,
@@ -157,6 +158,8 @@ def test_cli_writes_each_format(tmp_path: Path) -> None:
     ]
 
 
+# The first test to use Chromium may install it (apt-get) in its set-up: minutes.
+@pytest.mark.timeout(1200)
 def test_html_renders_offline_in_headless_chromium(chromium: Chromium, tmp_path: Path) -> None:
     """Chromium renders the page with nothing fetched: one SVG participant per machine."""
     page = tmp_path / "flows.html"
