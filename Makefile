@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,otel]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +36,7 @@ protos-check: protos
 
 bench: $(STAMP)
 	$(PY) scripts/bench_processor.py
+	$(PY) scripts/bench_tracing.py
 
 clean:
 	rm -rf $(VENV) .mesh-data .pytest_cache .mypy_cache .ruff_cache

@@ -17,10 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from mesh import diagram, scaffold, transcript
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -29,6 +31,7 @@ from mesh.node import Node, connect
 from mesh.peer import wait_serving
 from mesh.processors import install
 from mesh.registry import default_registry, describe
+from mesh.result import FlowResult
 from mesh.routing import Hop, plan
 from mesh.transport import Transport
 
@@ -75,6 +78,13 @@ def make_argument_parser() -> argparse.ArgumentParser:
     call.add_argument("--as", dest="machine", metavar="MACHINE", help="originate as this machine")
     call.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     call.add_argument("--timeout", type=float, metavar="SECONDS", help="the flow's deadline")
+    call.add_argument(
+        "--diagram", metavar="FILE", help="draw the run (.svg, .html, else Mermaid text)"
+    )
+    call.add_argument(
+        "--log-file", metavar="PATH", help="append JSON logs here (for mesh logs), not stderr"
+    )
+    _add_tool_commands(add)
 
     certs = sub.add_parser(
         "certs",
@@ -91,9 +101,14 @@ def make_argument_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_argument_parser().parse_args(argv)
-    command = {"check": _check, "peer": _peer, "up": _up, "call": _call, "certs": _certs}[
-        args.command
-    ]
+    command = {
+        "check": _check,
+        "peer": _peer,
+        "up": _up,
+        "call": _call,
+        "certs": _certs,
+        **_TOOL_COMMANDS,
+    }[args.command]
     try:
         return command(args)
     except MeshError as exc:
@@ -381,7 +396,10 @@ def parse_params(params: Sequence[str]) -> dict[str, Any]:
 def _call(args: argparse.Namespace) -> int:
 
     context = parse_params(args.params)
-    configure_logging(file=sys.stderr)
+    if args.diagram and not Path(args.diagram).resolve().parent.is_dir():
+        raise MeshError(f"--diagram {args.diagram}: no such folder")  # say so before the run
+    log_file = _open_log(args.log_file) if args.log_file else None
+    configure_logging(json=log_file is not None, file=log_file or sys.stderr)
     config = load_config(find_config(args.config))
     import_services(config)
     flow = config.flows.flows.get(args.request)
@@ -395,6 +413,10 @@ def _call(args: argparse.Namespace) -> int:
         result = node.start_with(args.request, context, timeout=args.timeout)
     finally:
         node.close()
+        if log_file is not None:
+            log_file.close()
+    if args.diagram:
+        _write_run_diagram(args.diagram, flow, result)
     steps = [
         {"index": s.index, "line": s.line, "machine": s.machine, "ms": round(s.ms, 3)}
         for s in result.steps
@@ -430,3 +452,124 @@ def _certs(args: argparse.Namespace) -> int:
     print("\nin mesh.toml (paths relative to it):\n")
     print(config_snippet(args.directory.rstrip("/")))
     return 0
+
+
+# -- scaffold, diagram, logs: tools around the flow file ----------------------
+
+
+def _add_tool_commands(add: Any) -> None:
+    stubs = add("scaffold", "write a services module with a handler for each line of a request")
+    stubs.add_argument("request", metavar="REQUEST")
+    stubs.add_argument("--out", metavar="PATH", help="default: services/REQUEST.py")
+    stubs.add_argument("--missing", action="store_true", help="only lines that have no handler yet")
+    stubs.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    drawing = add("diagram", "draw requests as sequence diagrams (Mermaid text, SVG or HTML)")
+    drawing.add_argument("request", nargs="?", metavar="REQUEST", help="default: every request")
+    drawing.add_argument("--format", choices=diagram.FORMATS, help="default: from -o, else mermaid")
+    drawing.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+
+    logs = add("logs", "merge peers' JSON logs into one transcript per flow; check each")
+    logs.add_argument("files", nargs="+", metavar="FILE", help="JSON log files of the peers")
+    logs.add_argument("--flow", metavar="FLOW_ID", help="only this flow (a prefix will do)")
+
+
+def _diagram(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    if args.request is None:
+        flows = list(config.flows.flows.values())
+    elif args.request in config.flows:
+        flows = [config.flows[args.request]]
+    else:
+        known = ", ".join(config.flows) or "none"
+        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+    fmt = diagram.format_for(args.output or "", args.format)
+    title = args.request or f"{config.path.parent.name}/{config.path.name}"
+    text = diagram.render([diagram.from_flow(f) for f in flows], fmt, title=title)
+    if args.output:
+        _write_text(args.output, text)
+        print(f"wrote {args.output}: {fmt}, {len(flows)} requests", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _write_run_diagram(path: str, flow: Flow, result: FlowResult) -> None:
+    fmt = diagram.format_for(path)
+    picture = diagram.from_run(flow, result.steps, result.flow_id)
+    _write_text(path, diagram.render([picture], fmt, title=f"{flow.name} {result.flow_id}"))
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise MeshError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _logs(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    found = transcript.transcripts(transcript.read_logs(args.files), config.flows, args.flow)
+    if not found:
+        which = f"flow {args.flow}" if args.flow else "flow lines"
+        raise MeshError(f"no {which} in {', '.join(args.files)}")
+    bad = 0
+    for n, t in enumerate(found):
+        if n:
+            print()
+        sys.stdout.write(transcript.format_transcript(t))
+        bad += bool(t.problems)
+    if len(found) > 1:
+        print(f"\n{len(found)} flows, {bad} with problems")
+    return EXIT_FAILURE if bad else 0
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the current folder when it is inside it: shorter to read."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def _open_log(path: str) -> Any:
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise MeshError(f"cannot open log file {path}: {exc.strerror}") from None
+
+
+def _scaffold(args: argparse.Namespace) -> int:
+    config = load_config(find_config(args.config))
+    flow = config.flows.flows.get(args.request)
+    if flow is None:
+        known = ", ".join(config.flows) or "none"
+        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+    only = None
+    if args.missing:
+        import_services(config)
+        registered = default_registry.registered()
+        only = {ln.index for ln in flow.lines if (flow.name, ln.text) not in registered}
+        if not only:
+            print(f"mesh scaffold: every line of {flow.name} has a handler; nothing to write")
+            return 0
+    out = Path(args.out) if args.out else scaffold.default_out(flow, config.root)
+    if args.missing and not args.out and out.exists():
+        # That is most likely the module holding the handlers that exist already.
+        raise MeshError(f"{_shown(out)} exists; with --missing, name a new module with --out")
+    text = scaffold.render_module(
+        flow,
+        only=only,
+        source=Path(flow.lines[0].path).name,
+        mesh_is_local=scaffold.mesh_is_local(config.root),
+    )
+    scaffold.write_module(out, text, force=args.force)
+    count = len(only) if only is not None else len(flow.lines)
+    print(f"wrote {_shown(out)}: {count} handlers for {flow.name} ({_shown(flow.lines[0].path)})")
+    module = scaffold.module_name(out, config.root)
+    if module is None:
+        print(f"note: {out} is not importable from {config.root}; move it there to use it")
+    elif module not in config.services:
+        print(f'next: add "{module}" to services in {config.path}, then run mesh check')
+    return 0
+
+
+_TOOL_COMMANDS = {"scaffold": _scaffold, "diagram": _diagram, "logs": _logs}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from mesh import tracing
 from mesh.config import MachineConfig
 from mesh.errors import (
     AccessDenied,
@@ -125,7 +126,9 @@ class Dialer:
             )
         stub = self.stub(machine)
         try:
-            reply = stub.Continue(request, timeout=max(state.remaining(), 0.001))
+            reply = stub.Continue(
+                request, timeout=max(state.remaining(), 0.001), metadata=tracing.outgoing(state)
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._forget(machine, stub)

@@ -21,6 +21,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from mesh import tracing
 from mesh.errors import MeshError
 from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
 from mesh.transport import Transport
@@ -90,10 +91,11 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             tuple(request.via),
         )
         # A fresh context per call: pool threads are reused, flows must not share state.
-        return contextvars.Context().run(_run, state, index)
+        return contextvars.Context().run(_run, state, index, context)
 
 
-def _run(state: FlowState, index: int) -> _pb2.ContinueReply:
+def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.ContinueReply:
+    tracing.adopt(state, call)
     activate(state, index)
     try:
         outcome = advance(state, index)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
+from mesh import tracing
 from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
 from mesh.registry import Handler, describe
@@ -157,6 +158,7 @@ def close_line(state: FlowState) -> None:
             time.perf_counter() - state._t0,
         )
     )
+    tracing.step(state, state.steps[-1])
     state.current = -1
 
 
@@ -203,6 +205,7 @@ def run_handler(state: FlowState, index: int, fn: Handler) -> None:
         # Logged here, with the traceback, on the machine that ran the step; the
         # originator gets the one-line FlowError.
         line = state.current if state.current >= 0 else index
+        tracing.step_failed(state, line, exc)
         _log.error(
             "mesh.step_failed",
             handler=describe(fn),

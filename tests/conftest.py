@@ -370,3 +370,114 @@ def isolate_mesh() -> Iterator[None]:
             if name.startswith("svc_"):
                 del sys.modules[name]
         sys.path[:] = path
+
+
+# -- command line, browser and lint helpers (scaffold, diagram, logs) ---------
+
+
+def run_mesh(
+    *args: str | Path, timeout: float = 60, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mesh ARGS`` as a user would (a subprocess), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**mesh_env(), **(env or {})},
+        check=False,
+    )
+
+
+def ruff_as_a_user(tmp_path: Path) -> Path:
+    """A ruff config with this project's lint rules, in a folder that has no ``mesh``.
+
+    Generated code is checked as it would be in a user's project, where ``mesh``
+    is an installed (third-party) package rather than one of the project's own.
+    """
+    import tomllib
+
+    project = tomllib.loads(
+        (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    )
+    lint = project["tool"]["ruff"]["lint"]
+    lines = [
+        f"line-length = {project['tool']['ruff']['line-length']}",
+        'target-version = "py311"',
+        "[lint]",
+        f"select = {json.dumps(lint['select'])}",
+        f"ignore = {json.dumps(lint['ignore'])}",
+    ]
+    path = tmp_path / "ruff.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+#: Where tests keep what a person may want to look at afterwards (gitignored).
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+class Chromium:
+    """Debian's headless Chromium, each run with a fresh profile folder."""
+
+    def __init__(self, binary: str, profiles: Path) -> None:
+        self.binary = binary
+        self._profiles = profiles
+        self._runs = itertools.count()
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        profile = self._profiles / f"profile-{next(self._runs)}"
+        return subprocess.run(
+            [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def dump_dom(self, url: str) -> str:
+        """The page's DOM once it has loaded and rendered, serialized."""
+        done = self._run("--dump-dom", url)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    def screenshot(self, url: str, path: Path, size: str = "1400,1000") -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = self._run(f"--screenshot={path}", f"--window-size={size}", url)
+        assert done.returncode == 0 and path.is_file(), done.stderr[-2000:]
+        return path
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Chromium:
+    """Headless Chromium: found on PATH, else installed once with ``apt-get install chromium``."""
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None and shutil.which("apt-get") and os.geteuid() == 0:
+        lock = ("-o", "DPkg::Lock::Timeout=600")
+        for step in (("update",), ("install", "-y", "--no-install-recommends", "chromium")):
+            subprocess.run(
+                ["apt-get", *lock, *step],
+                capture_output=True,
+                timeout=900,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                check=False,
+            )
+        binary = shutil.which("chromium")
+    if binary is None:
+        pytest.skip("no chromium on PATH, and 'apt-get install chromium' could not install it")
+    return Chromium(binary, tmp_path_factory.mktemp("chromium"))
