@@ -32,7 +32,19 @@ __all__ = ["Config", "MachineConfig", "find_config", "import_services", "load_co
 _FILENAME = "mesh.toml"
 _ENV = "MESH_CONFIG"
 
-_TOP_KEYS = frozenset({"flow", "services", "timeout", "strict", "workers", "grace", "machines"})
+_TOP_KEYS = frozenset(
+    {
+        "flow",
+        "services",
+        "timeout",
+        "strict",
+        "workers",
+        "grace",
+        "machines",
+        "dedup_size",
+        "dedup_age",
+    }
+)
 _MACHINE_KEYS = frozenset({"address", "listen"})
 
 # Schemes gRPC resolves itself. Matched before host:port, as gRPC does: "dns:50052" is a target.
@@ -70,6 +82,8 @@ class Config:
     strict: bool = True
     workers: int = 256
     grace: float = 10.0
+    dedup_size: int = 100_000
+    dedup_age: float = 600.0
 
     @property
     def root(self) -> Path:
@@ -113,7 +127,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     services = _services(where, data)
     timeout = _seconds(where, data, "timeout", 30.0)
     grace = _seconds(where, data, "grace", 10.0)
-    workers = _workers(where, data)
+    workers = _positive_int(where, data, "workers", 256)
+    dedup_size = _positive_int(where, data, "dedup_size", 100_000)
+    dedup_age = _seconds(where, data, "dedup_age", 600.0)
     strict = _strict(where, data)
     machines = _machines(where, data)
 
@@ -130,6 +146,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         strict=strict,
         workers=workers,
         grace=grace,
+        dedup_size=dedup_size,
+        dedup_age=dedup_age,
     )
 
 
@@ -260,10 +278,10 @@ def _seconds(where: str, data: Mapping[str, object], key: str, default: float) -
     return float(value)
 
 
-def _workers(where: str, data: Mapping[str, object]) -> int:
-    value = data.get("workers", 256)
+def _positive_int(where: str, data: Mapping[str, object], key: str, default: int) -> int:
+    value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{where}: workers must be a positive integer, not {_show(value)}")
+        raise ConfigError(f"{where}: {key} must be a positive integer, not {_show(value)}")
     return value
 
 

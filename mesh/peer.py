@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -21,6 +22,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from mesh import deadlines
+from mesh.dedup import Replies
 from mesh.errors import MeshError
 from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
 from mesh.v1 import mesh_pb2 as _pb2
@@ -40,6 +43,11 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
 
     def __init__(self, node: Node) -> None:
         self._node = node
+        # Steps run here, so a retried call gets the first reply instead of a second run.
+        self.replies: Replies[_pb2.ContinueReply] = Replies(
+            node.config.dedup_size, node.config.dedup_age
+        )
+        self.calls = InFlight()
 
     def Continue(
         self, request: _pb2.ContinueRequest, context: grpc.ServicerContext
@@ -85,11 +93,59 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             flow,
             request.flow_id,
             ctx,
-            time.monotonic() + remaining,
+            time.monotonic() + remaining - deadlines.reply_reserve(remaining),
             tuple(request.via),
         )
-        # A fresh context per call: pool threads are reused, flows must not share state.
-        return contextvars.Context().run(_run, state, index)
+        key = (request.flow_id, index)
+        if not self.calls.enter(key in self.replies):
+            # Draining: a new step goes to another replica (gRPC retries UNAVAILABLE);
+            # a retry of a step this peer ran or is running is still answered below.
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"{me} is stopping")
+        try:
+            call = deadlines.watch(context, state)
+            # A fresh context per call: pool threads are reused, flows must not share state.
+            reply = self.replies.once(
+                key, lambda: contextvars.Context().run(_run, state, index), remaining
+            )
+            call.finished()
+        finally:
+            self.calls.leave()
+        if reply is None:
+            _abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{me}: {flow.name} line {index} is still running from an earlier attempt",
+            )
+        return reply
+
+
+class InFlight:
+    """Counts the calls being served, so a stopping peer knows when they are done."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+        self.draining = False
+
+    def enter(self, known: bool) -> bool:
+        """Count a call in; False when draining and the step is not one run here."""
+        with self._cond:
+            if self.draining and not known:
+                return False
+            self._count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._count -= 1
+            if not self._count:
+                self._cond.notify_all()
+
+    def drain(self, timeout: float | None) -> bool:
+        """Refuse new steps from now on; wait for calls in progress (True: all done)."""
+        with self._cond:
+            self.draining = True
+            return self._cond.wait_for(lambda: not self._count, timeout)
 
 
 def _run(state: FlowState, index: int) -> _pb2.ContinueReply:
@@ -141,7 +197,8 @@ class Server:
             # Without this, two peers started on one port share it silently.
             options=[("grpc.so_reuseport", 0), *MESSAGE_OPTIONS],
         )
-        _pb2_grpc.add_MeshServicer_to_server(Peer(node), self._server)
+        self.peer = Peer(node)
+        _pb2_grpc.add_MeshServicer_to_server(self.peer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         problem = _bind_problem(listen)
@@ -160,9 +217,17 @@ class Server:
         self.health.set(SERVICE_NAME, serving)
 
     def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, refuse new calls, let calls in progress finish."""
+        """Stop gracefully: NOT_SERVING, refuse new steps, let steps in progress finish.
+
+        Clients that watch health (the dialer does) stop picking this peer; one
+        that picked it already gets UNAVAILABLE, which gRPC retries on another
+        replica. Steps in progress get ``grace`` seconds; then the server stops.
+        """
         self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
+        began = time.monotonic()
+        self.peer.calls.drain(grace or 0.0)
+        left = None if grace is None else max(grace - (time.monotonic() - began), 0.0)
+        self._server.stop(left).wait()
 
     def wait(self, timeout: float | None = None) -> bool:
         return bool(self._server.wait_for_termination(timeout))

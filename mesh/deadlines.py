@@ -1,0 +1,65 @@
+"""A flow's deadline across hops, and cancelling the work of a call that is gone.
+
+Each hop passes on the time that remains (gRPC carries it as the call's
+deadline), minus a small reserve for its own reply to travel back: so when a
+step deep in the chain overruns, the hop that called it times out first and
+its reply, a ``FlowTimeout`` naming the machine and line that held the flow,
+still reaches the originator before the originator's own deadline.
+
+When the call that brought a flow here ends before the flow is done here (its
+deadline passed, its caller was killed or cancelled it), nobody waits for the
+result: :func:`expire` cancels the call in progress further down (gRPC
+cancellation) and moves the flow's deadline into the past, so a handler that is
+still running cannot go on to call further peers: its ``"next"`` fails fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mesh.runtime import FlowState
+
+__all__ = ["Watch", "expire", "reply_reserve", "watch"]
+
+#: At most this many seconds of a hop's time are kept for its reply.
+MAX_RESERVE = 0.1
+
+
+def reply_reserve(remaining: float) -> float:
+    """Seconds of ``remaining`` a peer keeps for sending its reply back."""
+    return min(MAX_RESERVE, max(remaining, 0.0) / 10)
+
+
+def expire(state: FlowState) -> None:
+    """Nobody waits for this flow here any more: stop it calling on."""
+    state.deadline = 0.0  # a monotonic time long past: the next deadline check fails
+    call = state.outbound
+    if call is not None:
+        call.cancel()
+
+
+class Watch:
+    """gRPC's callback for the end of one inbound call."""
+
+    __slots__ = ("done", "state")
+
+    def __init__(self, state: FlowState) -> None:
+        self.state = state
+        self.done = False
+
+    def finished(self) -> None:
+        """The reply is ready: the call's end is no longer news for the flow."""
+        self.done = True
+
+    def __call__(self) -> None:
+        if not self.done:
+            expire(self.state)
+
+
+def watch(context: Any, state: FlowState) -> Watch:
+    """Expire ``state`` if the call ``context`` ends before :meth:`Watch.finished`."""
+    w = Watch(state)
+    if not context.add_callback(w):  # the call has already ended
+        expire(state)
+    return w
