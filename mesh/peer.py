@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mesh import deadlines
 from mesh.dedup import Replies
-from mesh.errors import MeshError
+from mesh.errors import FlowTimeout, MeshError
 from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
@@ -153,6 +153,9 @@ def _run(state: FlowState, index: int) -> _pb2.ContinueReply:
     try:
         outcome = advance(state, index)
     except MeshError as exc:
+        if isinstance(exc, FlowTimeout) and exc.machine == state.machine:
+            # The flow stops here: say so where it happened, not only at the originator.
+            _log.warning("mesh.flow_expired", reason=str(exc), **state.fields(exc.line_index))
         return _pb2.ContinueReply(failed=error_to_failure(exc), steps=steps_to_pb(state.steps))
     except Exception as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))

@@ -104,6 +104,7 @@ class MeshDir:
         self.tag = tag
         self.services: list[str] = []
         self.addresses: dict[str, str] = {}
+        self.replicas: dict[str, list[str]] = {}  # a machine's replica addresses, 1st first
         self.config = root / "mesh.toml"
 
     def service(self, code: str, name: str | None = None) -> str:
@@ -120,14 +121,15 @@ class MeshDir:
 
     def write_config(
         self,
-        machines: Mapping[str, bool | str],
+        machines: Mapping[str, bool | int | str],
         *,
         flow: str | list[str] = "flow.tsv",
         name: str = "mesh.toml",
         extra: str = "",
     ) -> Path:
         """Write a ``mesh.toml``. A machine maps to True (give it a free port), False
-        (no address: a pure originator) or an address to use as is."""
+        (no address: a pure originator), an int N (N replicas, each on a free port,
+        dialled as one ``ipv4:`` target) or an address to use as is."""
         lines = [f"flow = {json.dumps(flow)}", f"services = {json.dumps(self.services)}"]
         if extra:
             lines.append(textwrap.dedent(extra).strip())
@@ -137,6 +139,12 @@ class MeshDir:
                 address = self.addresses.get(machine) or f"127.0.0.1:{free_port()}"
             elif want is False:
                 address = ""
+            elif isinstance(want, int):
+                binds = self.replicas.get(machine) or [
+                    f"127.0.0.1:{free_port()}" for _ in range(want)
+                ]
+                self.replicas[machine] = binds
+                address = "ipv4:" + ",".join(binds)
             else:
                 address = str(want)
             self.addresses[machine] = address
@@ -231,13 +239,19 @@ class Peers:
         config: Path | None = None,
         wait: bool = True,
         env: Mapping[str, str] | None = None,
+        replica: int | None = None,
     ) -> Peer:
+        """Start ``mesh peer MACHINE`` (``--replica K`` for one replica of several)."""
         cfg = config or mesh_dir.config
         address = mesh_dir.addresses[machine]
+        which: list[str] = []
+        if replica is not None:
+            address = mesh_dir.replicas[machine][replica - 1]
+            which = ["--replica", str(replica)]
         log = self.tmp_path / f"peer-{machine}-{len(self.started)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "peer", machine, "-c", str(cfg), "--json"],
+                [sys.executable, "-m", "mesh", "peer", machine, *which, "-c", str(cfg), "--json"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
