@@ -97,10 +97,13 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             tuple(request.via),
         )
         key = (request.flow_id, index)
-        if not self.calls.enter(key in self.replies):
+        known = key in self.replies
+        if not self.calls.enter(known):
             # Draining: a new step goes to another replica (gRPC retries UNAVAILABLE);
             # a retry of a step this peer ran or is running is still answered below.
             _abort(context, grpc.StatusCode.UNAVAILABLE, f"{me} is stopping")
+        if known:
+            _log.info("mesh.step_repeated", caller=caller, **state.fields(index))
         try:
             call = deadlines.watch(context, state)
             # A fresh context per call: pool threads are reused, flows must not share state.

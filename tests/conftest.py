@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import structlog
 from hypothesis import settings
+from proxy import ReplyDropper
 
 import mesh
 from mesh import runtime as mesh_runtime
@@ -314,6 +315,22 @@ def connect(nodes: list[mesh.Node]) -> Any:
         return node
 
     return _connect
+
+
+@pytest.fixture
+def reply_dropper() -> Iterator[Any]:
+    """``reply_dropper((host, port), marker, drops=1)``: a proxy that loses replies, stopped
+    at the end of the test (see tests/proxy.py)."""
+    started: list[ReplyDropper] = []
+
+    def _start(target: tuple[str, int], marker: bytes, drops: int = 1) -> ReplyDropper:
+        proxy = ReplyDropper(target, marker, drops)
+        started.append(proxy)
+        return proxy
+
+    yield _start
+    for proxy in started:
+        proxy.stop()
 
 
 @pytest.fixture(autouse=True)
