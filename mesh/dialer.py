@@ -79,6 +79,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 )
 
 
+#: Statuses after which a machine's channel is dropped and dialled afresh.
+_REDIAL = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
 #: Room left in a message for everything but the context (steps, names, digest).
 MAX_CONTEXT_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
 
@@ -117,11 +120,13 @@ class Dialer:
         return stub
 
     def _forget(self, machine: str, stub: _pb2_grpc.MeshStub) -> None:
-        """Drop a channel that found its peer down, so the next call dials afresh.
+        """Drop a channel that found its peer down or silent, so the next call dials afresh.
 
         gRPC would otherwise fail every call at once until its reconnect backoff
-        (up to two minutes) ends, long after the peer is back. Calls still in
-        flight hold the old channel until they finish; then it is collected.
+        ends, long after the peer is back; and a connection cut by a partition
+        (no reset, just silence) would take calls into the void until TCP gives
+        up, minutes later. Calls still in flight hold the old channel until they
+        finish; then it is collected.
         """
         with self._lock:
             if self._stubs.get(machine) is stub:
@@ -168,7 +173,7 @@ class Dialer:
         except grpc.FutureCancelledError:
             raise self._error(call, state, machine, index) from None
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if exc.code() in _REDIAL:
                 self._forget(machine, stub)
             raise self._error(exc, state, machine, index) from None
         finally:

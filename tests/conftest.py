@@ -21,7 +21,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,8 +241,10 @@ class Peers:
         wait: bool = True,
         env: Mapping[str, str] | None = None,
         replica: int | None = None,
+        prefix: Sequence[str] = (),
     ) -> Peer:
-        """Start ``mesh peer MACHINE`` (``--replica K`` for one replica of several)."""
+        """Start ``mesh peer MACHINE`` (``--replica K`` for one replica of several);
+        ``prefix`` runs it through another command, e.g. ``ip netns exec NS``."""
         cfg = config or mesh_dir.config
         address = mesh_dir.addresses[machine]
         which: list[str] = []
@@ -252,7 +254,11 @@ class Peers:
         log = self.tmp_path / f"peer-{machine}-{len(self.started)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "peer", machine, *which, "-c", str(cfg), "--json"],
+                [
+                    *prefix,
+                    *(sys.executable, "-m", "mesh", "peer", machine, *which, "-c", str(cfg)),
+                    "--json",
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -331,6 +337,66 @@ def reply_dropper() -> Iterator[Any]:
     yield _start
     for proxy in started:
         proxy.stop()
+
+
+class NetNs:
+    """A network namespace joined to this one by a veth pair, each end with its own address."""
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"mesh-test-{tag}"
+        self.host_if = f"mh{tag}h"
+        self.ns_if = f"mh{tag}n"
+        subnet = int(tag) % 250
+        self.host_ip = f"10.231.{subnet}.1"
+        self.ns_ip = f"10.231.{subnet}.2"
+
+    @property
+    def exec(self) -> list[str]:
+        """The prefix that runs a command inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def link(self, up: bool) -> None:
+        """Cut (False) or restore (True) the link, at this namespace's end."""
+        _ip("link", "set", self.host_if, "up" if up else "down")
+
+    def create(self) -> None:
+        _ip("netns", "add", self.name)
+        _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        _ip("link", "set", self.ns_if, "netns", self.name)
+        _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        _ip("link", "set", self.host_if, "up")
+        inside = ["-n", self.name]
+        _ip(*inside, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+        _ip(*inside, "link", "set", self.ns_if, "up")
+        _ip(*inside, "link", "set", "lo", "up")
+
+    def delete(self) -> None:
+        # Deleting the namespace deletes its end of the pair, and with it the other end.
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNs]:
+    """A fresh network namespace with a veth link to ours; deleted at the end of the test.
+
+    Skipped where namespaces cannot be made (not root, no ``ip``, no CAP_NET_ADMIN)."""
+    ns = NetNs(str(os.getpid() % 100_000))
+    try:
+        ns.create()
+    except (OSError, FileNotFoundError) as exc:
+        ns.delete()
+        pytest.skip(f"cannot make a network namespace here (needs root and iproute2): {exc}")
+    try:
+        yield ns
+    finally:
+        ns.delete()
 
 
 @pytest.fixture(autouse=True)

@@ -265,7 +265,7 @@ def test_deep_overrun_is_named_where_it_happened(chain: MeshDir, peers: Peers, c
     node = connect(chain.config, "client")
 
     with pytest.raises(mesh.FlowTimeout) as info:
-        node.start("chain", n=3, auth_seconds=3, timeout=1)
+        node.start("chain", n=3, auth_seconds=2, timeout=1)
 
     assert info.value.machine == "auth"
     assert info.value.line_index == 2
@@ -303,3 +303,86 @@ def test_killed_originator_stops_the_flow_downstream(
         "the server to stop the flow whose caller died",
     )
     assert not [e for e in auth.events() if str(e.get("event", "")).startswith("Checking")]
+
+
+def test_sigterm_drains_a_replica_without_failing_a_flow(
+    mesh_dir: MeshDir, peers: Peers, connect
+) -> None:
+    """SIGTERM one of two replicas under load: no flow fails, no step runs on both, the
+    stopped replica finishes the steps it began and exits 0."""
+    mesh_dir.flow(WORK_FLOW)
+    mesh_dir.service(WORK_SERVICE)
+    mesh_dir.write_config({"client": False, "server": 2}, extra="grace = 20")
+    first, second = (peers.start(mesh_dir, "server", replica=k) for k in (1, 2))
+    node = connect(mesh_dir.config, "client")
+
+    with ThreadPoolExecutor(1) as runner:
+        load = runner.submit(run_all, node, range(150), 24, seconds=0.2, timeout=30)
+        wait_for(lambda: len(served(first)) >= 10, 30, "the first replica to begin 10 steps")
+        os.kill(first.pid, signal.SIGTERM)
+        results = load.result(timeout=120)
+
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert first.proc.wait(timeout=30) == 0
+    assert "mesh.peer_stopped" in first.log_text()
+    on_first, on_second = served(first), served(second)
+    assert not on_first & on_second
+    assert on_first | on_second == set(range(150))
+    for n in on_first:
+        assert results[n].context["served_by"] == first.pid
+
+
+def test_partition_between_peers(netns, chain: MeshDir, peers: Peers, connect) -> None:
+    """auth in its own network namespace; the link is cut mid-load: flows fail within
+    their deadline naming auth while cut, and succeed once it is restored."""
+    port = chain.addresses["auth"].rsplit(":", 1)[1]
+    text = chain.config.read_text(encoding="utf-8").replace(
+        f'auth = "{chain.addresses["auth"]}"', f'auth = "{netns.ns_ip}:{port}"'
+    )
+    chain.config.write_text(text, encoding="utf-8")
+    chain.addresses["auth"] = f"{netns.ns_ip}:{port}"
+    peers.start(chain, "server")
+    auth = peers.start(chain, "auth", prefix=netns.exec)
+    node = connect(chain.config, "client")
+    assert run_chain(node, range(20), timeout=5) == [None] * 20
+
+    with ThreadPoolExecutor(1) as runner:
+        load = runner.submit(run_chain, node, range(100, 132), timeout=2, seconds=0.1)
+        wait_for(lambda: len(flows_on(auth)) >= 36, 30, "flows to reach auth")
+        netns.link(up=False)
+        cut = run_chain(node, range(200, 204), timeout=2)
+        during = load.result(timeout=60)
+
+    assert all(isinstance(e, mesh.PeerError | mesh.FlowTimeout) for e in cut), cut
+    assert all(e.machine == "auth" for e in cut), cut
+    assert all(e is None or e.machine == "auth" for e in during), during
+
+    assert any(e is not None for e in during)
+
+    netns.link(up=True)
+    wait_for(lambda: run_chain(node, range(300, 302), timeout=5) == [None, None], 60, "recovery")
+    assert auth.alive()
+
+
+def flows_on(peer: Peer) -> set[str]:
+    return {e["flow_id"] for e in peer.events() if str(e.get("event", "")).startswith("Checking")}
+
+
+def run_chain(node: mesh.Node, flows: range, timeout: float, seconds: float = 0) -> list[Any]:
+    """Run flow ``chain`` for each n, 8 at a time: None for a success, else the MeshError.
+
+    Each flow must end within its deadline (and a little slack for a loaded machine)."""
+
+    def one(n: int) -> Any:
+        began = time.monotonic()
+        try:
+            node.start("chain", n=n, auth_seconds=seconds, timeout=timeout)
+        except mesh.MeshError as exc:
+            return exc
+        finally:
+            elapsed = time.monotonic() - began
+            assert elapsed < timeout + 2, f"flow {n} took {elapsed:.1f} s of {timeout} s"
+        return None
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, flows))
