@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mesh
+from mesh.config import load_config
 from mesh.peer import wait_serving
 
 FLOW = """\
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     config = write_mesh(root)
     env = {**os.environ, "MESH_SOAK_DIR": str(root), "PYTHONUNBUFFERED": "1"}
     env.pop("MESH_CONFIG", None)
-    loaded = mesh.connect(config, machine="client").config
+    loaded = load_config(config)
     peers: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for machine, replica, address in [
@@ -178,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Popen[bytes]]) -> int:
+    with (root / "client.log").open("a", encoding="utf-8") as log:
+        mesh.configure_logging(json=True, file=log)
+        return measure(args, root, peers)
+
+
+def measure(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Popen[bytes]]) -> int:
     node = mesh.connect(root / "mesh.toml", machine="client")
     # Warm up: channels open, imports done; RSS is measured from here.
     for n in range(20):
@@ -216,8 +223,11 @@ def run(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Popen[
     print(f"  throughput      : {args.flows / wall:8.1f} flows/s  ({wall:.1f} s)")
     print(f"  latency p50     : {statistics.median(latencies) * 1000:8.1f} ms")
     print(f"  latency p99     : {latencies[int(len(latencies) * 0.99) - 1] * 1000:8.1f} ms")
-    print(f"  failures        : {args.flows - len(succeeded)}  {dict(errors) or ''}")
-    print(f"  steps recorded  : {sum(steps.values())}  (by process: {sorted(by_pid.values())})")
+    print(f"  failures        : {args.flows - len(succeeded)}  {dict(errors) if errors else ''}")
+    print(
+        f"  steps recorded  : {sum(steps.values())}  (by process: {sorted(by_pid.values())};"
+        " 20 warm-up flows included)"
+    )
     print(f"  exactly once    : {'ok' if not twice else f'FAILED: {len(twice)} steps ran twice'}")
     print(f"  nothing missing : {'ok' if not missing else f'FAILED: {len(missing)} steps missing'}")
     for label in peers:
