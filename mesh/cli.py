@@ -112,7 +112,7 @@ def _check(args: argparse.Namespace) -> int:
     _table(
         [
             (f"  {m.name}", m.address or "(no address: originates only)")
-            + ((f"listens on {m.listen}",) if m.listen and m.listen != m.address else ())
+            + ((f"listens on {', '.join(m.binds)}",) if m.listen and m.listen != m.address else ())
             for m in machines.values()
         ]
     )
