@@ -93,8 +93,8 @@ class Config:
     strict: bool = True
     workers: int = 256
     grace: float = 10.0
-    dedup_size: int = 100_000
-    dedup_age: float = 600.0
+    dedup_size: int = 20_000
+    dedup_age: float = 300.0
 
     @property
     def root(self) -> Path:
@@ -139,8 +139,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     timeout = _seconds(where, data, "timeout", 30.0)
     grace = _seconds(where, data, "grace", 10.0)
     workers = _positive_int(where, data, "workers", 256)
-    dedup_size = _positive_int(where, data, "dedup_size", 100_000)
-    dedup_age = _seconds(where, data, "dedup_age", 600.0)
+    dedup_size = _positive_int(where, data, "dedup_size", 20_000)
+    dedup_age = _seconds(where, data, "dedup_age", 300.0)
     strict = _strict(where, data)
     machines = _machines(where, data)
 

@@ -11,6 +11,9 @@ A flow visits each line once, so (flow_id, line_index) names one step. The recor
 is bounded: finished entries are dropped once there are more than ``size`` of them
 (oldest first) or once they are older than ``age`` seconds. Keep ``age`` above the
 longest deadline a flow may have: a retry never comes later than its deadline.
+Replies are kept in the form ``keep`` gives them (the peer keeps serialized bytes,
+a fraction of a message object's size) and turned back by ``restore`` for a
+duplicate, the rare case.
 """
 
 from __future__ import annotations
@@ -19,45 +22,59 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Replies"]
 
 T = TypeVar("T")
 
 
-class _Entry(Generic[T]):
-    """One step: running until ``done`` is set, then holding its reply."""
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Running:
+    """A step still running: duplicates wait on ``done``, then read ``reply``."""
 
     __slots__ = ("done", "reply")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.reply: T | None = None
+        self.reply: Any = None
 
 
 class Replies(Generic[T]):
     """The record of steps run here; :meth:`once` runs each key at most once."""
 
-    def __init__(self, size: int, age: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        size: int,
+        age: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        keep: Callable[[T], Any] = _same,
+        restore: Callable[[Any], T] = _same,
+    ) -> None:
         if size <= 0 or age <= 0:
             raise ValueError(f"size and age must be positive, not {size!r} and {age!r}")
         self.size = size
         self.age = age
         self._clock = clock
+        self._keep = keep
+        self._restore = restore
         self._lock = threading.Lock()
-        self._entries: dict[Hashable, _Entry[T]] = {}
-        # Finished keys in the order they finished, with the time: the eviction queue.
-        self._finished: OrderedDict[Hashable, float] = OrderedDict()
+        self._running: dict[Hashable, _Running] = {}
+        # Finished steps in the order they finished: (when, kept reply); the eviction queue.
+        self._finished: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
         self.duplicates = 0  # how many calls were answered from the record
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return len(self._running) + len(self._finished)
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
-            return key in self._entries
+            return key in self._running or key in self._finished
 
     def once(self, key: Hashable, run: Callable[[], T], wait: float) -> T | None:
         """``run()``'s reply for ``key``, running it only if no call for ``key`` did.
@@ -67,30 +84,38 @@ class Replies(Generic[T]):
         first run raised (its caller got that exception; there is no reply to
         repeat). A run that raises leaves no record, so it is not remembered.
         """
+        first = False
         with self._lock:
             self._evict(self._clock())
-            entry = self._entries.get(key)
-            first = entry is None
-            if entry is None:
-                entry = self._entries[key] = _Entry()
-            else:
+            finished = self._finished.get(key)
+            running = self._running.get(key) if finished is None else None
+            if finished is not None or running is not None:
                 self.duplicates += 1
+            else:
+                running = self._running[key] = _Running()
+                first = True
+        if finished is not None:
+            return self._restore(finished[1])
+        assert running is not None
         if not first:
-            entry.done.wait(max(wait, 0.0))
-            return entry.reply
+            running.done.wait(max(wait, 0.0))
+            kept = running.reply
+            return None if kept is None else self._restore(kept)
         try:
             reply = run()
+            kept = self._keep(reply)
         except BaseException:
             with self._lock:
-                self._entries.pop(key, None)
-            entry.done.set()
+                self._running.pop(key, None)
+            running.done.set()
             raise
-        entry.reply = reply
+        running.reply = kept
         with self._lock:
             now = self._clock()
-            self._finished[key] = now
+            self._running.pop(key, None)
+            self._finished[key] = (now, kept)
             self._evict(now)
-        entry.done.set()
+        running.done.set()
         return reply
 
     def _evict(self, now: float) -> None:
@@ -98,8 +123,7 @@ class Replies(Generic[T]):
         finished = self._finished
         horizon = now - self.age
         while finished:
-            key, at = next(iter(finished.items()))
+            key, (at, _) = next(iter(finished.items()))
             if len(finished) <= self.size and at >= horizon:
                 break
             del finished[key]
-            self._entries.pop(key, None)

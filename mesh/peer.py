@@ -45,7 +45,10 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
         self._node = node
         # Steps run here, so a retried call gets the first reply instead of a second run.
         self.replies: Replies[_pb2.ContinueReply] = Replies(
-            node.config.dedup_size, node.config.dedup_age
+            node.config.dedup_size,
+            node.config.dedup_age,
+            keep=_pb2.ContinueReply.SerializeToString,
+            restore=_pb2.ContinueReply.FromString,
         )
         self.calls = InFlight()
 

@@ -13,7 +13,10 @@ its (flow_id, line_index) in its own process's SQLite file. At the end:
 and the figures: flows/s, p50/p99 latency, failures, each peer's RSS at start and end.
 Exits 1 if a check fails.
 
-    .venv/bin/python scripts/soak.py [--flows 20000] [--concurrency 64] [--keep]
+    .venv/bin/python scripts/soak.py [--flows 20000] [--concurrency 64] [--dedup-size N] [--keep]
+
+RSS grows while each peer's record of replies (dedup.py) fills up to ``dedup_size``
+entries, then stays flat; ``--dedup-size`` shows that in a short run.
 """
 
 from __future__ import annotations
@@ -111,13 +114,15 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def write_mesh(root: Path) -> Path:
+def write_mesh(root: Path, dedup_size: int | None) -> Path:
     (root / "flow.tsv").write_text(FLOW, encoding="utf-8")
     (root / "soak_service.py").write_text(textwrap.dedent(SERVICE), encoding="utf-8")
     replicas = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     config = root / "mesh.toml"
     config.write_text(
-        'flow = "flow.tsv"\nservices = ["soak_service"]\ntimeout = 30\n[machines]\n'
+        'flow = "flow.tsv"\nservices = ["soak_service"]\ntimeout = 30\n'
+        + (f"dedup_size = {dedup_size}\n" if dedup_size else "")
+        + "[machines]\n"
         f'client = ""\nserver = "ipv4:{",".join(replicas)}"\n'
         f'store = "127.0.0.1:{free_port()}"\n',
         encoding="utf-8",
@@ -129,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--dedup-size", type=int, help="the peers' dedup_size (default: the config's default)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the mesh folder and logs")
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="mesh-soak-"))
-    config = write_mesh(root)
+    config = write_mesh(root, args.dedup_size)
     env = {**os.environ, "MESH_SOAK_DIR": str(root), "PYTHONUNBUFFERED": "1"}
     env.pop("MESH_CONFIG", None)
     loaded = load_config(config)
@@ -186,9 +194,11 @@ def run(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Popen[
 
 def measure(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Popen[bytes]]) -> int:
     node = mesh.connect(root / "mesh.toml", machine="client")
-    # Warm up: channels open, imports done; RSS is measured from here.
-    for n in range(20):
-        node.start("soak", n=-n)
+    # Warm up at full concurrency: channels open, every worker thread started (each
+    # with its own SQLite connection); RSS is measured from this steady state.
+    warm_up = max(200, 4 * args.concurrency)
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(lambda n: node.start("soak", n=-n - 1), range(warm_up)))
     rss_start = {label: rss_kib(p.pid) for label, p in peers.items()}
 
     def one(n: int) -> tuple[str | None, float, str]:
@@ -219,20 +229,28 @@ def measure(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Po
     twice = [key for key, count in steps.items() if count > 1]
     missing = [(f, i) for f in succeeded for i in HANDLED if (f, i) not in steps]
 
-    print(f"soak: {args.flows} flows at concurrency {args.concurrency}, {os.cpu_count()} cores")
+    dedup = load_config(root / "mesh.toml").dedup_size
+    print(
+        f"soak: {args.flows} flows at concurrency {args.concurrency}, {os.cpu_count()} cores,"
+        f" dedup_size {dedup}"
+    )
     print(f"  throughput      : {args.flows / wall:8.1f} flows/s  ({wall:.1f} s)")
     print(f"  latency p50     : {statistics.median(latencies) * 1000:8.1f} ms")
     print(f"  latency p99     : {latencies[int(len(latencies) * 0.99) - 1] * 1000:8.1f} ms")
     print(f"  failures        : {args.flows - len(succeeded)}  {dict(errors) if errors else ''}")
     print(
         f"  steps recorded  : {sum(steps.values())}  (by process: {sorted(by_pid.values())};"
-        " 20 warm-up flows included)"
+        f" {warm_up} warm-up flows included)"
     )
     print(f"  exactly once    : {'ok' if not twice else f'FAILED: {len(twice)} steps ran twice'}")
     print(f"  nothing missing : {'ok' if not missing else f'FAILED: {len(missing)} steps missing'}")
     for label in peers:
         start, end = rss_start[label] / 1024, rss_end[label] / 1024
         print(f"  rss {label:<11} : {start:6.1f} MiB -> {end:6.1f} MiB")
+    expected = len(HANDLED) * (len(succeeded) + warm_up)
+    if sum(steps.values()) != expected:
+        print(f"  FAILED: {sum(steps.values())} steps recorded, {expected} expected")
+        return 1
     return 1 if twice or missing else 0
 
 

@@ -700,9 +700,9 @@ def test_paths_in_messages_are_absolute(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_dedup_keys_have_defaults_and_can_be_set(tmp_path: Path) -> None:
-    """dedup_size and dedup_age default to 100000 entries and 600 s, and can be changed."""
+    """dedup_size and dedup_age default to 20000 entries and 300 s, and can be changed."""
     default = load_config(mesh_toml(tmp_path / "a", 'flow = "flow.tsv"\n' + MACHINES))
-    assert (default.dedup_size, default.dedup_age) == (100_000, 600.0)
+    assert (default.dedup_size, default.dedup_age) == (20_000, 300.0)
     body = 'flow = "flow.tsv"\ndedup_size = 50\ndedup_age = 1.5\n' + MACHINES
     config = load_config(mesh_toml(tmp_path / "b", body))
     assert (config.dedup_size, config.dedup_age) == (50, 1.5)

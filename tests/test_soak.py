@@ -27,4 +27,4 @@ def test_short_soak_runs_every_step_exactly_once(tmp_path: Path) -> None:
     assert "exactly once    : ok" in out
     assert "nothing missing : ok" in out
     assert "failures        : 0 " in out
-    assert "steps recorded  : 3060 " in out  # 3 handler steps x (1,000 + 20 warm-up) flows
+    assert "steps recorded  : 3600 " in out  # 3 handler steps x (1,000 + 200 warm-up) flows
