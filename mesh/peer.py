@@ -51,6 +51,8 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             restore=_pb2.ContinueReply.FromString,
         )
         self.calls = InFlight()
+        # The inbound call of each step running here, so a retry can adopt the step.
+        self._watches: dict[tuple[str, int], deadlines.Watch] = {}
 
     def Continue(
         self, request: _pb2.ContinueRequest, context: grpc.ServicerContext
@@ -105,17 +107,26 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             # Draining: a new step goes to another replica (gRPC retries UNAVAILABLE);
             # a retry of a step this peer ran or is running is still answered below.
             _abort(context, grpc.StatusCode.UNAVAILABLE, f"{me} is stopping")
+        watches = self._watches
+        mine = None
         if known:
             _log.info("mesh.step_repeated", caller=caller, **state.fields(index))
+            running = watches.get(key)
+            if running is not None:
+                running.adopt()
+        else:
+            mine = watches[key] = deadlines.watch(context, state)
         try:
-            call = deadlines.watch(context, state)
             # A fresh context per call: pool threads are reused, flows must not share state.
             reply = self.replies.once(
                 key, lambda: contextvars.Context().run(_run, state, index), remaining
             )
-            call.finished()
         finally:
             self.calls.leave()
+            if mine is not None:
+                mine.finished()
+                if watches.get(key) is mine:
+                    del watches[key]
         if reply is None:
             _abort(
                 context,

@@ -6,6 +6,7 @@ request, such as the flow's name) is marked; the first HEADERS frame (type 1) th
 server sends on a marked stream, the start of its reply, is not forwarded: both
 sockets are closed instead. The server has run the call; the client never hears.
 That happens ``drops`` times; after that the proxy forwards everything.
+:meth:`ReplyDropper.cut_all` breaks the connections open at a moment the test picks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterable
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _HEADERS = 0, 1
@@ -46,6 +48,12 @@ class ReplyDropper:
             for sock in self._sockets:
                 with contextlib.suppress(OSError):
                     sock.close()
+
+    def cut_all(self) -> None:
+        """Break every connection open now, whatever is in flight on it."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        _break(sockets)
 
     def _accept(self) -> None:
         while not self._stopped:
@@ -101,12 +109,7 @@ class ReplyDropper:
                         with self._lock:
                             self._marked.add((id(pair), stream))
                     if not upstream and kind == _HEADERS and self._cut((id(pair), stream)):
-                        for sock in pair:
-                            with contextlib.suppress(OSError):
-                                sock.setsockopt(
-                                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0"
-                                )
-                                sock.close()
+                        _break(pair)
                         return
                     dst.sendall(frame)
         except OSError:
@@ -123,3 +126,16 @@ class ReplyDropper:
                 self.dropped += 1
                 return True
             return False
+
+
+def _break(sockets: Iterable[socket.socket]) -> None:
+    """Close connections for real, now.
+
+    ``shutdown`` first: a bare ``close`` while another thread is blocked in
+    ``recv`` on the socket does not end the connection until that call returns.
+    """
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MeshDir, Peers
@@ -127,6 +129,8 @@ RELAY_FLOW = (
 
 BANK_SERVICE = """
 import os
+import socket
+import time
 
 import structlog
 
@@ -137,17 +141,18 @@ log = structlog.get_logger()
 
 @mesh.handler("charge", "Taking payment :n")
 def take_payment(ctx):
+    if "tell_port" in ctx:  # let the test know the step has begun
+        socket.create_connection(("127.0.0.1", ctx["tell_port"])).close()
+        time.sleep(1.5)  # longer than deadlines.ADOPT_WINDOW
     with open(ctx["ledger"], "a", encoding="utf-8") as ledger:
         ledger.write(f"{ctx['n']} {os.getpid()}\\n")
     log.info("next", paid=True)
 """
 
 
-def test_lost_reply_is_retried_and_the_step_runs_once(
-    mesh_dir: MeshDir, peers: Peers, connect, reply_dropper, tmp_path: Path
-) -> None:
-    """server → bank through a proxy that cuts the connection after bank has replied:
-    gRPC retries, bank answers from its record, the handler ran exactly once."""
+@pytest.fixture
+def bank_mesh(mesh_dir: MeshDir, reply_dropper) -> tuple[MeshDir, Any]:
+    """client → server → bank, where peers dial bank through a ReplyDropper proxy."""
     mesh_dir.flow(RELAY_FLOW)
     mesh_dir.service(BANK_SERVICE)
     mesh_dir.write_config({"client": False, "server": True, "bank": True})
@@ -160,6 +165,15 @@ def test_lost_reply_is_retried_and_the_step_runs_once(
         f'bank = {{ address = "{proxy.address}", listen = "{bank_listen}" }}',
     )
     mesh_dir.config.write_text(text, encoding="utf-8")
+    return mesh_dir, proxy
+
+
+def test_lost_reply_is_retried_and_the_step_runs_once(
+    bank_mesh: tuple[MeshDir, Any], peers: Peers, connect, tmp_path: Path
+) -> None:
+    """server → bank through a proxy that cuts the connection after bank has replied:
+    gRPC retries, bank answers from its record, the handler ran exactly once."""
+    mesh_dir, proxy = bank_mesh
     server = peers.start(mesh_dir, "server")
     bank = peers.start(mesh_dir, "bank")
     node = connect(mesh_dir.config, "client")
@@ -177,3 +191,29 @@ def test_lost_reply_is_retried_and_the_step_runs_once(
     repeated = [e for e in bank.events() if e.get("event") == "mesh.step_repeated"]
     assert [(e["flow_id"], e["line_index"]) for e in repeated] == [(result.flow_id, 2)]
     assert server.alive()
+
+
+def test_connection_lost_mid_step_the_retry_adopts_the_step(
+    bank_mesh: tuple[MeshDir, Any], peers: Peers, connect, tmp_path: Path
+) -> None:
+    """The connection to bank breaks while its step runs: the retry waits for that step
+    instead of running it again or failing it, and the flow succeeds."""
+    mesh_dir, proxy = bank_mesh
+    peers.start(mesh_dir, "server")
+    bank = peers.start(mesh_dir, "bank")
+    node = connect(mesh_dir.config, "client")
+    ledger = tmp_path / "ledger.txt"
+    with socket.create_server(("127.0.0.1", 0)) as listener, ThreadPoolExecutor(1) as pool:
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+        flow = pool.submit(
+            node.start, "charge", n=1, ledger=str(ledger), tell_port=port, timeout=20
+        )
+        listener.accept()[0].close()  # bank's step has begun
+        proxy.cut_all()
+        result = flow.result(timeout=30)
+
+    assert result.context["paid"] is True
+    assert ledger.read_text(encoding="utf-8").splitlines() == [f"1 {bank.pid}"]
+    repeated = [e for e in bank.events() if e.get("event") == "mesh.step_repeated"]
+    assert [(e["flow_id"], e["line_index"]) for e in repeated] == [(result.flow_id, 2)]

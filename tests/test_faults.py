@@ -284,7 +284,7 @@ def test_killed_originator_stops_the_flow_downstream(
         call = subprocess.Popen(
             [
                 *(sys.executable, "-m", "mesh", "call", "chain", "n:=5", f"tell_server:={port}"),
-                *("server_seconds:=1", "--timeout", "60", "-c", str(chain.config)),
+                *("server_seconds:=2", "--timeout", "60", "-c", str(chain.config)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
