@@ -101,15 +101,22 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             time.monotonic() + remaining - deadlines.reply_reserve(remaining),
             tuple(request.via),
         )
-        key = (request.flow_id, index)
+        return self._once(context, state, index, remaining)
+
+    def _once(
+        self, context: grpc.ServicerContext, state: FlowState, index: int, remaining: float
+    ) -> _pb2.ContinueReply:
+        """Run the step unless this peer ran it already (a retry): then its first reply."""
+        key = (state.flow_id, index)
         known = key in self.replies
         if not self.calls.enter(known):
             # Draining: a new step goes to another replica (gRPC retries UNAVAILABLE);
             # a retry of a step this peer ran or is running is still answered below.
-            _abort(context, grpc.StatusCode.UNAVAILABLE, f"{me} is stopping")
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"{state.machine} is stopping")
         watches = self._watches
         mine = None
         if known:
+            caller = state.via[-1] if state.via else "caller"
             _log.info("mesh.step_repeated", caller=caller, **state.fields(index))
             running = watches.get(key)
             if running is not None:
@@ -131,7 +138,8 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             _abort(
                 context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"{me}: {flow.name} line {index} is still running from an earlier attempt",
+                f"{state.machine}: {state.flow.name} line {index} is still running"
+                " from an earlier attempt",
             )
         return reply
 
