@@ -10,7 +10,8 @@ its (flow_id, line_index) in its own process's SQLite file. At the end:
 * nothing missing: every flow the originator was told succeeded has all three of its
   handler steps recorded;
 
-and the figures: flows/s, p50/p99 latency, failures, each peer's RSS at start and end.
+and the figures: flows/s, p50/p99 latency, failures, each peer's RSS at the start,
+at each quarter of the flows and at the end.
 Exits 1 if a check fails.
 
     .venv/bin/python scripts/soak.py [--flows 20000] [--concurrency 64] [--dedup-size N] [--keep]
@@ -209,9 +210,20 @@ def measure(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Po
             return None, time.perf_counter() - began, f"{type(exc).__name__}: {exc}"
         return result.flow_id, time.perf_counter() - began, ""
 
+    # Sampled at each quarter of the flows (the pool keeps running meanwhile), so
+    # growth that levels off can be told from growth that goes on.
+    samples: dict[str, list[int]] = {label: [] for label in peers}
+    quarters = {args.flows * q // 4 for q in (1, 2, 3)}
+
+    def sampled(n: int) -> tuple[str | None, float, str]:
+        if n in quarters:
+            for label, p in peers.items():
+                samples[label].append(rss_kib(p.pid))
+        return one(n)
+
     began = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
-        outcomes = list(pool.map(one, range(args.flows)))
+        outcomes = list(pool.map(sampled, range(args.flows)))
     wall = time.perf_counter() - began
     rss_end = {label: rss_kib(p.pid) for label, p in peers.items()}
     node.close()
@@ -245,8 +257,8 @@ def measure(args: argparse.Namespace, root: Path, peers: dict[str, subprocess.Po
     print(f"  exactly once    : {'ok' if not twice else f'FAILED: {len(twice)} steps ran twice'}")
     print(f"  nothing missing : {'ok' if not missing else f'FAILED: {len(missing)} steps missing'}")
     for label in peers:
-        start, end = rss_start[label] / 1024, rss_end[label] / 1024
-        print(f"  rss {label:<11} : {start:6.1f} MiB -> {end:6.1f} MiB")
+        path = [rss_start[label], *samples[label], rss_end[label]]
+        print(f"  rss {label:<11} : {' -> '.join(f'{k / 1024:.1f}' for k in path)} MiB")
     expected = len(HANDLED) * (len(succeeded) + warm_up)
     if sum(steps.values()) != expected:
         print(f"  FAILED: {sum(steps.values())} steps recorded, {expected} expected")
