@@ -41,9 +41,15 @@ def reply_reserve(remaining: float) -> float:
     return min(MAX_RESERVE, max(remaining, 0.0) / 10)
 
 
-def expire(state: FlowState) -> None:
-    """Nobody waits for this flow here any more: stop it calling on."""
-    state.deadline = 0.0  # a monotonic time long past: the next deadline check fails
+def expire(state: FlowState, *, gone: bool = True) -> None:
+    """Nobody waits for this flow here any more: stop it calling on.
+
+    ``gone``: the caller went away before the deadline, which is then moved to a
+    monotonic time long past (exactly 0.0, which the peer's log reports as
+    "caller gone"); otherwise the deadline has passed already.
+    """
+    if gone:
+        state.deadline = 0.0
     call = state.outbound
     if call is not None:
         call.cancel()
@@ -72,7 +78,7 @@ class Watch:
             return
         left = self.state.remaining()
         if left <= 0:
-            expire(self.state)
+            expire(self.state, gone=False)
             return
         timer = threading.Timer(min(ADOPT_WINDOW, left), self._orphaned)
         timer.daemon = True

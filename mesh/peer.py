@@ -180,7 +180,11 @@ def _run(state: FlowState, index: int) -> _pb2.ContinueReply:
     except MeshError as exc:
         if isinstance(exc, FlowTimeout) and exc.machine == state.machine:
             # The flow stops here: say so where it happened, not only at the originator.
-            _log.warning("mesh.flow_expired", reason=str(exc), **state.fields(exc.line_index))
+            # deadlines.expire sets the deadline to exactly 0.0: the caller went away.
+            cause = "caller gone" if state.deadline == 0.0 else "deadline passed"
+            _log.warning(
+                "mesh.flow_expired", cause=cause, reason=str(exc), **state.fields(exc.line_index)
+            )
         return _pb2.ContinueReply(failed=error_to_failure(exc), steps=steps_to_pb(state.steps))
     except Exception as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))

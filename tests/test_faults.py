@@ -254,6 +254,7 @@ def test_step_past_the_deadline_stops_the_flow(chain: MeshDir, peers: Peers, con
     )
     expired = [e for e in server.events() if e.get("event") == "mesh.flow_expired"]
     assert expired[0]["line_index"] == 2
+    assert expired[0]["cause"] == "deadline passed"
     assert not [e for e in auth.events() if e.get("flow_id") == flow_id]
     assert node.start("chain", n=8, timeout=10).context["checked"] is True
 
@@ -302,6 +303,8 @@ def test_killed_originator_stops_the_flow_downstream(
         30,
         "the server to stop the flow whose caller died",
     )
+    expired = [e for e in server.events() if e.get("event") == "mesh.flow_expired"]
+    assert expired[0]["cause"] == "caller gone"
     assert not [e for e in auth.events() if str(e.get("event", "")).startswith("Checking")]
 
 
