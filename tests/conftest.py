@@ -346,7 +346,7 @@ class NetNs:
         self.name = f"mesh-test-{tag}"
         self.host_if = f"mh{tag}h"
         self.ns_if = f"mh{tag}n"
-        subnet = int(tag) % 250
+        subnet = _free_subnet(int(tag) % 250)
         self.host_ip = f"10.231.{subnet}.1"
         self.ns_ip = f"10.231.{subnet}.2"
 
@@ -376,6 +376,21 @@ class NetNs:
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
 
 
+def _free_subnet(start: int) -> int:
+    """A 10.231.X.0/30 no interface here uses (another test run may have one)."""
+    for i in range(250):
+        subnet = (start + i) % 250
+        shown = subprocess.run(
+            ["ip", "-o", "addr", "show", "to", f"10.231.{subnet}.0/30"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shown.returncode == 0 and not shown.stdout.strip():
+            return subnet
+    raise OSError("no free 10.231.X.0/30 subnet")
+
+
 def _ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if done.returncode:
@@ -387,7 +402,10 @@ def netns() -> Iterator[NetNs]:
     """A fresh network namespace with a veth link to ours; deleted at the end of the test.
 
     Skipped where namespaces cannot be made (not root, no ``ip``, no CAP_NET_ADMIN)."""
-    ns = NetNs(str(os.getpid() % 100_000))
+    try:
+        ns = NetNs(str(os.getpid() % 100_000))
+    except (OSError, FileNotFoundError) as exc:
+        pytest.skip(f"cannot make a network namespace here (needs root and iproute2): {exc}")
     try:
         ns.create()
     except (OSError, FileNotFoundError) as exc:
