@@ -527,3 +527,15 @@ def test_peer_of_a_replicated_machine_needs_a_replica(mesh_dir: MeshDir) -> None
     )
     wrong = one_line_error(mesh_cmd("peer", "server", "--replica", "3", "-c", mesh_dir.config))
     assert wrong == "mesh peer: server has 2 replicas; --replica 3 is not in 1..2"
+
+
+def test_check_lists_every_replica(mesh_dir: MeshDir) -> None:
+    """`mesh check` shows a replicated machine's dial target and each replica's bind."""
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.write_config({"client": False, "server": 2})
+    first, second = mesh_dir.replicas["server"]
+
+    done = mesh_cmd("check", "-c", mesh_dir.config)
+
+    assert done.returncode == 0, done.stderr
+    assert f"ipv4:{first},{second}  listens on {first}, {second}" in done.stdout
