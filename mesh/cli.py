@@ -64,6 +64,12 @@ def make_argument_parser() -> argparse.ArgumentParser:
     peer.add_argument(
         "--listen", metavar="HOST:PORT", help="bind here instead of the config's listen"
     )
+    peer.add_argument(
+        "--replica",
+        type=int,
+        metavar="K",
+        help="serve replica K (1..N) of a machine with replicas: bind its K-th address",
+    )
     peer.add_argument("--json", action="store_true", help="log one JSON object a line")
     peer.add_argument(
         "--log-file", metavar="PATH", help="append logs to this file instead of stdout"
@@ -135,7 +141,7 @@ def _check(args: argparse.Namespace) -> int:
     _table(
         [
             (f"  {m.name}", m.address or "(no address: originates only)")
-            + ((f"listens on {m.listen}",) if m.listen and m.listen != m.address else ())
+            + ((f"listens on {', '.join(m.binds)}",) if m.listen and m.listen != m.address else ())
             for m in machines.values()
         ]
     )
@@ -242,8 +248,8 @@ def _peer(args: argparse.Namespace) -> int:
     log = structlog.get_logger("mesh")
     node = connect(args.config, machine=args.machine)
     try:
-        port = node.serve(args.listen)
-        listen = args.listen or node.config.machines[node.machine].listen
+        listen = args.listen or replica_listen(node.config, node.machine, args.replica)
+        port = node.serve(listen)
         log.info("mesh.peer_ready", machine=node.machine, listen=listen, port=port)
         print(f"mesh peer {node.machine} listening on {listen}", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
@@ -258,6 +264,24 @@ def _peer(args: argparse.Namespace) -> int:
     return 0
 
 
+def replica_listen(config: Config, machine: str, replica: int | None) -> str:
+    """Where ``mesh peer MACHINE [--replica K]`` binds; a one-line error if K is wrong."""
+    binds = config.machines[machine].binds
+    if replica is None:
+        if len(binds) > 1:
+            raise MeshError(
+                f"{machine} has {len(binds)} replicas; pick one with --replica 1..{len(binds)}"
+                " (or give --listen)"
+            )
+        return binds[0] if binds else ""
+    if not 1 <= replica <= len(binds):
+        raise MeshError(
+            f"{machine} has {len(binds)} replica{'s' if len(binds) != 1 else ''};"
+            f" --replica {replica} is not in 1..{len(binds)}"
+        )
+    return binds[replica - 1]
+
+
 # -- up --------------------------------------------------------------------
 
 
@@ -265,30 +289,44 @@ def _up(args: argparse.Namespace) -> int:
     stop = _stop_event()
     path = find_config(args.config)
     config = load_config(path)
-    machines = [m for m in config.machines.values() if m.address]
-    if not machines:
+    # One peer per replica: (label, machine, replica or None, the address to check health at).
+    peers = [
+        (
+            f"{m.name}.{k}" if len(m.binds) > 1 else m.name,
+            m.name,
+            k if len(m.binds) > 1 else None,
+            _dialable(bind) if len(m.binds) > 1 else m.address,
+            bind,
+        )
+        for m in config.machines.values()
+        if m.address
+        for k, bind in enumerate(m.binds, 1)
+    ]
+    if not peers:
         raise MeshError(f"{path}: no machine has an address, so there is no peer to start")
-    width = max(len(m.name) for m in machines)
+    width = max(len(p[0]) for p in peers)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for m in machines:
+        for label, name, replica, _, _ in peers:
+            which = ["--replica", str(replica)] if replica is not None else []
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "peer", m.name, "-c", str(path)],
+                [sys.executable, "-m", "mesh", "peer", name, *which, "-c", str(path)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches `mesh up` alone; it stops the peers
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - async-signal-safe, see there
             )
-            procs[m.name] = proc
+            procs[label] = proc
             threading.Thread(
-                target=_relay, args=(f"{m.name:<{width}} | ", proc), daemon=True
+                target=_relay, args=(f"{label:<{width}} | ", proc), daemon=True
             ).start()
-        for m in machines:
-            deadline = time.monotonic() + 30
-            probe = Transport.of(config, m.name)  # a TLS peer is probed with its own certificate
-            _wait_healthy(m.name, m.address, procs[m.name], stop, deadline, probe=probe)
-            _say(f"mesh up: {m.name} listening on {m.listen} (pid {procs[m.name].pid})")
-        _say(f"mesh up: {len(machines)} peers healthy; Ctrl-C stops them")
+        for label, name, _, health_at, bind in peers:
+            probe = Transport.of(config, name)  # a TLS peer is probed with its own certificate
+            _wait_healthy(
+                label, health_at, procs[label], stop, deadline=time.monotonic() + 30, probe=probe
+            )
+            _say(f"mesh up: {label} listening on {bind} (pid {procs[label].pid})")
+        _say(f"mesh up: {len(peers)} peers healthy; Ctrl-C stops them")
         alive = set(procs)
         while alive and not stop.wait(0.2):
             for name in sorted(alive):
@@ -302,6 +340,16 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     finally:
         _stop_all(procs, config.grace)
+
+
+def _dialable(bind: str) -> str:
+    """A replica's bind address as this host dials it (a wildcard host means loopback)."""
+    host, _, port = bind.rpartition(":")
+    if host in ("0.0.0.0", ""):
+        return f"127.0.0.1:{port}"
+    if host in ("[::]", "[0:0:0:0:0:0:0:0]"):
+        return f"[::1]:{port}"
+    return bind
 
 
 _print_lock = threading.Lock()

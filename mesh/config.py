@@ -36,10 +36,22 @@ _FILENAME = "mesh.toml"
 _ENV = "MESH_CONFIG"
 
 _TOP_KEYS = frozenset(
-    {"flow", "services", "timeout", "strict", "workers", "grace", "machines"}
+    {
+        "flow",
+        "services",
+        "timeout",
+        "strict",
+        "workers",
+        "grace",
+        "machines",
+        "dedup_size",
+        "dedup_age",
+    }
     | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, guard.py
 )
-_MACHINE_KEYS = frozenset({"address", "listen", "tls"})  # tls: read by mesh/tls.py
+_MACHINE_KEYS = frozenset({"address", "listen", "replicas", "tls"})  # tls: read by mesh/tls.py
+#: Schemes whose target is a comma-separated list of host:port, one per replica.
+_LIST_SCHEMES = ("ipv4:", "ipv6:")
 
 # Schemes gRPC resolves itself. Matched before host:port, as gRPC does: "dns:50052" is a target.
 _SCHEMES = frozenset({"ipv4", "ipv6", "dns", "unix", "unix-abstract", "xds"})
@@ -62,6 +74,15 @@ class MachineConfig:
     name: str
     address: str
     listen: str
+    #: Where each replica binds, when the machine has more than one (``listen`` is the first).
+    replicas: tuple[str, ...] = ()
+
+    @property
+    def binds(self) -> tuple[str, ...]:
+        """Where each of the machine's peers binds: one per replica; none for an originator."""
+        if self.replicas:
+            return self.replicas
+        return (self.listen,) if self.listen else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +101,8 @@ class Config:
     token: Token | None = field(default=None, repr=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_flow_file_bytes: int = DEFAULT_MAX_FLOW_FILE_BYTES
+    dedup_size: int = 20_000
+    dedup_age: float = 300.0
 
     @property
     def root(self) -> Path:
@@ -123,7 +146,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     services = _services(where, data)
     timeout = _seconds(where, data, "timeout", 30.0)
     grace = _seconds(where, data, "grace", 10.0)
-    workers = _workers(where, data)
+    workers = _positive_int(where, data, "workers", 256)
+    dedup_size = _positive_int(where, data, "dedup_size", 20_000)
+    dedup_age = _seconds(where, data, "dedup_age", 300.0)
     strict = _strict(where, data)
     machines = _machines(where, data)
     max_message_bytes = _bytes(where, data, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
@@ -148,6 +173,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         token=token,
         max_message_bytes=max_message_bytes,
         max_flow_file_bytes=max_flow_file_bytes,
+        dedup_size=dedup_size,
+        dedup_age=dedup_age,
     )
 
 
@@ -278,10 +305,10 @@ def _seconds(where: str, data: Mapping[str, object], key: str, default: float) -
     return float(value)
 
 
-def _workers(where: str, data: Mapping[str, object]) -> int:
-    value = data.get("workers", 256)
+def _positive_int(where: str, data: Mapping[str, object], key: str, default: int) -> int:
+    value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{where}: workers must be a positive integer, not {_show(value)}")
+        raise ConfigError(f"{where}: {key} must be a positive integer, not {_show(value)}")
     return value
 
 
@@ -319,11 +346,11 @@ def _machines(where: str, data: Mapping[str, object]) -> dict[str, MachineConfig
     bound: dict[tuple[str, int], str] = {}
     for name, entry in raw.items():
         machine = _machine(where, name, entry)
-        if machine.listen:
-            endpoint = _host_port(machine.listen)
+        for listen in machine.binds:
+            endpoint = _host_port(listen)
             if endpoint in bound:
                 raise ConfigError(
-                    f"{where}: {_key(name)}: listen {machine.listen!r} is the same host and port "
+                    f"{where}: {_key(name)}: listen {listen!r} is the same host and port "
                     f"as {bound[endpoint]}'s; two peers would silently share a port"
                 )
             bound[endpoint] = _key(name)
@@ -333,7 +360,8 @@ def _machines(where: str, data: Mapping[str, object]) -> dict[str, MachineConfig
 
 def _machine(where: str, name: str, entry: object) -> MachineConfig:
     key = _key(name)
-    listen = ""
+    raw_listen: object = ""
+    count: int | None = None
     if isinstance(entry, str):
         address = entry
     elif isinstance(entry, dict):
@@ -347,19 +375,32 @@ def _machine(where: str, name: str, entry: object) -> MachineConfig:
             raise ConfigError(f"{where}: {key}.address must be a string, not {_show(raw_address)}")
         address = raw_address
         raw_listen = entry.get("listen", "")
-        if not isinstance(raw_listen, str):
-            raise ConfigError(f"{where}: {key}.listen must be a string, not {_show(raw_listen)}")
-        listen = raw_listen
+        if not isinstance(raw_listen, str | list):
+            raise ConfigError(
+                f"{where}: {key}.listen must be a string (or a list, one per replica),"
+                f" not {_show(raw_listen)}"
+            )
+        if "replicas" in entry:
+            count = entry["replicas"]
+            if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+                raise ConfigError(
+                    f"{where}: {key}.replicas must be a positive integer, not {_show(count)}"
+                )
     else:
         raise ConfigError(
             f"{where}: {key} must be an address string or a table "
-            f"(address, listen), not {_show(entry)}"
+            f"(address, listen, replicas), not {_show(entry)}"
         )
 
     if not address:
-        if listen:
+        if raw_listen:
             raise ConfigError(
-                f"{where}: {key}: listen {listen!r} given but the address is empty; "
+                f"{where}: {key}: listen {_show(raw_listen)} given but the address is empty; "
+                f"a machine without an address is a pure originator and never listens"
+            )
+        if count is not None:
+            raise ConfigError(
+                f"{where}: {key}: replicas given but the address is empty; "
                 f"a machine without an address is a pure originator and never listens"
             )
         return MachineConfig(name, "", "")
@@ -369,20 +410,91 @@ def _machine(where: str, name: str, entry: object) -> MachineConfig:
         raise ConfigError(
             f"{where}: {key}: address {address!r} is malformed: {problem} ({_ADDRESS_FORMS})"
         )
-    if not listen:
-        if _is_target(address):
+    if isinstance(raw_listen, list):
+        binds = _listen_list(where, key, raw_listen)
+        if count is not None and count != len(binds):
             raise ConfigError(
-                f"{where}: {key}: address {address!r} is not a plain host:port, "
-                f'so give listen = "host:port"'
+                f"{where}: {key}: replicas = {count} but listen names {len(binds)} addresses"
             )
-        listen = address
-    else:
+        return _with_replicas(name, address, binds)
+    listen = str(raw_listen)
+    if listen:
         problem = _host_port_problem(listen)
         if problem is not None:
             raise ConfigError(
                 f"{where}: {key}: listen {listen!r} is not a plain host:port: {problem}"
             )
-    return MachineConfig(name, address, listen)
+        return _with_replicas(name, address, _count_up(where, key, "listen", listen, count))
+    listed = _listed_replicas(address)
+    if listed is not None:
+        if count is not None and count != len(listed):
+            raise ConfigError(
+                f"{where}: {key}: replicas = {count} but address {address!r}"
+                f" lists {len(listed)} addresses"
+            )
+        return _with_replicas(name, address, listed)
+    if _is_target(address):
+        raise ConfigError(
+            f"{where}: {key}: address {address!r} is not a plain host:port, "
+            f'so give listen = "host:port"'
+        )
+    binds = _count_up(where, key, "address", address, count)
+    if len(binds) > 1:
+        host, _ = _host_port(address)
+        scheme = "ipv6" if host.startswith("[") else "ipv4"
+        if not host.startswith("[") and not re.fullmatch(r"[0-9.]+", host):
+            raise ConfigError(
+                f"{where}: {key}: replicas = {count} needs an IP address to count ports up"
+                f" from, not {host!r}; list them instead, e.g. address ="
+                f' "dns:///{host}:PORT" with listen = ["HOST:PORT", …]'
+            )
+        address = f"{scheme}:{','.join(binds)}"
+    return _with_replicas(name, address, binds)
+
+
+def _with_replicas(name: str, address: str, binds: list[str]) -> MachineConfig:
+    return MachineConfig(name, address, binds[0], tuple(binds) if len(binds) > 1 else ())
+
+
+def _count_up(where: str, key: str, what: str, base: str, count: int | None) -> list[str]:
+    """``count`` host:port addresses from ``base``, the port counted up by one each."""
+    if count is None or count == 1:
+        return [base]
+    host, _, port_text = base.rpartition(":")
+    port = int(port_text)
+    if port + count - 1 > 65535:
+        raise ConfigError(
+            f"{where}: {key}: replicas = {count} counted up from {what} {base!r}"
+            f" would pass port 65535"
+        )
+    return [f"{host}:{p}" for p in range(port, port + count)]
+
+
+def _listen_list(where: str, key: str, raw: list[object]) -> list[str]:
+    if not raw:
+        raise ConfigError(f"{where}: {key}.listen is an empty list; name one address per replica")
+    binds: list[str] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: {key}.listen[{i}] must be a string, not {_show(item)}")
+        problem = _host_port_problem(item)
+        if problem is not None:
+            raise ConfigError(
+                f"{where}: {key}: listen[{i}] {item!r} is not a plain host:port: {problem}"
+            )
+        binds.append(item)
+    return binds
+
+
+def _listed_replicas(address: str) -> list[str] | None:
+    """The host:port list of an ``ipv4:``/``ipv6:`` target, or None for any other address."""
+    lowered = address.lower()
+    for scheme in _LIST_SCHEMES:
+        if lowered.startswith(scheme) and not address[len(scheme) :].startswith("//"):
+            parts = address[len(scheme) :].split(",")
+            if all(_host_port_problem(p) is None for p in parts):
+                return parts
+    return None
 
 
 def _check_flow_machines(

@@ -7,6 +7,7 @@ here: each status becomes the mesh's own error, naming the machine and address.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -37,12 +38,55 @@ from mesh.wire import (
 if TYPE_CHECKING:
     from mesh.runtime import FlowState
 
+_SERVICE = _pb2.DESCRIPTOR.services_by_name["Mesh"].full_name
+
+
+def service_config() -> str:
+    """gRPC's service config for every channel to a machine: balancing and retries.
+
+    * ``round_robin`` over the addresses the target resolves to (the replicas of
+      the machine), skipping any whose grpc.health.v1 says NOT_SERVING: a
+      replica that is down or draining gets no new flows.
+    * Calls that fail UNAVAILABLE (a refused connection, a peer restarting or
+      draining, a connection lost before any reply) are retried with exponential
+      backoff, within the call's deadline. A retried step that already ran is
+      answered from the called peer's record (dedup.py), not run again.
+    """
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": _SERVICE},
+            "methodConfig": [
+                {
+                    "name": [{"service": _SERVICE}],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
 #: Channel options every peer and originator use (the transport adds the message limit).
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
     # Our own connection per channel: channels to one target otherwise share a
     # subchannel, and with it the reconnect backoff of a peer that was down.
     ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", service_config()),
+    # A replica that comes back is dialled again within two seconds, not minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 )
+
+
+#: Statuses after which a machine's channel is dropped and dialled afresh.
+_REDIAL = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class Dialer:
@@ -82,11 +126,13 @@ class Dialer:
         return stub
 
     def _forget(self, machine: str, stub: _pb2_grpc.MeshStub) -> None:
-        """Drop a channel that found its peer down, so the next call dials afresh.
+        """Drop a channel that found its peer down or silent, so the next call dials afresh.
 
         gRPC would otherwise fail every call at once until its reconnect backoff
-        (up to two minutes) ends, long after the peer is back. Calls still in
-        flight hold the old channel until they finish; then it is collected.
+        ends, long after the peer is back; and a connection cut by a partition
+        (no reset, just silence) would take calls into the void until TCP gives
+        up, minutes later. Calls still in flight hold the old channel until they
+        finish; then it is collected.
         """
         with self._lock:
             if self._stubs.get(machine) is stub:
@@ -125,14 +171,24 @@ class Dialer:
                 " (max_message_bytes in mesh.toml)"
             )
         stub = self.stub(machine)
+        # A future, not a blocking call, so deadlines.expire can cancel it when the
+        # call that brought the flow here has ended.
+        call = stub.Continue.future(
+            request, timeout=max(state.remaining(), 0.001), metadata=tracing.outgoing(state)
+        )
+        state.outbound = call
         try:
-            reply = stub.Continue(
-                request, timeout=max(state.remaining(), 0.001), metadata=tracing.outgoing(state)
-            )
+            if state.remaining() <= 0:  # expired while the call was being made
+                call.cancel()
+            reply = call.result()
+        except grpc.FutureCancelledError:
+            raise self._error(call, state, machine, index) from None
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if exc.code() in _REDIAL:
                 self._forget(machine, stub)
             raise self._error(exc, state, machine, index) from None
+        finally:
+            state.outbound = None
         state.steps.extend(steps_from_pb(reply.steps))
         outcome = reply.WhichOneof("outcome")
         if outcome == "done":
@@ -161,7 +217,7 @@ class Dialer:
         address = self.address(machine)
         flow = state.flow
         where = f"{flow.name} line {index} {flow.lines[index].text!r}"
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return FlowTimeout(
                 f"{flow.name} timed out waiting for {machine} ({address}) at line {index}"
                 f" {flow.lines[index].text!r}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -21,8 +22,9 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mesh import tracing
-from mesh.errors import MeshError
+from mesh import deadlines, tracing
+from mesh.dedup import Replies
+from mesh.errors import FlowTimeout, MeshError
 from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
@@ -42,6 +44,16 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
 
     def __init__(self, node: Node) -> None:
         self._node = node
+        # Steps run here, so a retried call gets the first reply instead of a second run.
+        self.replies: Replies[_pb2.ContinueReply] = Replies(
+            node.config.dedup_size,
+            node.config.dedup_age,
+            keep=_pb2.ContinueReply.SerializeToString,
+            restore=_pb2.ContinueReply.FromString,
+        )
+        self.calls = InFlight()
+        # The inbound call of each step running here, so a retry can adopt the step.
+        self._watches: dict[tuple[str, int], deadlines.Watch] = {}
 
     def Continue(
         self, request: _pb2.ContinueRequest, context: grpc.ServicerContext
@@ -87,11 +99,79 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             flow,
             request.flow_id,
             ctx,
-            time.monotonic() + remaining,
+            time.monotonic() + remaining - deadlines.reply_reserve(remaining),
             tuple(request.via),
         )
-        # A fresh context per call: pool threads are reused, flows must not share state.
-        return contextvars.Context().run(_run, state, index, context)
+        return self._once(context, state, index, remaining)
+
+    def _once(
+        self, context: grpc.ServicerContext, state: FlowState, index: int, remaining: float
+    ) -> _pb2.ContinueReply:
+        """Run the step unless this peer ran it already (a retry): then its first reply."""
+        key = (state.flow_id, index)
+        known = key in self.replies
+        if not self.calls.enter(known):
+            # Draining: a new step goes to another replica (gRPC retries UNAVAILABLE);
+            # a retry of a step this peer ran or is running is still answered below.
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"{state.machine} is stopping")
+        watches = self._watches
+        mine = None
+        if known:
+            caller = state.via[-1] if state.via else "caller"
+            _log.info("mesh.step_repeated", caller=caller, **state.fields(index))
+            running = watches.get(key)
+            if running is not None:
+                running.adopt()
+        else:
+            mine = watches[key] = deadlines.watch(context, state)
+        try:
+            # A fresh context per call: pool threads are reused, flows must not share state.
+            reply = self.replies.once(
+                key, lambda: contextvars.Context().run(_run, state, index, context), remaining
+            )
+        finally:
+            self.calls.leave()
+            if mine is not None:
+                mine.finished()
+                if watches.get(key) is mine:
+                    del watches[key]
+        if reply is None:
+            _abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{state.machine}: {state.flow.name} line {index} is still running"
+                " from an earlier attempt",
+            )
+        return reply
+
+
+class InFlight:
+    """Counts the calls being served, so a stopping peer knows when they are done."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+        self.draining = False
+
+    def enter(self, known: bool) -> bool:
+        """Count a call in; False when draining and the step is not one run here."""
+        with self._cond:
+            if self.draining and not known:
+                return False
+            self._count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._count -= 1
+            if not self._count:
+                self._cond.notify_all()
+
+    def drain(self, timeout: float | None) -> bool:
+        """Refuse new steps from now on; wait for calls in progress (True: all done)."""
+        with self._cond:
+            self.draining = True
+            return self._cond.wait_for(lambda: not self._count, timeout)
 
 
 def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.ContinueReply:
@@ -100,6 +180,13 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.Conti
     try:
         outcome = advance(state, index)
     except MeshError as exc:
+        if isinstance(exc, FlowTimeout) and exc.machine == state.machine:
+            # The flow stops here: say so where it happened, not only at the originator.
+            # deadlines.expire sets the deadline to exactly 0.0: the caller went away.
+            cause = "caller gone" if state.deadline == 0.0 else "deadline passed"
+            _log.warning(
+                "mesh.flow_expired", cause=cause, reason=str(exc), **state.fields(exc.line_index)
+            )
         return _pb2.ContinueReply(failed=error_to_failure(exc), steps=steps_to_pb(state.steps))
     except Exception as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))
@@ -146,7 +233,8 @@ class Server:
             options=[("grpc.so_reuseport", 0), *transport.server_options()],
             interceptors=transport.server_interceptors(node.flows),
         )
-        _pb2_grpc.add_MeshServicer_to_server(Peer(node), self._server)
+        self.peer = Peer(node)
+        _pb2_grpc.add_MeshServicer_to_server(self.peer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         problem = _bind_problem(listen)
@@ -162,9 +250,17 @@ class Server:
         self.health.set(SERVICE_NAME, serving)
 
     def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, refuse new calls, let calls in progress finish."""
+        """Stop gracefully: NOT_SERVING, refuse new steps, let steps in progress finish.
+
+        Clients that watch health (the dialer does) stop picking this peer; one
+        that picked it already gets UNAVAILABLE, which gRPC retries on another
+        replica. Steps in progress get ``grace`` seconds; then the server stops.
+        """
         self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
+        began = time.monotonic()
+        self.peer.calls.drain(grace or 0.0)
+        left = None if grace is None else max(grace - (time.monotonic() - began), 0.0)
+        self._server.stop(left).wait()
 
     def wait(self, timeout: float | None = None) -> bool:
         return bool(self._server.wait_for_termination(timeout))

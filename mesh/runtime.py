@@ -82,6 +82,7 @@ class FlowState:
     nexted: bool = False  # "next" logged by the running handler
     done: bool = False
     tokens: Mapping[str, Any] | None = None  # contextvars bindings to undo (inline flows)
+    outbound: Any = None  # the Continue call in progress further down, to cancel (deadlines.py)
     _wall: float = 0.0
     _t0: float = 0.0
     _rendered: str = ""

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import structlog
 from hypothesis import settings
+from proxy import ReplyDropper
 
 import mesh
 from mesh import runtime as mesh_runtime
@@ -107,6 +108,7 @@ class MeshDir:
         self.tag = tag
         self.services: list[str] = []
         self.addresses: dict[str, str] = {}
+        self.replicas: dict[str, list[str]] = {}  # a machine's replica addresses, 1st first
         self.config = root / "mesh.toml"
 
     def service(self, code: str, name: str | None = None) -> str:
@@ -123,14 +125,15 @@ class MeshDir:
 
     def write_config(
         self,
-        machines: Mapping[str, bool | str],
+        machines: Mapping[str, bool | int | str],
         *,
         flow: str | list[str] = "flow.tsv",
         name: str = "mesh.toml",
         extra: str = "",
     ) -> Path:
         """Write a ``mesh.toml``. A machine maps to True (give it a free port), False
-        (no address: a pure originator) or an address to use as is."""
+        (no address: a pure originator), an int N (N replicas, each on a free port,
+        dialled as one ``ipv4:`` target) or an address to use as is."""
         lines = [f"flow = {json.dumps(flow)}", f"services = {json.dumps(self.services)}"]
         if extra:
             lines.append(textwrap.dedent(extra).strip())
@@ -140,6 +143,12 @@ class MeshDir:
                 address = self.addresses.get(machine) or f"127.0.0.1:{free_port()}"
             elif want is False:
                 address = ""
+            elif isinstance(want, int):
+                binds = self.replicas.get(machine) or [
+                    f"127.0.0.1:{free_port()}" for _ in range(want)
+                ]
+                self.replicas[machine] = binds
+                address = "ipv4:" + ",".join(binds)
             else:
                 address = str(want)
             self.addresses[machine] = address
@@ -248,16 +257,30 @@ class Peers:
         config: Path | None = None,
         wait: bool = True,
         env: Mapping[str, str] | None = None,
+        replica: int | None = None,
+        prefix: Sequence[str] = (),
         tls: bool = False,
         args: Sequence[str] = (),
     ) -> Peer:
-        """``tls``: the peer serves TLS, so probe it with its own config's credentials."""
+        """Start ``mesh peer MACHINE`` (``--replica K`` for one replica of several);
+        ``prefix`` runs it through another command, e.g. ``ip netns exec NS``; ``tls``:
+        the peer serves TLS, so probe it with its own config's credentials; ``args``: more
+        flags for ``mesh peer``."""
         cfg = config or mesh_dir.config
         address = mesh_dir.addresses[machine]
+        which: list[str] = []
+        if replica is not None:
+            address = mesh_dir.replicas[machine][replica - 1]
+            which = ["--replica", str(replica)]
         log = self.tmp_path / f"peer-{machine}-{len(self.started)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "peer", machine, "-c", str(cfg), "--json", *args],
+                [
+                    *prefix,
+                    *(sys.executable, "-m", "mesh", "peer", machine, *which, "-c", str(cfg)),
+                    "--json",
+                    *args,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -347,6 +370,100 @@ def connect(nodes: list[mesh.Node]) -> Any:
         return node
 
     return _connect
+
+
+@pytest.fixture
+def reply_dropper() -> Iterator[Any]:
+    """``reply_dropper((host, port), marker, drops=1)``: a proxy that loses replies, stopped
+    at the end of the test (see tests/proxy.py)."""
+    started: list[ReplyDropper] = []
+
+    def _start(target: tuple[str, int], marker: bytes, drops: int = 1) -> ReplyDropper:
+        proxy = ReplyDropper(target, marker, drops)
+        started.append(proxy)
+        return proxy
+
+    yield _start
+    for proxy in started:
+        proxy.stop()
+
+
+class NetNs:
+    """A network namespace joined to this one by a veth pair, each end with its own address."""
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"mesh-test-{tag}"
+        self.host_if = f"mh{tag}h"
+        self.ns_if = f"mh{tag}n"
+        subnet = _free_subnet(int(tag) % 250)
+        self.host_ip = f"10.231.{subnet}.1"
+        self.ns_ip = f"10.231.{subnet}.2"
+
+    @property
+    def exec(self) -> list[str]:
+        """The prefix that runs a command inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def link(self, up: bool) -> None:
+        """Cut (False) or restore (True) the link, at this namespace's end."""
+        _ip("link", "set", self.host_if, "up" if up else "down")
+
+    def create(self) -> None:
+        _ip("netns", "add", self.name)
+        _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        _ip("link", "set", self.ns_if, "netns", self.name)
+        _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        _ip("link", "set", self.host_if, "up")
+        inside = ["-n", self.name]
+        _ip(*inside, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+        _ip(*inside, "link", "set", self.ns_if, "up")
+        _ip(*inside, "link", "set", "lo", "up")
+
+    def delete(self) -> None:
+        # Deleting the namespace deletes its end of the pair, and with it the other end.
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
+
+
+def _free_subnet(start: int) -> int:
+    """A 10.231.X.0/30 no interface here uses (another test run may have one)."""
+    for i in range(250):
+        subnet = (start + i) % 250
+        shown = subprocess.run(
+            ["ip", "-o", "addr", "show", "to", f"10.231.{subnet}.0/30"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shown.returncode == 0 and not shown.stdout.strip():
+            return subnet
+    raise OSError("no free 10.231.X.0/30 subnet")
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNs]:
+    """A fresh network namespace with a veth link to ours; deleted at the end of the test.
+
+    Skipped where namespaces cannot be made (not root, no ``ip``, no CAP_NET_ADMIN)."""
+    try:
+        ns = NetNs(str(os.getpid() % 100_000))
+    except (OSError, FileNotFoundError) as exc:
+        pytest.skip(f"cannot make a network namespace here (needs root and iproute2): {exc}")
+    try:
+        ns.create()
+    except (OSError, FileNotFoundError) as exc:
+        ns.delete()
+        pytest.skip(f"cannot make a network namespace here (needs root and iproute2): {exc}")
+    try:
+        yield ns
+    finally:
+        ns.delete()
 
 
 @pytest.fixture(autouse=True)

@@ -551,3 +551,65 @@ def test_parse_params_types_and_reserved_names() -> None:
         parse_params(["novalue"])
     with pytest.raises(MeshError, match="is not JSON"):
         parse_params(["n:={bad"])
+
+
+# -- replicas ----------------------------------------------------------------------------
+
+
+def test_up_starts_every_replica_and_they_share_calls(mesh_dir: MeshDir, up) -> None:
+    """`mesh up` with server at 2 replicas starts server.1 and server.2; calls reach both."""
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.service(LOGIN_SERVICE)
+    mesh_dir.write_config({"client": False, "server": 2})
+    running = up(mesh_dir.config)
+    running.wait_healthy(2)
+    assert set(running.peer_pids) == {"server.1", "server.2"}
+
+    # Each `mesh call` is a new process whose round_robin may start at either replica:
+    # call until both have served one (each call must succeed), with a generous limit.
+    served: set[str] = set()
+    for n in range(40):
+        user = f"user{n}"
+        done = mesh_cmd(
+            "call",
+            "login",
+            f"username={user}",
+            f"password={password_of(user)}",
+            "-c",
+            mesh_dir.config,
+        )
+        assert done.returncode == 0, done.stderr
+        line = running.expect(rf"Testing password for {user}\b")
+        served.add(line.split(" | ")[0].strip())
+        if served == {"server.1", "server.2"}:
+            break
+    assert served == {"server.1", "server.2"}
+
+    os.kill(running.pid, signal.SIGTERM)
+    assert running.proc.wait(30) == 0
+    assert not any(alive(pid) for pid in running.peer_pids.values())
+
+
+def test_peer_of_a_replicated_machine_needs_a_replica(mesh_dir: MeshDir) -> None:
+    """`mesh peer server` with 2 replicas and no --replica, or a wrong one, is one line."""
+    mesh_dir.flow(CLI_FLOW)
+    mesh_dir.write_config({"client": False, "server": 2})
+
+    none = one_line_error(mesh_cmd("peer", "server", "-c", mesh_dir.config))
+    assert (
+        none == "mesh peer: server has 2 replicas; pick one with --replica 1..2 (or give --listen)"
+    )
+    wrong = one_line_error(mesh_cmd("peer", "server", "--replica", "3", "-c", mesh_dir.config))
+    assert wrong == "mesh peer: server has 2 replicas; --replica 3 is not in 1..2"
+
+
+def test_check_lists_every_replica(mesh_dir: MeshDir) -> None:
+    """`mesh check` shows a replicated machine's dial target and each replica's bind."""
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.write_config({"client": False, "server": 2})
+    first, second = mesh_dir.replicas["server"]
+
+    done = mesh_cmd("check", "-c", mesh_dir.config)
+
+    assert done.returncode == 0, done.stderr
+    assert f"ipv4:{first},{second}  listens on {first}, {second}" in done.stdout

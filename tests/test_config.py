@@ -299,8 +299,8 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     path = mesh_toml(tmp_path, 'flow = "flow.tsv"\ntimout = 5\n' + MACHINES)
     assert config_error(path) == (
         f"{path}: unknown key 'timout' "
-        "(known: flow, grace, machines, max_flow_file_bytes, max_message_bytes, services,"
-        " strict, timeout, tls, token_file, workers)"
+        "(known: dedup_age, dedup_size, flow, grace, machines, max_flow_file_bytes,"
+        " max_message_bytes, services, strict, timeout, tls, token_file, workers)"
     )
 
 
@@ -453,8 +453,9 @@ def test_unknown_key_in_a_machine_table(tmp_path: Path) -> None:
     """A typo inside a machine table is caught like a top-level one."""
     body = 'flow = "flow.tsv"\n[machines]\nclient = ""\n[machines.server]\nadress = "h:1"\n'
     path = mesh_toml(tmp_path, body)
-    assert "machines.server: unknown key 'adress' (known: address, listen, tls)" in config_error(
-        path
+    assert (
+        "machines.server: unknown key 'adress' (known: address, listen, replicas, tls)"
+        in config_error(path)
     )
 
 
@@ -725,3 +726,123 @@ def test_paths_in_messages_are_absolute(tmp_path: Path, monkeypatch: pytest.Monk
         load_config("mesh.toml")
     assert str(info.value).startswith(f"{tmp_path / 'mesh.toml'}: ")
     assert os.path.isabs(str(info.value).split(": ")[0])
+
+
+# --- exactly-once record and replicas --------------------------------------------------------
+
+
+def test_dedup_keys_have_defaults_and_can_be_set(tmp_path: Path) -> None:
+    """dedup_size and dedup_age default to 20000 entries and 300 s, and can be changed."""
+    default = load_config(mesh_toml(tmp_path / "a", 'flow = "flow.tsv"\n' + MACHINES))
+    assert (default.dedup_size, default.dedup_age) == (20_000, 300.0)
+    body = 'flow = "flow.tsv"\ndedup_size = 50\ndedup_age = 1.5\n' + MACHINES
+    config = load_config(mesh_toml(tmp_path / "b", body))
+    assert (config.dedup_size, config.dedup_age) == (50, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("dedup_size = 0", "dedup_size must be a positive integer, not 0"),
+        ("dedup_size = 2.5", "dedup_size must be a positive integer, not 2.5"),
+        ('dedup_size = "10"', "dedup_size must be a positive integer, not '10'"),
+        ("dedup_age = -1", "dedup_age must be a positive number of seconds, not -1"),
+        ("dedup_age = true", "dedup_age must be a positive number of seconds, not true"),
+    ],
+)
+def test_dedup_keys_are_checked(tmp_path: Path, line: str, message: str) -> None:
+    """A bad dedup_size or dedup_age is a one-line error naming the key and the value."""
+    path = mesh_toml(tmp_path, f'flow = "flow.tsv"\n{line}\n' + MACHINES)
+    assert config_error(path) == f"{path}: {message}"
+
+
+def test_replicas_count_ports_up_from_the_address(tmp_path: Path) -> None:
+    """replicas = 3 listens on three ports from the address's and dials all three."""
+    config = load_config(server_is(tmp_path, '{ address = "127.0.0.1:50052", replicas = 3 }'))
+    server = config.machines["server"]
+    assert server.address == "ipv4:127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50054"
+    assert server.binds == ("127.0.0.1:50052", "127.0.0.1:50053", "127.0.0.1:50054")
+    assert server.listen == "127.0.0.1:50052"
+
+
+def test_replicas_from_an_address_list(tmp_path: Path) -> None:
+    """An ipv4: target listing host:ports is one replica per address, each bound there."""
+    config = load_config(server_is(tmp_path, '"ipv4:127.0.0.1:50052,127.0.0.1:50062"'))
+    server = config.machines["server"]
+    assert server.address == "ipv4:127.0.0.1:50052,127.0.0.1:50062"
+    assert server.binds == ("127.0.0.1:50052", "127.0.0.1:50062")
+
+
+def test_replicas_listed_behind_a_dns_name(tmp_path: Path) -> None:
+    """A dns: target with a listen list: one replica per listen address."""
+    entry = (
+        '{ address = "dns:///server.internal:50052", listen = ["0.0.0.0:50052", "0.0.0.0:50062"] }'
+    )
+    config = load_config(server_is(tmp_path, entry))
+    assert config.machines["server"].binds == ("0.0.0.0:50052", "0.0.0.0:50062")
+    assert config.machines["server"].address == "dns:///server.internal:50052"
+
+
+def test_one_replica_is_a_plain_machine(tmp_path: Path) -> None:
+    """replicas = 1 changes nothing: the address is dialled and bound as written."""
+    config = load_config(server_is(tmp_path, '{ address = "127.0.0.1:50052", replicas = 1 }'))
+    assert config.machines["server"] == MachineConfig(
+        "server", "127.0.0.1:50052", "127.0.0.1:50052"
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            '{ address = "127.0.0.1:50052", replicas = 0 }',
+            "machines.server.replicas must be a positive integer, not 0",
+        ),
+        (
+            '{ address = "127.0.0.1:65534", replicas = 3 }',
+            "machines.server: replicas = 3 counted up from address '127.0.0.1:65534'"
+            " would pass port 65535",
+        ),
+        (
+            '{ address = "server.internal:50052", replicas = 2 }',
+            "machines.server: replicas = 2 needs an IP address to count ports up from,"
+            " not 'server.internal'",
+        ),
+        (
+            '{ address = "ipv4:127.0.0.1:1,127.0.0.1:2", replicas = 3 }',
+            "machines.server: replicas = 3 but address 'ipv4:127.0.0.1:1,127.0.0.1:2'"
+            " lists 2 addresses",
+        ),
+        (
+            '{ address = "dns:///s:1", listen = ["0.0.0.0:1"], replicas = 2 }',
+            "machines.server: replicas = 2 but listen names 1 addresses",
+        ),
+        (
+            '{ address = "dns:///s:1", listen = ["0.0.0.0:1", 5] }',
+            "machines.server.listen[1] must be a string, not 5",
+        ),
+        (
+            '{ address = "dns:///s:1", listen = [] }',
+            "machines.server.listen is an empty list; name one address per replica",
+        ),
+        (
+            '{ address = "", replicas = 2 }',
+            "machines.server: replicas given but the address is empty",
+        ),
+    ],
+)
+def test_bad_replicas(tmp_path: Path, entry: str, message: str) -> None:
+    """Each mistake in replicas is one line naming the machine's key."""
+    path = server_is(tmp_path, entry)
+    assert message in config_error(path)
+
+
+def test_replicas_may_not_share_a_port_with_another_machine(tmp_path: Path) -> None:
+    """A counted-up replica port that another machine binds is caught."""
+    body = (
+        'flow = "flow.tsv"\n[machines]\nclient = ""\n'
+        'server = { address = "127.0.0.1:50052", replicas = 2 }\n'
+        'other = "127.0.0.1:50053"\n'
+    )
+    message = config_error(mesh_toml(tmp_path, body))
+    assert "machines.other: listen '127.0.0.1:50053' is the same host and port" in message

@@ -1,0 +1,97 @@
+"""A flow's deadline across hops, and cancelling the work of a call that is gone.
+
+Each hop passes on the time that remains (gRPC carries it as the call's
+deadline), minus a small reserve for its own reply to travel back: so when a
+step deep in the chain overruns, the hop that called it times out first and
+its reply, a ``FlowTimeout`` naming the machine and line that held the flow,
+still reaches the originator before the originator's own deadline.
+
+When the call that brought a flow here ends before the flow is done here (its
+deadline passed, its caller was killed or cancelled it), nobody waits for the
+result: :func:`expire` cancels the call in progress further down (gRPC
+cancellation) and moves the flow's deadline into the past, so a handler that is
+still running cannot go on to call further peers: its ``"next"`` fails fast.
+
+A call can also end because its connection broke, and then gRPC retries it: the
+retry finds the step still running (dedup.py) and waits for its reply. So a
+step whose caller vanished with time left keeps going for :data:`ADOPT_WINDOW`
+seconds; a retry arriving by then adopts it, and it runs to its normal end.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mesh.runtime import FlowState
+
+__all__ = ["Watch", "expire", "reply_reserve", "watch"]
+
+#: At most this many seconds of a hop's time are kept for its reply.
+MAX_RESERVE = 0.1
+
+#: Seconds a step whose caller went away waits for a retry to adopt it (gRPC's first
+#: retry comes within 0.05 s of a lost connection; its backoff grows to 1 s).
+ADOPT_WINDOW = 1.0
+
+
+def reply_reserve(remaining: float) -> float:
+    """Seconds of ``remaining`` a peer keeps for sending its reply back."""
+    return min(MAX_RESERVE, max(remaining, 0.0) / 10)
+
+
+def expire(state: FlowState, *, gone: bool = True) -> None:
+    """Nobody waits for this flow here any more: stop it calling on.
+
+    ``gone``: the caller went away before the deadline, which is then moved to a
+    monotonic time long past (exactly 0.0, which the peer's log reports as
+    "caller gone"); otherwise the deadline has passed already.
+    """
+    if gone:
+        state.deadline = 0.0
+    call = state.outbound
+    if call is not None:
+        call.cancel()
+
+
+class Watch:
+    """gRPC's callback for the end of one inbound call."""
+
+    __slots__ = ("adopted", "done", "state")
+
+    def __init__(self, state: FlowState) -> None:
+        self.state = state
+        self.done = False
+        self.adopted = False
+
+    def finished(self) -> None:
+        """The reply is ready: the call's end is no longer news for the flow."""
+        self.done = True
+
+    def adopt(self) -> None:
+        """A retry of this call waits for the step's reply: let the step finish."""
+        self.adopted = True
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        left = self.state.remaining()
+        if left <= 0:
+            expire(self.state, gone=False)
+            return
+        timer = threading.Timer(min(ADOPT_WINDOW, left), self._orphaned)
+        timer.daemon = True
+        timer.start()
+
+    def _orphaned(self) -> None:
+        if not self.done and not self.adopted:
+            expire(self.state)
+
+
+def watch(context: Any, state: FlowState) -> Watch:
+    """Expire ``state`` if the call ``context`` ends before :meth:`Watch.finished`."""
+    w = Watch(state)
+    if not context.add_callback(w):  # the call has already ended
+        expire(state)
+    return w

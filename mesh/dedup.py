@@ -1,0 +1,129 @@
+"""Exactly-once steps: the replies a peer gave, by (flow_id, line_index), for a while.
+
+gRPC retries a ``Continue`` whose reply was lost (the connection broke after the
+request went out), so a peer can receive the same step twice. Running it twice
+would charge a card twice; so the first call runs the step, and a duplicate
+
+* of a step still running waits for it and gets the same reply;
+* of a step already finished gets the recorded reply, without running anything.
+
+A flow visits each line once, so (flow_id, line_index) names one step. The record
+is bounded: finished entries are dropped once there are more than ``size`` of them
+(oldest first) or once they are older than ``age`` seconds. Keep ``age`` above the
+longest deadline a flow may have: a retry never comes later than its deadline.
+Replies are kept in the form ``keep`` gives them (the peer keeps serialized bytes,
+a fraction of a message object's size) and turned back by ``restore`` for a
+duplicate, the rare case.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Replies"]
+
+T = TypeVar("T")
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Running:
+    """A step still running: duplicates wait on ``done``, then read ``reply``."""
+
+    __slots__ = ("done", "reply")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: Any = None
+
+
+class Replies(Generic[T]):
+    """The record of steps run here; :meth:`once` runs each key at most once."""
+
+    def __init__(
+        self,
+        size: int,
+        age: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        keep: Callable[[T], Any] = _same,
+        restore: Callable[[Any], T] = _same,
+    ) -> None:
+        if size <= 0 or age <= 0:
+            raise ValueError(f"size and age must be positive, not {size!r} and {age!r}")
+        self.size = size
+        self.age = age
+        self._clock = clock
+        self._keep = keep
+        self._restore = restore
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, _Running] = {}
+        # Finished steps in the order they finished: (when, kept reply); the eviction queue.
+        self._finished: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self.duplicates = 0  # how many calls were answered from the record
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._running) + len(self._finished)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._running or key in self._finished
+
+    def once(self, key: Hashable, run: Callable[[], T], wait: float) -> T | None:
+        """``run()``'s reply for ``key``, running it only if no call for ``key`` did.
+
+        A duplicate waits at most ``wait`` seconds for a running step (its own
+        deadline) and gets None if the step is still running then, or if the
+        first run raised (its caller got that exception; there is no reply to
+        repeat). A run that raises leaves no record, so it is not remembered.
+        """
+        first = False
+        with self._lock:
+            self._evict(self._clock())
+            finished = self._finished.get(key)
+            running = self._running.get(key) if finished is None else None
+            if finished is not None or running is not None:
+                self.duplicates += 1
+            else:
+                running = self._running[key] = _Running()
+                first = True
+        if finished is not None:
+            return self._restore(finished[1])
+        assert running is not None
+        if not first:
+            running.done.wait(max(wait, 0.0))
+            kept = running.reply
+            return None if kept is None else self._restore(kept)
+        try:
+            reply = run()
+            kept = self._keep(reply)
+        except BaseException:
+            with self._lock:
+                self._running.pop(key, None)
+            running.done.set()
+            raise
+        running.reply = kept
+        with self._lock:
+            now = self._clock()
+            self._running.pop(key, None)
+            self._finished[key] = (now, kept)
+            self._evict(now)
+        running.done.set()
+        return reply
+
+    def _evict(self, now: float) -> None:
+        """Drop finished entries past ``size`` or older than ``age`` (lock held)."""
+        finished = self._finished
+        horizon = now - self.age
+        while finished:
+            key, (at, _) = next(iter(finished.items()))
+            if len(finished) <= self.size and at >= horizon:
+                break
+            del finished[key]
