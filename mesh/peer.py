@@ -110,7 +110,8 @@ def _run(state: FlowState, index: int) -> _pb2.ContinueReply:
         return _pb2.ContinueReply(failed=failure, steps=steps_to_pb(state.steps))
     steps = steps_to_pb(state.steps)
     if outcome is FINISHED:
-        return _pb2.ContinueReply(done=_pb2.Done(context=dump_context(state.context)), steps=steps)
+        final = state.final if state.final is not None else dump_context(state.context)
+        return _pb2.ContinueReply(done=_pb2.Done(context=final), steps=steps)
     assert isinstance(outcome, HandOff)
     hand_off = _pb2.HandOff(
         machine=outcome.machine, line_index=outcome.index, context=dump_context(state.context)

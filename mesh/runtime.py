@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
+from mesh.loggers import BoundOnce
 from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
 from mesh.registry import Handler, describe
@@ -31,7 +32,7 @@ from mesh.wire import step_error
 if TYPE_CHECKING:
     from mesh.node import Node
 
-_log = structlog.get_logger("mesh")
+_log = BoundOnce("mesh")
 
 #: The flow active in this context, if any.
 current: ContextVar[FlowState | None] = ContextVar("mesh_flow", default=None)
@@ -74,13 +75,20 @@ class FlowState:
     context: dict[str, Any]
     deadline: float  # time.monotonic()
     via: tuple[str, ...] = ()
-    steps: list[Step] = field(default_factory=list)
+    # Steps run here are Step; steps reported from downstream stay the Step
+    # messages they arrived as, passed on up the chain without re-encoding, and
+    # become Step only at the originator (wire.as_steps).
+    steps: list[Any] = field(default_factory=list)
     current: int = -1  # the line emitted and not yet finished by "next"
     awaiting: int = -1  # the line inline code is expected to log next
     in_handler: bool = False
     nexted: bool = False  # "next" logged by the running handler
     done: bool = False
     tokens: Mapping[str, Any] | None = None  # contextvars bindings to undo (inline flows)
+    # The final context as JSON when the flow finished below this peer: passed up
+    # the chain as it came, not decoded and re-encoded at every level (``context``
+    # is then stale; nothing runs here after the flow is done).
+    final: bytes | None = None
     _wall: float = 0.0
     _t0: float = 0.0
     _rendered: str = ""

@@ -34,8 +34,14 @@ MESSAGE_OPTIONS: tuple[tuple[str, int], ...] = (
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+#: Types whose values always encode (a float may be NaN, which JSON lacks).
+_PLAIN: frozenset[type] = frozenset({str, int, bool, type(None)})
+
+
 def check_value(key: str, value: object) -> None:
     """Raise ContextError unless ``value`` can travel as JSON under ``key``."""
+    if type(value) in _PLAIN:  # every "next" checks its values: skip the encoder for these
+        return
     try:
         _encoder.encode(value)
     except (TypeError, ValueError) as exc:
@@ -69,17 +75,28 @@ def load_context(data: bytes) -> dict[str, Any]:
     return value
 
 
-def steps_to_pb(steps: Iterable[Step]) -> list[_pb2.Step]:
+def steps_to_pb(steps: Iterable[Any]) -> list[_pb2.Step]:
+    """Encode the steps run here; steps that came from downstream as messages pass as is.
+
+    Re-encoding every step at every level of the call chain cost each hop more
+    the deeper the chain was.
+    """
     return [
         _pb2.Step(
             line_index=s.index, machine=s.machine, line=s.line, start=s.start, duration=s.duration
         )
+        if type(s) is Step
+        else s
         for s in steps
     ]
 
 
-def steps_from_pb(steps: Iterable[_pb2.Step]) -> list[Step]:
-    return [Step(s.line_index, s.line, s.machine, s.start, s.duration) for s in steps]
+def as_steps(steps: Iterable[Any]) -> tuple[Step, ...]:
+    """The timeline as Step values: steps run here and messages from downstream."""
+    return tuple(
+        s if type(s) is Step else Step(s.line_index, s.line, s.machine, s.start, s.duration)
+        for s in steps
+    )
 
 
 class _StepViolation(FlowError, FlowViolation):
