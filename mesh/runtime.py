@@ -18,14 +18,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from mesh.loggers import BoundOnce
 from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
+from mesh.loggers import BoundOnce
 from mesh.registry import Handler, describe
-from mesh.result import Step, scrub, secret_values
+from mesh.result import scrub, secret_values
 from mesh.routing import DONE, Call, HandBack, RunHere, route
 from mesh.wire import step_error
 
@@ -33,6 +32,9 @@ if TYPE_CHECKING:
     from mesh.node import Node
 
 _log = BoundOnce("mesh")
+
+#: A line run here: (index, rendered line, machine, start, duration), the fields of Step.
+LocalStep = tuple[int, str, str, float, float]
 
 #: The flow active in this context, if any.
 current: ContextVar[FlowState | None] = ContextVar("mesh_flow", default=None)
@@ -75,9 +77,10 @@ class FlowState:
     context: dict[str, Any]
     deadline: float  # time.monotonic()
     via: tuple[str, ...] = ()
-    # Steps run here are Step; steps reported from downstream stay the Step
-    # messages they arrived as, passed on up the chain without re-encoding, and
-    # become Step only at the originator (wire.as_steps).
+    # The timeline so far. Steps run here are LocalStep tuples (a frozen Step is
+    # slow to build, and a peer only encodes it); steps reported from downstream
+    # stay the Step messages they arrived as, passed up the chain without being
+    # re-encoded. Both become Step only at the originator (wire.as_steps).
     steps: list[Any] = field(default_factory=list)
     current: int = -1  # the line emitted and not yet finished by "next"
     awaiting: int = -1  # the line inline code is expected to log next
@@ -156,15 +159,14 @@ def open_line(state: FlowState, index: int) -> str:
 
 def close_line(state: FlowState) -> None:
     """Record the open line as a step of the timeline."""
-    state.steps.append(
-        Step(
-            state.current,
-            state._rendered,
-            state.node.machine,
-            state._wall,
-            time.perf_counter() - state._t0,
-        )
+    step: LocalStep = (
+        state.current,
+        state._rendered,
+        state.node.machine,
+        state._wall,
+        time.perf_counter() - state._t0,
     )
+    state.steps.append(step)
     state.current = -1
 
 
@@ -258,7 +260,7 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
                 index += 1
                 continue
             run_handler(state, index, fn)
-            index = state.steps[-1].index + 1
+            index = state.steps[-1][0] + 1  # the handler's last line (LocalStep)
         elif type(decision) is Call:
             try:
                 back = node.dialer.continue_flow(state, decision.machine, index)

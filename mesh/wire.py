@@ -76,25 +76,24 @@ def load_context(data: bytes) -> dict[str, Any]:
 
 
 def steps_to_pb(steps: Iterable[Any]) -> list[_pb2.Step]:
-    """Encode the steps run here; steps that came from downstream as messages pass as is.
+    """Encode the steps run here (tuples); steps that came from downstream as messages
+    pass as is.
 
     Re-encoding every step at every level of the call chain cost each hop more
     the deeper the chain was.
     """
     return [
-        _pb2.Step(
-            line_index=s.index, machine=s.machine, line=s.line, start=s.start, duration=s.duration
-        )
-        if type(s) is Step
+        _pb2.Step(line_index=s[0], line=s[1], machine=s[2], start=s[3], duration=s[4])
+        if type(s) is tuple
         else s
         for s in steps
     ]
 
 
 def as_steps(steps: Iterable[Any]) -> tuple[Step, ...]:
-    """The timeline as Step values: steps run here and messages from downstream."""
+    """The timeline as Step values: steps run here (tuples) and messages from downstream."""
     return tuple(
-        s if type(s) is Step else Step(s.line_index, s.line, s.machine, s.start, s.duration)
+        Step(*s) if type(s) is tuple else Step(s.line_index, s.line, s.machine, s.start, s.duration)
         for s in steps
     )
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -695,9 +696,7 @@ def role_events(events: str, rounds: str) -> int:
         ]
         renderer = structlog.processors.JSONRenderer()
         procs = (
-            [mesh.processor, *tail, mesh.mask_secrets, renderer]
-            if with_mesh
-            else [*tail, renderer]
+            [mesh.processor, *tail, mesh.mask_secrets, renderer] if with_mesh else [*tail, renderer]
         )
         structlog.configure(
             processors=procs,
@@ -748,9 +747,7 @@ def spread(values: Sequence[float], fmt: str = ".2f") -> str:
 
 def collect(cells: list[dict[str, Any]], system: str, n: int, c: int, key: str) -> list[float]:
     return [
-        x[key]
-        for x in cells
-        if x["system"] == system and x["n"] == n and x["c"] == c and key in x
+        x[key] for x in cells if x["system"] == system and x["n"] == n and x["c"] == c and key in x
     ]
 
 
@@ -785,7 +782,7 @@ def measure(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
                 say(f"  {name} left out: {system.unavailable}")
                 results["unavailable"][name] = system.unavailable
                 continue
-            say(f"  {name}: {len(system.peers)} processes, idle RSS" f" {idle_rss(system):.1f} MiB max")
+            say(f"  {name}: {len(system.peers)} processes, idle RSS {idle_rss(system):.1f} MiB max")
             systems.append(system)
         results["idle_rss_mib"] = {s.name: idle_rss(s) for s in systems}
         events: dict[str, list[float]] = {"without_ns": [], "with_ns": []}
@@ -801,8 +798,8 @@ def measure(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
                 check=True,
             )
             got = json.loads(ev.stdout)
-            for key in events:
-                events[key].extend(got[key])
+            for key, values in events.items():
+                values.extend(got[key])
             for n in HOPS:
                 for c in args.concurrency:
                     # Interleaved cell by cell: drift on a shared machine hits all alike.
@@ -874,7 +871,7 @@ def summarize(results: dict[str, Any]) -> list[str]:
             ]
             summary[f"{s}_per_hop_ms"] = per_repeat
             out.append(f"per-hop marginal cost, {s}: {spread(per_repeat, '.3f')} ms")
-    growth = {s: [x for x in collect_all(cells, s, "rss_growth_mib")] for s in systems}
+    growth = {s: collect_all(cells, s, "rss_growth_mib") for s in systems}
     for s in systems:
         out.append(
             f"peer RSS growth idle -> {max(conc)} in flight, {s}:"
@@ -954,7 +951,7 @@ def summarize(results: dict[str, Any]) -> list[str]:
     summary["targets"] = []
     for label, value, limit, lower in checks:
         sign = "<=" if lower else ">="
-        if value != value:  # NaN: a cell this run did not measure
+        if math.isnan(value):  # a cell this run did not measure
             out.append(f"  n/a   {label}: not measured in this run (target {sign} {limit})")
             continue
         ok = value <= limit if lower else value >= limit
