@@ -122,7 +122,7 @@ class Dialer:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self._forget(machine, stub)
             raise self._error(exc, state, machine, index) from None
-        state.steps.extend(reply.steps)  # decoded only at the originator (wire.as_steps)
+        state.steps.append(reply.steps)  # decoded only at the originator (wire.as_steps)
         outcome = reply.WhichOneof("outcome")
         if outcome == "done":
             if state.via:  # a peer in the chain: it only passes the final context up

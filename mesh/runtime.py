@@ -78,9 +78,9 @@ class FlowState:
     deadline: float  # time.monotonic()
     via: tuple[str, ...] = ()
     # The timeline so far. Steps run here are LocalStep tuples (a frozen Step is
-    # slow to build, and a peer only encodes it); steps reported from downstream
-    # stay the Step messages they arrived as, passed up the chain without being
-    # re-encoded. Both become Step only at the originator (wire.as_steps).
+    # slow to build, and a peer only encodes it); the steps a call downstream
+    # reported stay its reply's repeated field, copied up the chain whole
+    # (wire.add_steps). Both become Step only at the originator (wire.as_steps).
     steps: list[Any] = field(default_factory=list)
     current: int = -1  # the line emitted and not yet finished by "next"
     awaiting: int = -1  # the line inline code is expected to log next
