@@ -789,6 +789,8 @@ def measure(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
             say(f"  {name}: {len(system.peers)} processes, idle RSS {idle_rss(system):.1f} MiB max")
             systems.append(system)
         results["idle_rss_mib"] = {s.name: idle_rss(s) for s in systems}
+        results["pids"] = {s.name: [p.pid for p in procs.started if p in s.peers] for s in systems}
+        results["pids"]["all"] = [p.pid for p in procs.started]
         events: dict[str, list[float]] = {"without_ns": [], "with_ns": []}
         pings: list[float] = []
         for r in range(args.repeats):
