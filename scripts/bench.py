@@ -507,6 +507,7 @@ def role_raw(index: str, listen: str, downstream: str) -> int:
     checker.set("mesh.v1.Mesh", health_pb2.HealthCheckResponse.SERVING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C reaches the whole group
     stop.wait()
     server.stop(0).wait()
     return 0
@@ -568,6 +569,8 @@ def _flow_caller(system: str, args: Sequence[str]) -> Callable[[int], None]:
 
 def role_drive(system: str, args: Sequence[str]) -> int:
     """Originate flows on command: {"n", "c", "seconds"} -> "ready", "go" -> result."""
+    # Ctrl-C reaches the whole process group; the orchestrator reports it, quietly.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     call = _flow_caller(system, args)
     for n in HOPS:
         call(n)  # a wrong set-up fails here, before any figure is taken
@@ -654,13 +657,13 @@ def ping_pong(procs: Procs, rounds: int) -> float:
     port = free_port()
     echo = procs.start([sys.executable, str(SELF), "_echo", str(port)])
     try:
-        _wait_port_connect = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + READY_TIMEOUT
         while True:
             try:
                 sock = socket.create_connection(("127.0.0.1", port))
                 break
             except ConnectionRefusedError:
-                if time.monotonic() > _wait_port_connect or echo.poll() is not None:
+                if time.monotonic() > deadline or echo.poll() is not None:
                     raise
                 time.sleep(0.02)
         with sock:
@@ -672,7 +675,10 @@ def ping_pong(procs: Procs, rounds: int) -> float:
                 sock.sendall(msg)
                 got = 0
                 while got < len(msg):
-                    got += len(sock.recv(65536))
+                    data = sock.recv(65536)
+                    if not data:
+                        raise RuntimeError("the ping-pong echo process closed the connection")
+                    got += len(data)
                 times.append(time.perf_counter() - t0)
     finally:
         procs.stop(echo)
