@@ -173,7 +173,13 @@ def close_line(state: FlowState) -> None:
 def emit(state: FlowState, index: int) -> None:
     """Log line ``index`` as the runtime reaches it."""
     rendered = open_line(state, index)
-    _log.info(Rendered(rendered), **state.fields(index))
+    _log.info(  # state.fields(index), without building a dict to unpack on every line
+        Rendered(rendered),
+        flow_id=state.flow_id,
+        request=state.flow.name,
+        line_index=index,
+        machine=state.node.machine,
+    )
 
 
 def fail_step(state: FlowState, index: int, exc: BaseException) -> MeshError:

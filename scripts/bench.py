@@ -15,9 +15,11 @@ For N = 4 and 8, at 1, 8, 32 and 128 flows in flight: flows/s, p50/p99
 latency, peer CPU seconds per flow (``/proc/PID/stat``), peak RSS per peer
 (``VmHWM``) and its growth from idle to 128 in flight. Cells are interleaved
 (mesh, raw, celery, mesh, ...) and repeated; medians are shown with min-max.
-Also: the per-hop marginal cost, a non-flow structlog event with and without
-the mesh processors, and a loopback TCP ping-pong as the floor. The targets of
-issue 3 are checked against the figures of this run and printed PASS/FAIL.
+Also: the per-hop marginal cost, one hop's work in process without the network
+(a peer's, against the raw handler's: the mesh's own work), a non-flow
+structlog event with and without the mesh processors, and a loopback TCP
+ping-pong as the floor. The targets of issue 3 are checked against the figures
+of this run and printed PASS/FAIL.
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats 3] [--seconds 2]
                                       [--no-celery] [--out bench-results.json]
@@ -688,6 +690,114 @@ def ping_pong(procs: Procs, rounds: int) -> float:
 EVENT_FLOW = "Request\tLog\tMachine\nlogin\tUser logged in as :username\tclient\n"
 
 
+HOP_FLOW = "Request\tLog\tMachine\nchain2\thop 0 for :user\tm0\nchain2\thop 1 for :user\tm1\n"
+HOP_SERVICE = """
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("chain2", "hop 1 for :user")
+def hop1(ctx):
+    log.info("next", hop=1)
+"""
+
+
+def role_hop(calls: str, rounds: str) -> int:
+    """The mesh's own work in one hop, without the network: µs per call, mesh and raw.
+
+    What a peer does for the last line of a chain once gRPC has handed it the
+    request (decode, route, log the line, run the handler, its "next", the reply),
+    against the raw chain's handler (decode, log a line, encode, reply), each
+    logging through the same structlog chain to /dev/null. Rounds alternate.
+    """
+    import contextvars
+
+    import structlog
+
+    import mesh
+    from mesh.peer import _run as peer_run
+    from mesh.runtime import FlowState
+    from mesh.v1 import mesh_pb2 as pb
+    from mesh.wire import load_context
+
+    sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as this process
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "flow.tsv").write_text(HOP_FLOW)
+        Path(tmp, "bench_hop1.py").write_text(HOP_SERVICE)
+        Path(tmp, "mesh.toml").write_text(
+            'flow = "flow.tsv"\nservices = ["bench_hop1"]\n[machines]\nclient = ""\n'
+            'm0 = "127.0.0.1:1"\nm1 = "127.0.0.1:2"\n'
+        )
+        mesh.configure_logging(json=True, file=sink)
+        structlog.configure(cache_logger_on_first_use=True)  # as `mesh peer` does
+        node = mesh.connect(Path(tmp, "mesh.toml"), machine="m1")
+    flow = node.flows.flows["chain2"]
+    request = pb.ContinueRequest(
+        request="chain2",
+        line_index=1,
+        context=json.dumps(CONTEXT).encode(),
+        flow_id=uuid.uuid4().hex,
+        digest=flow.digest,
+        via=["client", "m0"],
+    )
+
+    def mesh_hop() -> Any:  # Peer.Continue from its decode on
+        state = FlowState(
+            node,
+            flow,
+            request.flow_id,
+            load_context(request.context),
+            time.monotonic() + 30,
+            tuple(request.via),
+        )
+        return contextvars.Context().run(peer_run, state, 1)
+
+    raw_log = structlog.wrap_logger(
+        structlog.WriteLogger(sink),
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(20),
+    )
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+    def raw_hop() -> Any:  # role_raw's Hop.Continue, last server of the chain
+        ctx = json.loads(request.context)
+        raw_log.info(
+            f"hop 1 for {ctx['user']}",
+            flow_id=request.flow_id,
+            request=request.request,
+            line_index=1,
+            machine="s1",
+        )
+        ctx["hop"] = 1
+        return pb.ContinueReply(done=pb.Done(context=encoder.encode(ctx).encode()))
+
+    if json.loads(mesh_hop().done.context).get("hop") != 1:
+        raise RuntimeError("the in-process mesh hop did not run its handler")
+    times: dict[str, list[float]] = {"mesh_us": [], "raw_us": []}
+    n = int(calls)
+    for r in range(int(rounds)):
+        order = [("mesh_us", mesh_hop), ("raw_us", raw_hop)]
+        for key, fn in order if r % 2 == 0 else order[::-1]:
+            for _ in range(n // 10):  # warm
+                fn()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[key].append((time.perf_counter() - start) / n * 1e6)
+    node.close()
+    print(json.dumps(times))
+    return 0
+
+
 def role_events(events: str, rounds: str) -> int:
     """ns per non-flow structlog event, with and without the mesh processors."""
     import structlog
@@ -799,6 +909,7 @@ def measure(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
         results["pids"]["all"] = [p.pid for p in procs.started]
         events: dict[str, list[float]] = {"without_ns": [], "with_ns": []}
         pings: list[float] = []
+        hops: dict[str, list[float]] = {}
         for r in range(args.repeats):
             say(f"repeat {r + 1}/{args.repeats}")
             pings.append(ping_pong(procs, args.pings))
@@ -812,6 +923,15 @@ def measure(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
             got = json.loads(ev.stdout)
             for key, values in events.items():
                 values.extend(got[key])
+            hop = subprocess.run(
+                [sys.executable, str(SELF), "_hop", str(args.hop_calls), str(args.rounds)],
+                capture_output=True,
+                text=True,
+                env=env_with_repo(),
+                check=True,
+            )
+            for key, values in json.loads(hop.stdout).items():
+                hops.setdefault(key, []).extend(values)
             for n in HOPS:
                 for c in args.concurrency:
                     # Interleaved cell by cell: drift on a shared machine hits all alike.
@@ -827,6 +947,7 @@ def measure(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
                             )
         results["ping_pong_us"] = pings
         results["events"] = events
+        results["hop_in_process_us"] = hops
     results["load_after"] = os.getloadavg()
     return results
 
@@ -900,6 +1021,14 @@ def summarize(results: dict[str, Any]) -> list[str]:
         f" processors; ratio per round {spread(event_ratios, '.3f')}"
     )
     out.append(f"loopback TCP ping-pong, 200 bytes: {spread(results['ping_pong_us'], '.1f')} µs")
+    hop = results["hop_in_process_us"]
+    own = [m - r for m, r in zip(hop["mesh_us"], hop["raw_us"], strict=True)]
+    summary["mesh_own_work_us"] = own
+    out.append(
+        f"one hop in process, no network: mesh {spread(hop['mesh_us'], '.0f')} µs, raw"
+        f" {spread(hop['raw_us'], '.0f')} µs; the mesh's own work {spread(own, '.0f')} µs"
+        f" (best rounds {min(hop['mesh_us']):.0f} vs {min(hop['raw_us']):.0f} µs)"
+    )
     out.append("")
     out.append("targets (medians of this run):")
     checks: list[tuple[str, float, float, bool]] = []  # label, value, limit, lower-is-better
@@ -1005,6 +1134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "_raw": role_raw,
             "_echo": role_echo,
             "_events": role_events,
+            "_hop": role_hop,
         }
         if argv[0] == "_drive":
             return role_drive(argv[1], argv[2:])
@@ -1033,6 +1163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.seconds = args.seconds or (0.3 if args.quick else 2.0)
     args.events = 5000 if args.quick else 20000
     args.rounds = 5 if args.quick else 7
+    args.hop_calls = 1000 if args.quick else 3000
     args.pings = 2000 if args.quick else 10000
     procs = Procs()
     try:

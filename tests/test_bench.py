@@ -60,5 +60,7 @@ def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> 
                 assert cell["p50_ms"] > 0 and cell["peer_cpu_ms_per_flow"] > 0
     assert "mesh/raw sequential p50 latency, N=4" in proc.stdout
     assert "per-hop marginal cost, mesh" in proc.stdout
+    assert "the mesh's own work" in proc.stdout
+    assert len(results["hop_in_process_us"]["mesh_us"]) == len(results["events"]["with_ns"])
     assert len(results["pids"]["mesh"]) == 8 and len(results["pids"]["raw"]) == 8
     assert [pid for pid in results["pids"]["all"] if _alive(pid)] == []
