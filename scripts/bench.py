@@ -964,6 +964,10 @@ def summarize(results: dict[str, Any]) -> list[str]:
     """The table and the PASS/FAIL lines; also fills results["summary"]."""
     cells = results["cells"]
     conc = tuple(results["settings"]["concurrency"])
+
+    def m(s: str, n: int, c: int, key: str) -> float:
+        return med(collect(cells, s, n, c, key))
+
     systems = [s for s in ("mesh", "raw", "celery") if any(x["system"] == s for x in cells)]
     out = [
         f"mesh benchmark {results['date']} on {results['machine']};"
@@ -971,8 +975,8 @@ def summarize(results: dict[str, Any]) -> list[str]:
         f"{results['settings']['repeats']} interleaved repeats of"
         f" {results['settings']['seconds']} s per cell; median (min-max)",
         "",
-        f"{'system':<7}{'N':>3}{'c':>5}  {'flows/s':<22}{'p50 ms':<22}{'p99 ms':<22}"
-        f"{'peer CPU ms/flow':<22}{'peak RSS MiB':<14}",
+        f"{'system':<7}{'N':>3}{'c':>5}  {'flows/s':<16}{'p50 ms':<24}{'p99 ms':<24}"
+        f"{'peer CPU ms/flow':<20}{'peak RSS MiB'}",
     ]
     for n in HOPS:
         for c in conc:
@@ -981,15 +985,13 @@ def summarize(results: dict[str, Any]) -> list[str]:
                 def col(key: str, fmt: str = ".2f", s: str = s, c: int = c, n: int = n) -> str:
                     return spread(collect(cells, s, n, c, key), fmt)
 
+                ms = ".1f" if m(s, n, c, "p50_ms") >= 100 else ".2f"
                 out.append(
-                    f"{s:<7}{n:>3}{c:>5}  {col('flows_per_s', '.0f'):<22}{col('p50_ms'):<22}"
-                    f"{col('p99_ms'):<22}{col('peer_cpu_ms_per_flow'):<22}"
-                    f"{med(collect(cells, s, n, c, 'peak_rss_mib')):<14.1f}"
+                    f"{s:<7}{n:>3}{c:>5}  {col('flows_per_s', '.0f'):<16}{col('p50_ms', ms):<24}"
+                    f"{col('p99_ms', ms):<24}{col('peer_cpu_ms_per_flow'):<20}"
+                    f"{med(collect(cells, s, n, c, 'peak_rss_mib')):.1f}"
                 )
         out.append("")
-
-    def m(s: str, n: int, c: int, key: str) -> float:
-        return med(collect(cells, s, n, c, key))
 
     summary: dict[str, Any] = {}
     for s in ("mesh", "raw"):
@@ -1151,7 +1153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="flows in flight per cell, comma-separated (default 1,8,32,128; --quick: 1,32,128)",
     )
     parser.add_argument("--out", default="bench-results.json", help="where the JSON goes")
+    parser.add_argument(
+        "--summarize", metavar="JSON", help="print the table of an earlier run's JSON; run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.summarize:
+        try:
+            print("\n".join(summarize(json.loads(Path(args.summarize).read_text()))))
+        except (OSError, ValueError, KeyError) as exc:
+            say(f"bench: cannot summarize {args.summarize}: {exc!r}")
+            return 1
+        return 0
     if args.concurrency is None:
         args.concurrency = "1,32,128" if args.quick else ",".join(map(str, CONCURRENCY))
     try:
