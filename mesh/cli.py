@@ -245,6 +245,9 @@ def _peer(args: argparse.Namespace) -> int:
         configure_logging(json=args.json or bool(log_file), level=args.log_level, file=log_file)
     except ValueError as exc:
         raise MeshError(str(exc)) from None
+    # Configured once, before the services are imported: their loggers may bind on
+    # first use instead of reassembling themselves on every call (every "next").
+    structlog.configure(cache_logger_on_first_use=True)
     log = structlog.get_logger("mesh")
     node = connect(args.config, machine=args.machine)
     try:

@@ -32,7 +32,6 @@ from mesh.wire import (
     dump_context,
     failure_to_error,
     load_context,
-    steps_from_pb,
 )
 
 if TYPE_CHECKING:
@@ -189,10 +188,13 @@ class Dialer:
             raise self._error(exc, state, machine, index) from None
         finally:
             state.outbound = None
-        state.steps.extend(steps_from_pb(reply.steps))
+        state.steps.append(reply.steps)  # decoded only at the originator (wire.as_steps)
         outcome = reply.WhichOneof("outcome")
         if outcome == "done":
-            state.context = load_context(reply.done.context)
+            if state.via:  # a peer in the chain: it only passes the final context up
+                state.final = reply.done.context
+            else:
+                state.context = load_context(reply.done.context)
             return None
         if outcome == "hand_off":
             state.context = load_context(reply.hand_off.context)

@@ -29,7 +29,7 @@ from mesh.registry import Handler, Registry, default_registry
 from mesh.result import FlowResult
 from mesh.runtime import FlowState, activate, advance, current, finish
 from mesh.transport import Transport
-from mesh.wire import check_values
+from mesh.wire import as_steps, check_values
 
 
 class Node:
@@ -108,7 +108,7 @@ class Node:
             state.flow.name,
             state.flow_id,
             state.context,
-            tuple(state.steps),
+            as_steps(state.steps),
             state.flow.secrets,
         )
 

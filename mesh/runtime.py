@@ -18,21 +18,24 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-import structlog
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from mesh import tracing
 from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
+from mesh.loggers import BoundOnce
 from mesh.registry import Handler, describe
-from mesh.result import Step, scrub, secret_values
+from mesh.result import scrub, secret_values
 from mesh.routing import DONE, Call, HandBack, RunHere, route
 from mesh.wire import step_error
 
 if TYPE_CHECKING:
     from mesh.node import Node
 
-_log = structlog.get_logger("mesh")
+_log = BoundOnce("mesh")
+
+#: A line run here: (index, rendered line, machine, start, duration), the fields of Step.
+LocalStep = tuple[int, str, str, float, float]
 
 #: The flow active in this context, if any.
 current: ContextVar[FlowState | None] = ContextVar("mesh_flow", default=None)
@@ -75,7 +78,11 @@ class FlowState:
     context: dict[str, Any]
     deadline: float  # time.monotonic()
     via: tuple[str, ...] = ()
-    steps: list[Step] = field(default_factory=list)
+    # The timeline so far. Steps run here are LocalStep tuples (a frozen Step is
+    # slow to build, and a peer only encodes it); the steps a call downstream
+    # reported stay its reply's repeated field, copied up the chain whole
+    # (wire.add_steps). Both become Step only at the originator (wire.as_steps).
+    steps: list[Any] = field(default_factory=list)
     current: int = -1  # the line emitted and not yet finished by "next"
     awaiting: int = -1  # the line inline code is expected to log next
     in_handler: bool = False
@@ -83,6 +90,10 @@ class FlowState:
     done: bool = False
     tokens: Mapping[str, Any] | None = None  # contextvars bindings to undo (inline flows)
     outbound: Any = None  # the Continue call in progress further down, to cancel (deadlines.py)
+    # The final context as JSON when the flow finished below this peer: passed up
+    # the chain as it came, not decoded and re-encoded at every level (``context``
+    # is then stale; nothing runs here after the flow is done).
+    final: bytes | None = None
     _wall: float = 0.0
     _t0: float = 0.0
     _rendered: str = ""
@@ -150,23 +161,28 @@ def open_line(state: FlowState, index: int) -> str:
 
 def close_line(state: FlowState) -> None:
     """Record the open line as a step of the timeline."""
-    state.steps.append(
-        Step(
-            state.current,
-            state._rendered,
-            state.node.machine,
-            state._wall,
-            time.perf_counter() - state._t0,
-        )
+    step: LocalStep = (
+        state.current,
+        state._rendered,
+        state.node.machine,
+        state._wall,
+        time.perf_counter() - state._t0,
     )
-    tracing.step(state, state.steps[-1])
+    state.steps.append(step)
+    tracing.step(state, step)
     state.current = -1
 
 
 def emit(state: FlowState, index: int) -> None:
     """Log line ``index`` as the runtime reaches it."""
     rendered = open_line(state, index)
-    _log.info(Rendered(rendered), **state.fields(index))
+    _log.info(  # state.fields(index), without building a dict to unpack on every line
+        Rendered(rendered),
+        flow_id=state.flow_id,
+        request=state.flow.name,
+        line_index=index,
+        machine=state.node.machine,
+    )
 
 
 def fail_step(state: FlowState, index: int, exc: BaseException) -> MeshError:
@@ -254,7 +270,7 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
                 index += 1
                 continue
             run_handler(state, index, fn)
-            index = state.steps[-1].index + 1
+            index = state.steps[-1][0] + 1  # the handler's last line (LocalStep)
         elif type(decision) is Call:
             try:
                 back = node.dialer.continue_flow(state, decision.machine, index)

@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import grpc
 
-    from mesh.result import Step
-    from mesh.runtime import FlowState
+    from mesh.runtime import FlowState, LocalStep
 
 __all__ = ["adopt", "outgoing", "step", "step_failed"]
 
@@ -96,11 +95,12 @@ def _record(
     _parent.set((state.flow_id, context))
 
 
-def step(state: FlowState, done: Step) -> None:
+def step(state: FlowState, done: LocalStep) -> None:
     """A line ended on this machine: record its span (no-op when tracing is off)."""
     api = sys.modules.get(_API)
     if api is not None:
-        _record(api, state, done.index, (done.start, done.duration))
+        index, _text, _machine, start, duration = done
+        _record(api, state, index, (start, duration))
 
 
 def step_failed(state: FlowState, index: int, exc: BaseException) -> None:

@@ -1,0 +1,66 @@
+"""scripts/bench.py end to end, cut short: real peers, figures in the JSON, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose: reaped by whoever started it, or by init.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
+
+
+@pytest.mark.timeout(240)
+def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> None:
+    """A tiny run prints the table and targets, writes the JSON, and leaves no process."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--no-celery",
+            "--concurrency",
+            "1,8",
+            "--repeats",
+            "1",
+            "--seconds",
+            "0.3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    for system in ("mesh", "raw"):
+        for n in (4, 8):
+            for c in (1, 8):
+                (cell,) = [
+                    x
+                    for x in results["cells"]
+                    if x["system"] == system and x["n"] == n and x["c"] == c
+                ]
+                assert cell["count"] > 0 and cell["errors"] == 0, cell
+                assert cell["p50_ms"] > 0 and cell["peer_cpu_ms_per_flow"] > 0
+    assert "mesh/raw sequential p50 latency, N=4" in proc.stdout
+    assert "per-hop marginal cost, mesh" in proc.stdout
+    assert "the mesh's own work" in proc.stdout
+    assert len(results["hop_in_process_us"]["mesh_us"]) == len(results["events"]["with_ns"])
+    assert len(results["pids"]["mesh"]) == 8 and len(results["pids"]["raw"]) == 8
+    assert [pid for pid in results["pids"]["all"] if _alive(pid)] == []
