@@ -753,7 +753,7 @@ def role_hop(calls: str, rounds: str) -> int:
             time.monotonic() + 30,
             tuple(request.via),
         )
-        return contextvars.Context().run(peer_run, state, 1)
+        return contextvars.Context().run(peer_run, state, 1, None)  # no call: tracing is off
 
     raw_log = structlog.wrap_logger(
         structlog.WriteLogger(sink),
