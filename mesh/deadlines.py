@@ -1,4 +1,4 @@
-"""A flow's deadline across hops, and cancelling the work of a call that is gone.
+"""A flow's deadline across hops, and stopping the work of a call that is gone.
 
 Each hop passes on the time that remains (gRPC carries it as the call's
 deadline), minus a small reserve for its own reply to travel back: so when a
@@ -8,9 +8,11 @@ still reaches the originator before the originator's own deadline.
 
 When the call that brought a flow here ends before the flow is done here (its
 deadline passed, its caller was killed or cancelled it), nobody waits for the
-result: :func:`expire` cancels the call in progress further down (gRPC
-cancellation) and moves the flow's deadline into the past, so a handler that is
-still running cannot go on to call further peers: its ``"next"`` fails fast.
+result: :func:`expire` moves the flow's deadline into the past, so a handler that
+is still running cannot go on to call further peers: its ``"next"`` fails fast.
+A call already in progress further down is not cancelled from here (the dialer
+makes blocking calls, which cost a third of a future's; see dialer.py): it ends
+by its own deadline, the flow's, which gRPC cancels it at.
 
 A call can also end because its connection broke, and then gRPC retries it: the
 retry finds the step still running (dedup.py) and waits for its reply. So a
@@ -50,9 +52,6 @@ def expire(state: FlowState, *, gone: bool = True) -> None:
     """
     if gone:
         state.deadline = 0.0
-    call = state.outbound
-    if call is not None:
-        call.cancel()
 
 
 class Watch:

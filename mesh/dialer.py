@@ -170,24 +170,19 @@ class Dialer:
                 " (max_message_bytes in mesh.toml)"
             )
         stub = self.stub(machine)
-        # A future, not a blocking call, so deadlines.expire can cancel it when the
-        # call that brought the flow here has ended.
-        call = stub.Continue.future(
-            request, timeout=max(state.remaining(), 0.001), metadata=tracing.outgoing(state)
-        )
-        state.outbound = call
+        # A blocking call, not a future: grpcio runs a blocking call on its own
+        # completion queue in this thread, while a future's result comes through the
+        # channel's polling thread, a thread hand-off that cost 2.5x a whole call on
+        # this 2-core machine (scripts/bench.py). The call carries the flow's deadline,
+        # so everything below it ends by then even when nobody can cancel it.
         try:
-            if state.remaining() <= 0:  # expired while the call was being made
-                call.cancel()
-            reply = call.result()
-        except grpc.FutureCancelledError:
-            raise self._error(call, state, machine, index) from None
+            reply = stub.Continue(
+                request, timeout=max(state.remaining(), 0.001), metadata=tracing.outgoing(state)
+            )
         except grpc.RpcError as exc:
             if exc.code() in _REDIAL:
                 self._forget(machine, stub)
             raise self._error(exc, state, machine, index) from None
-        finally:
-            state.outbound = None
         state.steps.append(reply.steps)  # decoded only at the originator (wire.as_steps)
         outcome = reply.WhichOneof("outcome")
         if outcome == "done":

@@ -89,7 +89,6 @@ class FlowState:
     nexted: bool = False  # "next" logged by the running handler
     done: bool = False
     tokens: Mapping[str, Any] | None = None  # contextvars bindings to undo (inline flows)
-    outbound: Any = None  # the Continue call in progress further down, to cancel (deadlines.py)
     # The final context as JSON when the flow finished below this peer: passed up
     # the chain as it came, not decoded and re-encoded at every level (``context``
     # is then stale; nothing runs here after the flow is done).
