@@ -282,13 +282,15 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
                 line_index=index,
             )
 
-    def _bounded(self, request: _pb2.ContinueRequest, reply: Any) -> Any:
-        """The reply, or a step failure when it would not fit in a message: gRPC would
-        otherwise fail the call with RESOURCE_EXHAUSTED, which the caller reads as "busy"."""
-        size = reply.ByteSize()
+    def _bounded(self, request: _pb2.ContinueRequest, reply: bytes) -> bytes:
+        """The (serialized) reply, or a step failure when it would not fit in a message: gRPC
+        would otherwise fail the call with RESOURCE_EXHAUSTED, which the caller reads as
+        "busy"."""
+        size = len(reply)
         if size <= self._limit:
             return reply
-        last = reply.steps[-1].line_index if reply.steps else request.line_index
+        steps = _pb2.ContinueReply.FromString(reply).steps
+        last = steps[-1].line_index if steps else request.line_index
         flow = self._flows[request.request]
         message = str(
             step_error(
@@ -310,7 +312,7 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
             error_type="ContextError",
             message=message,
         )
-        return _pb2.ContinueReply(failed=failure)
+        return _pb2.ContinueReply(failed=failure).SerializeToString()  # type: ignore[no-any-return]
 
     def _refuse(
         self,

@@ -45,19 +45,13 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
     def __init__(self, node: Node) -> None:
         self._node = node
         # Steps run here, so a retried call gets the first reply instead of a second run.
-        self.replies: Replies[_pb2.ContinueReply] = Replies(
-            node.config.dedup_size,
-            node.config.dedup_age,
-            keep=_pb2.ContinueReply.SerializeToString,
-            restore=_pb2.ContinueReply.FromString,
-        )
+        # Kept as the bytes sent: a reply is serialized once, for the record and the wire.
+        self.replies: Replies[bytes] = Replies(node.config.dedup_size, node.config.dedup_age)
         self.calls = InFlight()
         # The inbound call of each step running here, so a retry can adopt the step.
         self._watches: dict[tuple[str, int], deadlines.Watch] = {}
 
-    def Continue(
-        self, request: _pb2.ContinueRequest, context: grpc.ServicerContext
-    ) -> _pb2.ContinueReply:
+    def Continue(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> bytes:
         node = self._node
         me = node.machine
         flow = node.flows.flows.get(request.request)
@@ -106,7 +100,7 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
 
     def _once(
         self, context: grpc.ServicerContext, state: FlowState, index: int, remaining: float
-    ) -> _pb2.ContinueReply:
+    ) -> bytes:
         """Run the step unless this peer ran it already (a retry): then its first reply."""
         key = (state.flow_id, index)
         known = key in self.replies
@@ -127,7 +121,9 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
         try:
             # A fresh context per call: pool threads are reused, flows must not share state.
             reply = self.replies.once(
-                key, lambda: contextvars.Context().run(_run, state, index, context), remaining
+                key,
+                lambda: _serialized(contextvars.Context().run(_run, state, index, context)),
+                remaining,
             )
         finally:
             self.calls.leave()
@@ -172,6 +168,10 @@ class InFlight:
         with self._cond:
             self.draining = True
             return self._cond.wait_for(lambda: not self._count, timeout)
+
+
+def _serialized(reply: _pb2.ContinueReply) -> bytes:
+    return reply.SerializeToString()  # type: ignore[no-any-return]
 
 
 def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.ContinueReply:
@@ -237,7 +237,16 @@ class Server:
             interceptors=transport.server_interceptors(node.flows),
         )
         self.peer = Peer(node)
-        _pb2_grpc.add_MeshServicer_to_server(self.peer, self._server)
+        # Replies leave Peer.Continue serialized already (response_serializer=None).
+        handlers = {
+            "Continue": grpc.unary_unary_rpc_method_handler(
+                self.peer.Continue, request_deserializer=_pb2.ContinueRequest.FromString
+            )
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         problem = _bind_problem(listen)
