@@ -18,7 +18,7 @@ latency, peer CPU seconds per flow (``/proc/PID/stat``), peak RSS per peer
 Also: the per-hop marginal cost, one hop's work in process without the network
 (a peer's, against the raw handler's: the mesh's own work), a non-flow
 structlog event with and without the mesh processors, and a loopback TCP
-ping-pong as the floor. The targets of issue 3 are checked against the figures
+ping-pong as the floor. The project's performance targets are checked against the figures
 of this run and printed PASS/FAIL.
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats 3] [--seconds 2]
