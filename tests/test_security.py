@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -185,6 +186,33 @@ def test_login_over_mutual_tls(tls_mesh: MeshDir, peers: Peers, connect) -> None
     assert result.context["session"] == "session-ada"
     assert len(session_steps(server)) == 2
     assert not [e for e in server.events() if e.get("event") == "mesh.plaintext"]
+
+
+def test_replicas_behind_mutual_tls_and_a_token(
+    login_mesh: MeshDir, dev_certs: Path, peers: Peers, connect, monkeypatch
+) -> None:
+    """Reliability and security together: two replicas of server, each serving mTLS and
+    requiring the token. gRPC's client-side health checks pass the guard (they need no
+    token), so round_robin keeps both replicas in use and every login succeeds."""
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    (login_mesh.root / "token").write_text(TOKEN + "\n")
+    login_mesh.write_config({"client": False, "server": 2}, extra='token_file = "token"\n' + MTLS)
+    replicas = [peers.start(login_mesh, "server", replica=k, tls=True) for k in (1, 2)]
+    node = connect(login_mesh.config, "client")
+
+    users = [f"user{n}" for n in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda u: node.start("login", username=u, password=password_of(u)), users)
+        )
+
+    assert [r.context["session"] for r in results] == [f"session-{u}" for u in users]
+    counts = [len(session_steps(r)) // 2 for r in replicas]  # two logged lines per login
+    assert sum(counts) == len(users), counts
+    assert min(counts) >= len(users) // 4, counts  # both replicas serve, roughly evenly
+    for replica in replicas:
+        assert not refusals(replica)
+        assert TOKEN not in replica.log_text()
 
 
 def test_plaintext_caller_to_a_tls_peer(tls_mesh: MeshDir, peers: Peers, connect) -> None:
