@@ -235,12 +235,7 @@ def _stop_event() -> threading.Event:
 
 def _peer(args: argparse.Namespace) -> int:
     stop = _stop_event()
-    log_file = None
-    if args.log_file:
-        try:
-            log_file = open(args.log_file, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
-            raise MeshError(f"cannot open log file {args.log_file}: {exc.strerror}") from None
+    log_file = _open_log(args.log_file) if args.log_file else None
     try:
         configure_logging(json=args.json or bool(log_file), level=args.log_level, file=log_file)
     except ValueError as exc:
@@ -453,10 +448,7 @@ def _call(args: argparse.Namespace) -> int:
     configure_logging(json=log_file is not None, file=log_file or sys.stderr)
     config = load_config(find_config(args.config))
     import_services(config)
-    flow = config.flows.flows.get(args.request)
-    if flow is None:
-        known = ", ".join(config.flows) or "none"
-        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+    flow = _named_flow(config, args.request)
     machine = args.machine or _default_origin(flow, config)
     node = Node(config, machine, outside=machine == CALLER)
     install(node)
@@ -529,11 +521,8 @@ def _diagram(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     if args.request is None:
         flows = list(config.flows.flows.values())
-    elif args.request in config.flows:
-        flows = [config.flows[args.request]]
     else:
-        known = ", ".join(config.flows) or "none"
-        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+        flows = [_named_flow(config, args.request)]
     fmt = diagram.format_for(args.output or "", args.format)
     title = args.request or f"{config.path.parent.name}/{config.path.name}"
     text = diagram.render([diagram.from_flow(f) for f in flows], fmt, title=title)
@@ -581,6 +570,15 @@ def _shown(path: str | Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
+def _named_flow(config: Config, name: str) -> Flow:
+    """The flow called ``name``, or a one-line error listing the flows there are."""
+    flow = config.flows.flows.get(name)
+    if flow is None:
+        known = ", ".join(config.flows) or "none"
+        raise MeshError(f"no flow {name!r} in the flow files (known: {known})")
+    return flow
+
+
 def _open_log(path: str) -> Any:
     try:
         return open(path, "a", encoding="utf-8")
@@ -590,10 +588,7 @@ def _open_log(path: str) -> Any:
 
 def _scaffold(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
-    flow = config.flows.flows.get(args.request)
-    if flow is None:
-        known = ", ".join(config.flows) or "none"
-        raise MeshError(f"no flow {args.request!r} in the flow files (known: {known})")
+    flow = _named_flow(config, args.request)
     only = None
     if args.missing:
         import_services(config)
