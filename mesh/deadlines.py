@@ -43,15 +43,13 @@ def reply_reserve(remaining: float) -> float:
     return min(MAX_RESERVE, max(remaining, 0.0) / 10)
 
 
-def expire(state: FlowState, *, gone: bool = True) -> None:
-    """Nobody waits for this flow here any more: stop it calling on.
+def expire(state: FlowState) -> None:
+    """The caller went away before the deadline: nobody waits for this flow here any more.
 
-    ``gone``: the caller went away before the deadline, which is then moved to a
-    monotonic time long past (exactly 0.0, which the peer's log reports as
-    "caller gone"); otherwise the deadline has passed already.
+    Its deadline moves to a monotonic time long past (exactly 0.0, which the peer's
+    log reports as "caller gone"), so its next ``"next"`` fails fast.
     """
-    if gone:
-        state.deadline = 0.0
+    state.deadline = 0.0
 
 
 class Watch:
@@ -77,8 +75,7 @@ class Watch:
             return
         left = self.state.remaining()
         if left <= 0:
-            expire(self.state, gone=False)
-            return
+            return  # the deadline has passed: the flow's own checks stop it
         timer = threading.Timer(min(ADOPT_WINDOW, left), self._orphaned)
         timer.daemon = True
         timer.start()
