@@ -54,16 +54,10 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
     def Continue(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> bytes:
         node = self._node
         me = node.machine
-        flow = node.flows.flows.get(request.request)
-        if flow is None:
-            _abort(context, grpc.StatusCode.NOT_FOUND, f"{me} has no flow {request.request!r}")
+        # The guard (mesh/guard.py) runs before every call: the flow is known, the line in
+        # range, the flow_id present and the caller entitled to this line.
+        flow = node.flows.flows[request.request]
         index = request.line_index
-        if index >= len(flow.lines):
-            _abort(
-                context,
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"{me}: flow {flow.name} has {len(flow.lines)} lines, no line {index}",
-            )
         if request.digest != flow.digest:
             caller = request.via[-1] if request.via else "caller"
             _abort(
@@ -79,8 +73,6 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
                 f"{me} does not run {flow.name} line {index} {flow.lines[index].text!r};"
                 f" {owner} does",
             )
-        if not request.flow_id:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{me}: the call has no flow_id")
         try:
             ctx = load_context(request.context)
         except ValueError as exc:
