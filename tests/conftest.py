@@ -34,6 +34,7 @@ from proxy import ReplyDropper
 import mesh
 from mesh import runtime as mesh_runtime
 from mesh.config import load_config
+from mesh.errors import ConfigError
 from mesh.peer import wait_serving as peer_serving
 from mesh.processors import default_node
 from mesh.registry import default_registry
@@ -297,6 +298,16 @@ class Peers:
     def stop_all(self) -> None:
         for peer in reversed(self.started):
             peer.stop()
+
+
+def config_error(path: Path) -> str:
+    """Load ``path`` expecting a ConfigError; return its message after checking it is one line."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    return message
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import config_error
 
 from mesh.config import Config, MachineConfig, find_config, import_services, load_config
 from mesh.errors import ConfigError, FlowFileError
@@ -42,16 +43,6 @@ def mesh_toml(folder: Path, body: str, flow: str = FLOW_TSV) -> Path:
     """A mesh.toml with ``body`` and a flow.tsv beside it; returns the config's path."""
     write(folder / "flow.tsv", flow)
     return write(folder / "mesh.toml", body)
-
-
-def config_error(path: Path) -> str:
-    """Load ``path`` expecting a ConfigError; return its message after checking it is one line."""
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith(f"{path}: ")
-    return message
 
 
 @pytest.fixture

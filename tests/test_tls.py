@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import LOGIN_FLOW, mesh_env
+from conftest import LOGIN_FLOW, config_error, mesh_env
 
 from mesh.config import load_config
 from mesh.errors import ConfigError
@@ -32,15 +32,6 @@ def config_at(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "mesh.toml"
     path.write_text(textwrap.dedent(body))
     return path
-
-
-def tls_error(path: Path) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith(f"{path}: ")
-    return message
 
 
 def test_mesh_wide_paths_name_each_machine(tmp_path: Path) -> None:
@@ -94,13 +85,13 @@ def test_without_tls_every_machine_is_plaintext(tmp_path: Path) -> None:
 )
 def test_bad_tls_tables(tmp_path: Path, change: tuple[str, str], fragment: str) -> None:
     """Unknown keys, a cert without its key, mTLS without a CA, wrong types: one line each."""
-    assert fragment in tls_error(config_at(tmp_path, MESH_WIDE.replace(*change)))
+    assert fragment in config_error(config_at(tmp_path, MESH_WIDE.replace(*change)))
 
 
 def test_a_serving_machine_needs_a_certificate(tmp_path: Path) -> None:
     """TLS with only a CA cannot serve: the machine with an address is named."""
     body = 'flow = "flow.tsv"\n[tls]\nca = "ca.pem"\n[machines]\nclient = ""\nserver = "h:1"\n'
-    assert "tls: server has an address, so it serves TLS and needs cert and key" in tls_error(
+    assert "tls: server has an address, so it serves TLS and needs cert and key" in config_error(
         config_at(tmp_path, body)
     )
 
