@@ -11,9 +11,8 @@ A flow visits each line once, so (flow_id, line_index) names one step. The recor
 is bounded: finished entries are dropped once there are more than ``size`` of them
 (oldest first) or once they are older than ``age`` seconds. Keep ``age`` above the
 longest deadline a flow may have: a retry never comes later than its deadline.
-Replies are kept in the form ``keep`` gives them (the peer keeps serialized bytes,
-a fraction of a message object's size) and turned back by ``restore`` for a
-duplicate, the rare case.
+Replies are kept as they were returned; the peer returns serialized bytes, a
+fraction of a message object's size, and the very bytes it sends.
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ from typing import Any, Generic, TypeVar
 __all__ = ["Replies"]
 
 T = TypeVar("T")
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 class _Running:
@@ -51,21 +46,16 @@ class Replies(Generic[T]):
         size: int,
         age: float,
         clock: Callable[[], float] = time.monotonic,
-        *,
-        keep: Callable[[T], Any] = _same,
-        restore: Callable[[Any], T] = _same,
     ) -> None:
         if size <= 0 or age <= 0:
             raise ValueError(f"size and age must be positive, not {size!r} and {age!r}")
         self.size = size
         self.age = age
         self._clock = clock
-        self._keep = keep
-        self._restore = restore
         self._lock = threading.Lock()
         self._running: dict[Hashable, _Running] = {}
-        # Finished steps in the order they finished: (when, kept reply); the eviction queue.
-        self._finished: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        # Finished steps in the order they finished: (when, reply); the eviction queue.
+        self._finished: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
         self.duplicates = 0  # how many calls were answered from the record
 
     def __len__(self) -> int:
@@ -95,25 +85,24 @@ class Replies(Generic[T]):
                 running = self._running[key] = _Running()
                 first = True
         if finished is not None:
-            return self._restore(finished[1])
+            return finished[1]
         assert running is not None
         if not first:
             running.done.wait(max(wait, 0.0))
-            kept = running.reply
-            return None if kept is None else self._restore(kept)
+            done: T | None = running.reply
+            return done
         try:
             reply = run()
-            kept = self._keep(reply)
         except BaseException:
             with self._lock:
                 self._running.pop(key, None)
             running.done.set()
             raise
-        running.reply = kept
+        running.reply = reply
         with self._lock:
             now = self._clock()
             self._running.pop(key, None)
-            self._finished[key] = (now, kept)
+            self._finished[key] = (now, reply)
             self._evict(now)
         running.done.set()
         return reply
