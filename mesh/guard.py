@@ -1,6 +1,7 @@
 """Who may call a peer: the shared token, and the flow file as the access list.
 
-Every ``Continue`` passes here before the servicer sees it, in this order:
+Every ``Continue`` passes here before the servicer sees it (:class:`Guard` wraps the
+service's handlers), in this order:
 
 1. **Token.** With a token configured (``token_file`` or ``$MESH_TOKEN``), a call without
    ``authorization: Bearer <token>`` metadata, or with another token, is UNAUTHENTICATED.
@@ -33,7 +34,7 @@ import structlog
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from mesh.errors import ConfigError
-from mesh.flowfile import FlowSet
+from mesh.flowfile import Flow, FlowSet
 from mesh.tls import peer_machines
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.wire import step_error
@@ -43,7 +44,6 @@ __all__ = ["CONTINUE", "ClientToken", "Guard", "Token", "load_token"]
 _log = structlog.get_logger("mesh")
 
 CONTINUE = "/mesh.v1.Mesh/Continue"
-_MESH_PREFIX = "/mesh.v1.Mesh/"
 _HEADER = "authorization"
 _SCHEME = "Bearer "
 TOKEN_ENV = "MESH_TOKEN"
@@ -149,40 +149,56 @@ class ClientToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return continuation(new, request)
 
 
-class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
-    """The server interceptor that admits or refuses each call (see the module docstring)."""
+class Guard:
+    """Admits or refuses each call of the mesh service (see the module docstring).
+
+    It wraps the service's method handlers where they are registered
+    (:meth:`method_handlers`) rather than intercepting the server: a server
+    interceptor runs gRPC's interceptor pipeline and builds a new handler on
+    every call, a tenth of the Python a hop costs (scripts/bench.py); the
+    health service, registered apart, stays open either way.
+    """
 
     def __init__(
-        self, machine: str, flows: FlowSet, token: Token | None, max_message_bytes: int
+        self,
+        machine: str,
+        flows: FlowSet,
+        token: Token | None,
+        max_message_bytes: int,
+        *,
+        tls: bool = False,
     ) -> None:
         self._machine = machine
+        self._tls = tls  # this peer serves TLS, so callers may present certificates
         self._flows = flows
         self._token = token
         self._limit = max_message_bytes
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> Any:
-        method = details.method
-        if not method.startswith(_MESH_PREFIX):
-            return continuation(details)  # health: open, so probes need no token
-        handler = continuation(details)
-        authenticated = self._token is None or self._token.matches(details.invocation_metadata)
-        if handler is None:
-            return None  # UNIMPLEMENTED, as gRPC says for a method nobody serves
-        if method != CONTINUE or handler.unary_unary is None:
-            # Any other method of the mesh service needs the token too.
-            return handler if authenticated else self._denied(handler)
+    def method_handlers(
+        self, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> dict[str, grpc.RpcMethodHandler]:
+        """``handlers`` (method name -> handler of mesh.v1.Mesh), each behind the guard.
+
+        ``Continue`` gets every check; any other method of the service, the token check.
+        """
+        return {
+            name: self._continue(handler) if name == "Continue" else self._token_only(handler)
+            for name, handler in handlers.items()
+        }
+
+    def _authenticated(self, context: grpc.ServicerContext) -> None:
+        if self._token is not None and not self._token.matches(context.invocation_metadata()):
+            self._refuse(
+                context, grpc.StatusCode.UNAUTHENTICATED, f"{self._machine}: missing or wrong token"
+            )
+
+    def _continue(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
+        deserialize = handler.request_deserializer
 
         def admit(raw: bytes, context: grpc.ServicerContext) -> Any:
-            if not authenticated:
-                self._refuse(
-                    context,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"{self._machine}: missing or wrong token",
-                )
-            request = self._decode(raw, context)
+            self._authenticated(context)
+            request = self._decode(raw, context, deserialize)
             self._check(request, context)
             return self._bounded(request, inner(request, context))
 
@@ -192,28 +208,37 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
             admit, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
-    def _denied(self, handler: Any) -> Any:
-        """A handler of the same kind as ``handler`` that refuses UNAUTHENTICATED."""
-
-        def deny(_request: Any, context: grpc.ServicerContext) -> NoReturn:
-            self._refuse(
-                context, grpc.StatusCode.UNAUTHENTICATED, f"{self._machine}: missing or wrong token"
-            )
-
+    def _token_only(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` with the token checked before it runs (any kind of method)."""
         kinds = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
+            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
         }
-        make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        return make(deny, request_deserializer=None, response_serializer=None)
+        attr, make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        inner = getattr(handler, attr)
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            self._authenticated(context)
+            return inner(request, context)
+
+        return make(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     # -- the checks --------------------------------------------------------------------
 
-    def _decode(self, raw: bytes, context: grpc.ServicerContext) -> _pb2.ContinueRequest:
+    def _decode(
+        self,
+        raw: bytes,
+        context: grpc.ServicerContext,
+        deserialize: Callable[[bytes], Any] | None = None,
+    ) -> _pb2.ContinueRequest:
         try:
-            request: _pb2.ContinueRequest = _pb2.ContinueRequest.FromString(raw)
+            request: _pb2.ContinueRequest = (deserialize or _pb2.ContinueRequest.FromString)(raw)
             return request
         except (DecodeError, ValueError, TypeError) as exc:
             self._refuse(
@@ -224,6 +249,32 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
             )
 
     def _check(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> None:
+        flow = self._flows.flows.get(request.request)
+        index = request.line_index
+        flow_id = request.flow_id
+        via = request.via
+        # Every call passes here: one test for the shape of a real call, the reasons
+        # worked out only for a call that fails it.
+        if (
+            flow is None
+            or index >= len(flow.lines)
+            or not flow_id
+            or len(flow_id) > MAX_NAME
+            or len(via) > len(flow.lines)
+            or (
+                via and (len(set(via)) != len(via) or not all(via) or max(map(len, via)) > MAX_NAME)
+            )
+        ):
+            self._malformed(request, context)
+        assert flow is not None
+        if request.digest != flow.digest:
+            return  # the servicer refuses another version of the flow, saying so
+        if index == 0:
+            return  # a flow's entry: any caller that passed the token may start one
+        self._entitled(flow, index, via, context)
+
+    def _malformed(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> NoReturn:
+        """Refuse a call that is not one a peer makes, saying what is wrong with it."""
         me = self._machine
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         flow = self._flows.flows.get(request.request)
@@ -242,7 +293,7 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
             self._refuse(context, invalid, f"{me}: the call has no flow_id")
         if len(request.flow_id) > MAX_NAME:
             self._refuse(context, invalid, f"{me}: flow_id of {len(request.flow_id):,} characters")
-        via = list(request.via)
+        via = request.via
         if len(via) > len(flow.lines):
             self._refuse(
                 context,
@@ -250,19 +301,21 @@ class Guard(grpc.ServerInterceptor):  # type: ignore[misc]
                 f"{me}: a call chain (via) of {len(via)} machines is longer than flow"
                 f" {flow.name} has lines ({len(flow.lines)})",
             )
-        if any(not m or len(m) > MAX_NAME for m in via) or len(set(via)) != len(via):
-            self._refuse(
-                context,
-                invalid,
-                f"{me}: the call chain (via) {_cut(' → '.join(via))} is not one a flow makes"
-                " (a machine twice, or an empty or overlong name)",
-            )
-        if request.digest != flow.digest:
-            return  # the servicer refuses another version of the flow, saying so
-        if index == 0:
-            return  # a flow's entry: any caller that passed the token may start one
+        self._refuse(
+            context,
+            invalid,
+            f"{me}: the call chain (via) {_cut(' → '.join(via))} is not one a flow makes"
+            " (a machine twice, or an empty or overlong name)",
+        )
+
+    def _entitled(
+        self, flow: Flow, index: int, via: Sequence[str], context: grpc.ServicerContext
+    ) -> None:
+        """Refuse line ``index`` unless the caller owns line ``index - 1`` (the access list)."""
+        me = self._machine
         owner = flow.lines[index - 1].machine
-        certified = peer_machines(context)
+        # Without TLS there is no certificate to ask gRPC about.
+        certified = peer_machines(context) if self._tls else None
         caller = via[-1] if via else ""
         if certified is not None:
             allowed = owner in certified

@@ -226,15 +226,16 @@ class Server:
             maximum_concurrent_rpcs=workers,
             # Without this, two peers started on one port share it silently.
             options=[("grpc.so_reuseport", 0), *transport.server_options()],
-            interceptors=transport.server_interceptors(node.flows),
         )
         self.peer = Peer(node)
         # Replies leave Peer.Continue serialized already (response_serializer=None).
-        handlers = {
-            "Continue": grpc.unary_unary_rpc_method_handler(
-                self.peer.Continue, request_deserializer=_pb2.ContinueRequest.FromString
-            )
-        }
+        handlers = transport.guard(node.flows).method_handlers(
+            {
+                "Continue": grpc.unary_unary_rpc_method_handler(
+                    self.peer.Continue, request_deserializer=_pb2.ContinueRequest.FromString
+                )
+            }
+        )
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )

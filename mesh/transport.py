@@ -2,7 +2,7 @@
 
 The one place that turns the config's ``[tls]``, token and ``max_message_bytes`` into gRPC
 objects: the dialer asks :meth:`Transport.open_channel` for a channel to a machine, the
-server asks :meth:`Transport.server_interceptors` and :meth:`Transport.add_port`, and the
+server asks :meth:`Transport.guard` and :meth:`Transport.add_port`, and the
 health probes :meth:`Transport.probe_args`. Plaintext without a token stays the default, for
 development on one host; a peer that listens in plaintext beyond loopback warns.
 """
@@ -111,8 +111,15 @@ class Transport:
     def server_options(self) -> list[tuple[str, Any]]:
         return list(message_options(self.max_message_bytes))
 
-    def server_interceptors(self, flows: FlowSet) -> list[grpc.ServerInterceptor]:
-        return [Guard(self.machine, flows, self.token, self.max_message_bytes)]
+    def guard(self, flows: FlowSet) -> Guard:
+        """What admits or refuses each call of the mesh service (mesh/guard.py)."""
+        return Guard(
+            self.machine,
+            flows,
+            self.token,
+            self.max_message_bytes,
+            tls=self.tls.of(self.machine) is not None,
+        )
 
     def add_port(self, server: grpc.Server, listen: str) -> int:
         """Bind ``listen`` with TLS when this machine has a certificate, else in plaintext

@@ -253,16 +253,11 @@ def test_other_mesh_methods_need_the_token_too(streaming: bool) -> None:
         grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
     )
     token = Token("the-right-token-0123", "test")
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2),
-        interceptors=[Guard("server", parse_flows(LOGIN_FLOW), token, 4 << 20)],
-    )
+    guard = Guard("server", parse_flows(LOGIN_FLOW), token, 4 << 20)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handlers = guard.method_handlers({"Other": kind(other_stream if streaming else other)})
     server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "mesh.v1.Mesh", {"Other": kind(other_stream if streaming else other)}
-            )
-        ]
+        [grpc.method_handlers_generic_handler("mesh.v1.Mesh", handlers)]
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
