@@ -17,6 +17,7 @@ fraction of a message object's size, and the very bytes it sends.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -29,13 +30,17 @@ T = TypeVar("T")
 
 
 class _Running:
-    """A step still running: duplicates wait on ``done``, then read ``reply``."""
+    """A step still running: each duplicate waits on an event of its own, then reads ``reply``.
 
-    __slots__ = ("done", "reply")
+    The events are made only for duplicates (rare): a ``threading.Event`` per step
+    cost every hop a Condition and its locks.
+    """
+
+    __slots__ = ("reply", "waiters")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
         self.reply: Any = None
+        self.waiters: list[threading.Event] = []
 
 
 class Replies(Generic[T]):
@@ -56,15 +61,20 @@ class Replies(Generic[T]):
         self._running: dict[Hashable, _Running] = {}
         # Finished steps in the order they finished: (when, reply); the eviction queue.
         self._finished: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
+        self._oldest = math.inf  # when the first entry of _finished finished
         self.duplicates = 0  # how many calls were answered from the record
 
     def __len__(self) -> int:
         with self._lock:
+            self._evict(self._clock())
             return len(self._running) + len(self._finished)
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
-            return key in self._running or key in self._finished
+            if key in self._running:
+                return True
+            finished = self._finished.get(key)
+            return finished is not None and finished[0] >= self._clock() - self.age
 
     def once(self, key: Hashable, run: Callable[[], T], wait: float) -> T | None:
         """``run()``'s reply for ``key``, running it only if no call for ``key`` did.
@@ -74,38 +84,52 @@ class Replies(Generic[T]):
         first run raised (its caller got that exception; there is no reply to
         repeat). A run that raises leaves no record, so it is not remembered.
         """
-        first = False
+        waiter = None
         with self._lock:
-            self._evict(self._clock())
             finished = self._finished.get(key)
+            if finished is not None and finished[0] < self._clock() - self.age:
+                self._evict(self._clock())  # too old to be a retry: forget it, run again
+                finished = None
             running = self._running.get(key) if finished is None else None
             if finished is not None or running is not None:
                 self.duplicates += 1
+                if running is not None:
+                    waiter = threading.Event()
+                    running.waiters.append(waiter)
             else:
                 running = self._running[key] = _Running()
-                first = True
         if finished is not None:
             return finished[1]
         assert running is not None
-        if not first:
-            running.done.wait(max(wait, 0.0))
+        if waiter is not None:
+            waiter.wait(max(wait, 0.0))
             done: T | None = running.reply
             return done
         try:
             reply = run()
         except BaseException:
-            with self._lock:
-                self._running.pop(key, None)
-            running.done.set()
+            self._finish(key, running, None)
             raise
-        running.reply = reply
-        with self._lock:
-            now = self._clock()
-            self._running.pop(key, None)
-            self._finished[key] = (now, reply)
-            self._evict(now)
-        running.done.set()
+        self._finish(key, running, (reply,))
         return reply
+
+    def _finish(self, key: Hashable, running: _Running, ran: tuple[T] | None) -> None:
+        """Record the reply in ``ran`` (None: the run raised, nothing to repeat); wake
+        the duplicates."""
+        with self._lock:
+            del self._running[key]
+            if ran is not None:
+                reply = running.reply = ran[0]
+                now = self._clock()
+                finished = self._finished
+                if not finished:
+                    self._oldest = now
+                finished[key] = (now, reply)
+                if len(finished) > self.size or self._oldest < now - self.age:
+                    self._evict(now)
+            waiters = running.waiters
+        for waiter in waiters:
+            waiter.set()
 
     def _evict(self, now: float) -> None:
         """Drop finished entries past ``size`` or older than ``age`` (lock held)."""
@@ -114,5 +138,7 @@ class Replies(Generic[T]):
         while finished:
             key, (at, _) = next(iter(finished.items()))
             if len(finished) <= self.size and at >= horizon:
-                break
+                self._oldest = at
+                return
             del finished[key]
+        self._oldest = math.inf

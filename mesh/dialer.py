@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from mesh import tracing
 from mesh.config import MachineConfig
@@ -27,17 +28,13 @@ from mesh.errors import (
 from mesh.runtime import HandOff
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
-from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
-from mesh.wire import (
-    dump_context,
-    failure_to_error,
-    load_context,
-)
+from mesh.wire import dump_context, failure_to_error, load_context, steps_only
 
 if TYPE_CHECKING:
     from mesh.runtime import FlowState
 
 _SERVICE = _pb2.DESCRIPTOR.services_by_name["Mesh"].full_name
+_CONTINUE = f"/{_SERVICE}/Continue"
 
 
 def service_config() -> str:
@@ -96,7 +93,9 @@ class Dialer:
     ) -> None:
         self._machines = machines
         self._transport = transport or Transport("")
-        self._stubs: dict[str, _pb2_grpc.MeshStub] = {}
+        # Continue per machine, replies left as bytes: a peer passes the steps in them
+        # on undecoded (wire.encode_reply).
+        self._calls: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -104,11 +103,11 @@ class Dialer:
         entry = self._machines.get(machine)
         return entry.address if entry is not None else ""
 
-    def stub(self, machine: str) -> _pb2_grpc.MeshStub:
-        """The stub for ``machine``, dialling it on first use."""
-        stub = self._stubs.get(machine)
-        if stub is not None:
-            return stub
+    def call(self, machine: str) -> grpc.UnaryUnaryMultiCallable:
+        """``Continue`` on ``machine``, dialling it on first use."""
+        call = self._calls.get(machine)
+        if call is not None:
+            return call
         address = self.address(machine)
         if not address:
             raise PeerUnavailable(
@@ -117,14 +116,18 @@ class Dialer:
                 address="",
             )
         with self._lock:
-            stub = self._stubs.get(machine)
-            if stub is None:
+            call = self._calls.get(machine)
+            if call is None:
                 channel = self._transport.open_channel(machine, address, CHANNEL_OPTIONS)
                 self._channels[machine] = channel
-                stub = self._stubs[machine] = _pb2_grpc.MeshStub(channel)
-        return stub
+                call = self._calls[machine] = channel.unary_unary(
+                    _CONTINUE,
+                    request_serializer=_pb2.ContinueRequest.SerializeToString,
+                    response_deserializer=None,
+                )
+        return call
 
-    def _forget(self, machine: str, stub: _pb2_grpc.MeshStub) -> None:
+    def _forget(self, machine: str, call: grpc.UnaryUnaryMultiCallable) -> None:
         """Drop a channel that found its peer down or silent, so the next call dials afresh.
 
         gRPC would otherwise fail every call at once until its reconnect backoff
@@ -134,8 +137,8 @@ class Dialer:
         finish; then it is collected.
         """
         with self._lock:
-            if self._stubs.get(machine) is stub:
-                del self._stubs[machine]
+            if self._calls.get(machine) is call:
+                del self._calls[machine]
                 del self._channels[machine]
 
     def close(self) -> None:
@@ -143,7 +146,7 @@ class Dialer:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
-            self._stubs.clear()
+            self._calls.clear()
 
     def continue_flow(self, state: FlowState, machine: str, index: int) -> HandOff | None:
         """Send the flow to ``machine`` for line ``index``; wait for it to come back.
@@ -169,28 +172,40 @@ class Dialer:
                 f" would be {request.ByteSize():,} bytes, over the {limit:,}-byte limit"
                 " (max_message_bytes in mesh.toml)"
             )
-        stub = self.stub(machine)
+        call = self.call(machine)
         # A blocking call, not a future: grpcio runs a blocking call on its own
         # completion queue in this thread, while a future's result comes through the
         # channel's polling thread, a thread hand-off that cost 2.5x a whole call on
         # this 2-core machine (scripts/bench.py). The call carries the flow's deadline,
         # so everything below it ends by then even when nobody can cancel it.
         try:
-            reply = stub.Continue(
+            raw = call(
                 request, timeout=max(state.remaining(), 0.001), metadata=tracing.outgoing(state)
             )
         except grpc.RpcError as exc:
             if exc.code() in _REDIAL:
-                self._forget(machine, stub)
+                self._forget(machine, call)
             raise self._error(exc, state, machine, index) from None
-        state.steps.append(reply.steps)  # decoded only at the originator (wire.as_steps)
+        try:
+            reply = _pb2.ContinueReply.FromString(raw)
+        except DecodeError:
+            raise PeerRefused(
+                f"{machine} sent a reply that is not a mesh.v1.ContinueReply"
+                f" for {flow.name} line {index}",
+                machine=machine,
+                address=self.address(machine),
+            ) from None
         outcome = reply.WhichOneof("outcome")
         if outcome == "done":
-            if state.via:  # a peer in the chain: it only passes the final context up
-                state.final = reply.done.context
+            if state.via:  # a peer in the chain: the reply goes up as it came
+                state.steps.append(raw)
+                state.done_below = True
             else:
+                state.steps.append(reply.steps)  # decoded only here (wire.as_steps)
                 state.context = load_context(reply.done.context)
             return None
+        # The steps go on without this outcome: this machine will reply with its own.
+        state.steps.append(steps_only(reply) if state.via else reply.steps)
         if outcome == "hand_off":
             state.context = load_context(reply.hand_off.context)
             return HandOff(reply.hand_off.machine, reply.hand_off.line_index)

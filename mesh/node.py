@@ -66,7 +66,7 @@ class Node:
     # -- originating flows -------------------------------------------------
 
     def new_state(
-        self, flow: Flow, context: dict[str, Any], timeout: float | None = None
+        self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
     ) -> FlowState:
         """A fresh flow, originated here."""
         seconds = self.config.timeout if timeout is None else float(timeout)
@@ -95,7 +95,7 @@ class Node:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         check_values(context)
-        state = self.new_state(flow, dict(context), timeout)
+        state = self.new_state(flow, context, timeout)
         return contextvars.copy_context().run(self._run, state)
 
     def _run(self, state: FlowState) -> FlowResult:

@@ -29,7 +29,7 @@ from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
-from mesh.wire import add_steps, dump_context, error_to_failure, load_context
+from mesh.wire import dump_context, encode_reply, error_to_failure, load_context
 
 if TYPE_CHECKING:
     from mesh.node import Node
@@ -114,7 +114,7 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             # A fresh context per call: pool threads are reused, flows must not share state.
             reply = self.replies.once(
                 key,
-                lambda: _serialized(contextvars.Context().run(_run, state, index, context)),
+                lambda: contextvars.Context().run(_run, state, index, context),
                 remaining,
             )
         finally:
@@ -134,39 +134,42 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
 
 
 class InFlight:
-    """Counts the calls being served, so a stopping peer knows when they are done."""
+    """Counts the calls being served, so a stopping peer knows when they are done.
+
+    A plain lock, not a Condition: every call enters and leaves, and a Condition's
+    Python-level locking cost each hop more than the count is worth.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._count = 0
+        self._idle = threading.Event()  # set once draining and no call is left
         self.draining = False
 
     def enter(self, known: bool) -> bool:
         """Count a call in; False when draining and the step is not one run here."""
-        with self._cond:
+        with self._lock:
             if self.draining and not known:
                 return False
             self._count += 1
             return True
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._count -= 1
-            if not self._count:
-                self._cond.notify_all()
+            if self.draining and not self._count:
+                self._idle.set()
 
     def drain(self, timeout: float | None) -> bool:
         """Refuse new steps from now on; wait for calls in progress (True: all done)."""
-        with self._cond:
+        with self._lock:
             self.draining = True
-            return self._cond.wait_for(lambda: not self._count, timeout)
+            if not self._count:
+                self._idle.set()
+        return self._idle.wait(timeout)
 
 
-def _serialized(reply: _pb2.ContinueReply) -> bytes:
-    return reply.SerializeToString()  # type: ignore[no-any-return]
-
-
-def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.ContinueReply:
+def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
     tracing.adopt(state, call)
     activate(state, index)
     try:
@@ -179,7 +182,7 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.Conti
             _log.warning(
                 "mesh.flow_expired", cause=cause, reason=str(exc), **state.fields(exc.line_index)
             )
-        return add_steps(_pb2.ContinueReply(failed=error_to_failure(exc)), state.steps)
+        return encode_reply(_pb2.ContinueReply(failed=error_to_failure(exc)), state.steps)
     except Exception as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))
         failure = _pb2.Failure(
@@ -189,10 +192,12 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.Conti
             error_type=type(exc).__name__,
             message=state.scrub(f"internal error on {state.machine}: {exc}"),
         )
-        return add_steps(_pb2.ContinueReply(failed=failure), state.steps)
+        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
     if outcome is FINISHED:
-        final = state.final if state.final is not None else dump_context(state.context)
-        return add_steps(_pb2.ContinueReply(done={"context": final}), state.steps)
+        if state.done_below:  # the reply from below says so, final context included
+            return encode_reply(None, state.steps)
+        done = _pb2.ContinueReply(done={"context": dump_context(state.context)})
+        return encode_reply(done, state.steps)
     assert isinstance(outcome, HandOff)
     hand_off = {
         "machine": outcome.machine,
@@ -200,7 +205,7 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> _pb2.Conti
         "context": dump_context(state.context),
     }
     # Sub-messages as dicts: upb builds them faster than from message objects.
-    return add_steps(_pb2.ContinueReply(hand_off=hand_off), state.steps)
+    return encode_reply(_pb2.ContinueReply(hand_off=hand_off), state.steps)
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -98,7 +98,8 @@ def _violation(node: Node, message: str, event_dict: EventDict) -> EventDict:
 
 
 def _updates(event_dict: EventDict) -> dict[str, Any]:
-    updates = {k: v for k, v in event_dict.items() if k != "event"}
+    updates = dict(event_dict)
+    del updates["event"]
     check_values(updates)
     return updates
 

@@ -79,9 +79,10 @@ class FlowState:
     deadline: float  # time.monotonic()
     via: tuple[str, ...] = ()
     # The timeline so far. Steps run here are LocalStep tuples (a frozen Step is
-    # slow to build, and a peer only encodes it); the steps a call downstream
-    # reported stay its reply's repeated field, copied up the chain whole
-    # (wire.add_steps). Both become Step only at the originator (wire.as_steps).
+    # slow to build, and a peer only encodes it); on a peer, a call downstream adds
+    # its reply's bytes, passed up as they came (wire.encode_reply); on the
+    # originator, the reply's steps field. All become Step only at the originator
+    # (wire.as_steps).
     steps: list[Any] = field(default_factory=list)
     current: int = -1  # the line emitted and not yet finished by "next"
     awaiting: int = -1  # the line inline code is expected to log next
@@ -89,10 +90,11 @@ class FlowState:
     nexted: bool = False  # "next" logged by the running handler
     done: bool = False
     tokens: Mapping[str, Any] | None = None  # contextvars bindings to undo (inline flows)
-    # The final context as JSON when the flow finished below this peer: passed up
-    # the chain as it came, not decoded and re-encoded at every level (``context``
-    # is then stale; nothing runs here after the flow is done).
-    final: bytes | None = None
+    # The flow finished below this peer: the last of ``steps`` is the reply that
+    # said so, outcome and final context included, passed up the chain as it came
+    # (``context`` is then stale; nothing runs here after the flow is done).
+    done_below: bool = False
+    _bound: int = -1  # the line_index bound in the log context
     _wall: float = 0.0
     _t0: float = 0.0
     _rendered: str = ""
@@ -127,6 +129,7 @@ def activate(state: FlowState, index: int = 0) -> None:
     then carries ``flow_id``, ``request``, ``machine`` and ``line_index``.
     """
     current.set(state)
+    state._bound = index
     state.tokens = bind_contextvars(
         flow_id=state.flow_id,
         request=state.flow.name,
@@ -154,7 +157,9 @@ def open_line(state: FlowState, index: int) -> str:
     state._rendered = rendered
     state._wall = time.time()
     state._t0 = time.perf_counter()
-    bind_contextvars(line_index=index)
+    if state._bound != index:  # activate() bound the first line already
+        bind_contextvars(line_index=index)
+        state._bound = index
     return rendered
 
 

@@ -744,7 +744,7 @@ def role_hop(calls: str, rounds: str) -> int:
         via=["client", "m0"],
     )
 
-    def mesh_hop() -> Any:  # Peer.Continue from its decode on
+    def mesh_hop() -> Any:  # Peer.Continue from its decode on, to the reply's bytes
         state = FlowState(
             node,
             flow,
@@ -778,9 +778,10 @@ def role_hop(calls: str, rounds: str) -> int:
             machine="s1",
         )
         ctx["hop"] = 1
-        return pb.ContinueReply(done=pb.Done(context=encoder.encode(ctx).encode()))
+        reply = pb.ContinueReply(done=pb.Done(context=encoder.encode(ctx).encode()))
+        return reply.SerializeToString()  # as gRPC does it, and the mesh's peer itself
 
-    if json.loads(mesh_hop().done.context).get("hop") != 1:
+    if json.loads(pb.ContinueReply.FromString(mesh_hop()).done.context).get("hop") != 1:
         raise RuntimeError("the in-process mesh hop did not run its handler")
     times: dict[str, list[float]] = {"mesh_us": [], "raw_us": []}
     n = int(calls)
