@@ -81,6 +81,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 )
 
 
+#: Far more than a request holds besides its context (flow name, ids, the call chain of
+#: machine names): below this, the size check needs no ByteSize() of the request.
+_NOT_CONTEXT = 1 << 20
+
 #: Statuses after which a machine's channel is dropped and dialled afresh.
 _REDIAL = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -124,6 +128,9 @@ class Dialer:
                     _CONTINUE,
                     request_serializer=_pb2.ContinueRequest.SerializeToString,
                     response_deserializer=None,
+                    # As generated stubs do: the method is registered with the channel
+                    # once, not looked up by name on every call.
+                    _registered_method=True,
                 )
         return call
 
@@ -165,7 +172,8 @@ class Dialer:
             via=(*state.via, state.node.machine),
         )
         limit = self._transport.max_message_bytes
-        if request.ByteSize() > limit:
+        # The rest of a request (names, ids, the call chain) is small next to the context.
+        if len(context) + _NOT_CONTEXT > limit and request.ByteSize() > limit:
             # Refused here, not as a cryptic RESOURCE_EXHAUSTED from the receiver.
             raise ContextError(
                 f"{flow.name} context is {len(context):,} bytes of JSON; the call to {machine}"

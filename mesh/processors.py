@@ -75,6 +75,13 @@ def processor(logger: Any, method_name: str, event_dict: EventDict) -> EventDict
         return event_dict
     if type(event) is Rendered:
         return event_dict
+    if event == NEXT:
+        state = current.get()
+        if state is not None and state.in_handler and not state.nexted and not state.done:
+            # The common case, once per hop: a handler hands its line on.
+            state.context.update(_updates(event_dict))
+            state.nexted = True
+            raise structlog.DropEvent
     return _flow_event(str(event), event_dict)
 
 

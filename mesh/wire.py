@@ -127,23 +127,26 @@ def encode_reply(outcome: _pb2.ContinueReply | None, steps: Sequence[Any]) -> by
         if type(s) is not tuple:
             last = i
     parts: list[bytes] = []
-    message = _pb2.ContinueReply()
+    message = None
     for s in steps[: last + 1]:
         if type(s) is tuple:
+            if message is None:
+                message = _pb2.ContinueReply()
             _add_step(message, s)
         else:
-            if message.steps:
+            if message is not None:
                 parts.append(message.SerializeToString())
-                message = _pb2.ContinueReply()
+                message = None
             parts.append(s)
-    if message.steps:
+    if message is not None:
         parts.append(message.SerializeToString())
-    tail = outcome if outcome is not None else _pb2.ContinueReply()
-    for s in steps[last + 1 :]:
-        _add_step(tail, s)
-    if outcome is not None or tail.steps:
+    trailing = steps[last + 1 :]
+    if outcome is not None or trailing:
+        tail = outcome if outcome is not None else _pb2.ContinueReply()
+        for s in trailing:
+            _add_step(tail, s)
         parts.append(tail.SerializeToString())
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _add_step(reply: _pb2.ContinueReply, s: tuple[int, str, str, float, float]) -> None:
