@@ -116,17 +116,13 @@ def _on_next(state: FlowState | None, node: Node, event_dict: EventDict) -> None
         _violation(node, '"next" logged while no flow is active', event_dict)
         return
     flow = state.flow
-    if state.in_handler:
-        if state.nexted:
-            _violation(
-                node,
-                f'"next" logged twice for {flow.name} line {state.current}'
-                f" {flow.lines[state.current].text!r}",
-                event_dict,
-            )
-            return
-        state.context.update(_updates(event_dict))
-        state.nexted = True
+    if state.in_handler:  # and "next" was logged already: processor() takes the first
+        _violation(
+            node,
+            f'"next" logged twice for {flow.name} line {state.current}'
+            f" {flow.lines[state.current].text!r}",
+            event_dict,
+        )
         return
     if state.current < 0:
         expected = flow.lines[state.awaiting].text if state.awaiting >= 0 else "?"

@@ -193,6 +193,24 @@ def test_handler_without_next_is_a_violation(tmp_path: Path, events: Events, reg
         assert "returned without logging" in str(err.value)
 
 
+def test_handler_logging_next_twice_is_a_violation(
+    tmp_path: Path, events: Events, reg: Registry
+) -> None:
+    """A second "next" from one handler fails its flow, naming the line."""
+
+    @reg.handler("other", "Other opener")
+    def twice(ctx: dict[str, Any]) -> None:
+        log = structlog.get_logger()
+        log.info("next", first=True)
+        log.info("next", second=True)
+
+    for node in _connect(tmp_path, reg):
+        with pytest.raises(mesh.FlowViolation) as err:
+            node.start("other")
+        assert err.value.line_index == 0
+        assert '"next" logged twice for other line 0' in str(err.value)
+
+
 def test_handler_logs_its_following_line_inline(
     tmp_path: Path, events: Events, reg: Registry
 ) -> None:
