@@ -172,7 +172,6 @@ class Dialer:
             via=(*state.via, state.node.machine),
         )
         limit = self._transport.max_message_bytes
-        # The rest of a request (names, ids, the call chain) is small next to the context.
         if len(context) + _NOT_CONTEXT > limit and request.ByteSize() > limit:
             # Refused here, not as a cryptic RESOURCE_EXHAUSTED from the receiver.
             raise ContextError(
