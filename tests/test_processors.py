@@ -177,12 +177,29 @@ def test_non_json_value_fails_at_the_call_site(node: mesh.Node, events: Events) 
         log.info("next", conn=object())
 
 
-def test_handler_without_next_is_a_violation(tmp_path: Path, events: Events, reg: Registry) -> None:
-    """A handler that returns without "next" fails the flow, naming its line."""
+def _forgets_next(ctx: dict[str, Any]) -> None:
+    structlog.get_logger().info("working")
 
-    @reg.handler("other", "Other opener")
-    def forgetful(ctx: dict[str, Any]) -> None:
-        structlog.get_logger().info("working")
+
+def _nexts_twice(ctx: dict[str, Any]) -> None:
+    log = structlog.get_logger()
+    log.info("next", first=True)
+    log.info("next", second=True)
+
+
+@pytest.mark.parametrize(
+    ("handler", "problem"),
+    [
+        (_forgets_next, "returned without logging"),
+        (_nexts_twice, '"next" logged twice for other line 0'),
+    ],
+)
+def test_handler_breaking_the_next_rule_is_a_violation(
+    tmp_path: Path, events: Events, reg: Registry, handler: Any, problem: str
+) -> None:
+    """A handler that returns without "next", or logs it twice, fails the flow, naming
+    its line."""
+    reg.handler("other", "Other opener")(handler)
 
     for node in _connect(tmp_path, reg):
         with pytest.raises(mesh.FlowViolation) as err:
@@ -190,25 +207,7 @@ def test_handler_without_next_is_a_violation(tmp_path: Path, events: Events, reg
         assert isinstance(err.value, mesh.FlowError)
         assert err.value.line_index == 0
         assert err.value.line == "Other opener"
-        assert "returned without logging" in str(err.value)
-
-
-def test_handler_logging_next_twice_is_a_violation(
-    tmp_path: Path, events: Events, reg: Registry
-) -> None:
-    """A second "next" from one handler fails its flow, naming the line."""
-
-    @reg.handler("other", "Other opener")
-    def twice(ctx: dict[str, Any]) -> None:
-        log = structlog.get_logger()
-        log.info("next", first=True)
-        log.info("next", second=True)
-
-    for node in _connect(tmp_path, reg):
-        with pytest.raises(mesh.FlowViolation) as err:
-            node.start("other")
-        assert err.value.line_index == 0
-        assert '"next" logged twice for other line 0' in str(err.value)
+        assert problem in str(err.value)
 
 
 def test_handler_logs_its_following_line_inline(
