@@ -1048,15 +1048,15 @@ def summarize(results: dict[str, Any]) -> list[str]:
         ratios = [ratio(x, y) for x, y in zip(a, b, strict=False)]
         return med(ratios) if ratios else float("nan")
 
+    def vs_raw(n: int, c: int, key: str) -> float:
+        return paired(collect(cells, "mesh", n, c, key), collect(cells, "raw", n, c, key))
+
     if "raw" in systems:
         for n in HOPS:
             checks.append(
                 (
                     f"mesh/raw sequential p50 latency, N={n}",
-                    paired(
-                        collect(cells, "mesh", n, 1, "p50_ms"),
-                        collect(cells, "raw", n, 1, "p50_ms"),
-                    ),
+                    vs_raw(n, 1, "p50_ms"),
                     1.2,
                     True,
                 )
@@ -1073,10 +1073,7 @@ def summarize(results: dict[str, Any]) -> list[str]:
             checks.append(
                 (
                     f"mesh/raw throughput at c=32, N={n}",
-                    paired(
-                        collect(cells, "mesh", n, 32, "flows_per_s"),
-                        collect(cells, "raw", n, 32, "flows_per_s"),
-                    ),
+                    vs_raw(n, 32, "flows_per_s"),
                     0.85,
                     False,
                 )
