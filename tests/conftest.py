@@ -320,6 +320,12 @@ def mesh_dir(tmp_path: Path, request: pytest.FixtureRequest) -> MeshDir:
 @pytest.fixture
 def login_mesh(mesh_dir: MeshDir) -> MeshDir:
     """The design notes' login flow: ``client`` (no address) and ``server``."""
+    return as_login_mesh(mesh_dir)
+
+
+def as_login_mesh(mesh_dir: MeshDir) -> MeshDir:
+    """Write the login flow, its service and a config (``client`` without an address,
+    ``server``) into ``mesh_dir``; for fixtures of a wider scope than ``login_mesh``."""
     mesh_dir.flow(LOGIN_FLOW)
     mesh_dir.service(LOGIN_SERVICE)
     mesh_dir.write_config({"client": False, "server": True})
@@ -341,10 +347,7 @@ def login_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mes
     """The login mesh's ``server`` peer, shared by one module's tests (which must leave it
     serving); stopped when the module is done."""
     root = tmp_path_factory.mktemp("login_server")
-    mesh_dir = MeshDir(root / "meshdir", "login_server")
-    mesh_dir.flow(LOGIN_FLOW)
-    mesh_dir.service(LOGIN_SERVICE)
-    mesh_dir.write_config({"client": False, "server": True})
+    mesh_dir = as_login_mesh(MeshDir(root / "meshdir", "login_server"))
     started = Peers(root)
     try:
         yield mesh_dir, started.start(mesh_dir, "server")

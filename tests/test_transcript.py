@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peer, Peers, password_of, run_mesh
+from conftest import MeshDir, Peer, Peers, as_login_mesh, password_of, run_mesh
 
 Events = list[dict[str, Any]]
 
@@ -39,10 +39,7 @@ def _call(mesh_dir: MeshDir, log: Path, password: str) -> str:
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealRun]:
     """Two good logins and a bad one against a real server (once for this module)."""
     tmp_path = tmp_path_factory.mktemp("real_run")
-    mesh_dir = MeshDir(tmp_path / "meshdir", "transcript")
-    mesh_dir.flow(LOGIN_FLOW)
-    mesh_dir.service(LOGIN_SERVICE)
-    mesh_dir.write_config({"client": False, "server": True})
+    mesh_dir = as_login_mesh(MeshDir(tmp_path / "meshdir", "transcript"))
     started = Peers(tmp_path)
     try:
         server = started.start(mesh_dir, "server")
