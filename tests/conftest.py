@@ -507,7 +507,10 @@ def isolate_mesh() -> Iterator[None]:
 
 
 def run_mesh(
-    *args: str | Path, timeout: float = 60, env: Mapping[str, str] | None = None
+    *args: str | Path,
+    timeout: float = 60,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``mesh ARGS`` as a user would (a subprocess), capturing its output."""
     return subprocess.run(
@@ -516,6 +519,7 @@ def run_mesh(
         text=True,
         timeout=timeout,
         env={**mesh_env(), **(env or {})},
+        cwd=cwd,
         check=False,
     )
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import mesh_env
+from conftest import mesh_env, run_mesh
 from cryptography import x509
 
 from mesh.certs import make_certs
@@ -68,15 +68,7 @@ def test_bad_machine_lists(tmp_path: Path, machines: list[str], fragment: str) -
 
 def test_cli_writes_certificates_and_prints_the_config(tmp_path: Path) -> None:
     """`mesh certs DIR --machines a,b` writes the files and prints the [tls] table to use."""
-    done = subprocess.run(
-        [sys.executable, "-m", "mesh", "certs", "certs", "--machines", "server,client"],
-        capture_output=True,
-        text=True,
-        env=mesh_env(),
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    done = run_mesh("certs", "certs", "--machines", "server,client", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "certs" / "client.pem").is_file()
     assert 'cert = "certs/{machine}.pem"' in done.stdout
