@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, mesh_env, password_of
+from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, mesh_env, password_of, run_mesh
 
 import mesh
 from mesh.certs import make_certs
@@ -310,29 +310,16 @@ def test_mesh_call_and_mesh_up_over_mutual_tls(tls_mesh: MeshDir, tmp_path: Path
                 break
         else:
             pytest.fail("mesh up ended before its peers were healthy")
-        call = subprocess.run(
-            [
-                *(sys.executable, "-m", "mesh", "call", "login", "username=ada"),
-                *(f"password={password_of('ada')}", "--json", "-c", str(tls_mesh.config)),
-            ],
-            capture_output=True,
-            env=env,
+        call = run_mesh(
+            *("call", "login", "username=ada", f"password={password_of('ada')}"),
+            *("--json", "-c", tls_mesh.config),
             cwd=tmp_path,
-            timeout=60,
-            check=False,
         )
-        assert call.returncode == 0, call.stderr.decode()
+        assert call.returncode == 0, call.stderr
         assert json.loads(call.stdout)["context"]["session"] == "session-ada"
-        ping = subprocess.run(
-            [sys.executable, "-m", "mesh", "call", "ping", "who=x", "-c", str(tls_mesh.config)],
-            capture_output=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
-        assert ping.returncode == 0, ping.stderr.decode()
-        assert b"Pinging for x" in ping.stdout
+        ping = run_mesh("call", "ping", "who=x", "-c", tls_mesh.config, cwd=tmp_path)
+        assert ping.returncode == 0, ping.stderr
+        assert "Pinging for x" in ping.stdout
     finally:
         up.terminate()
         up.wait(30)
