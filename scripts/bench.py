@@ -432,20 +432,27 @@ def _wait_port(port: int, proc: subprocess.Popen[Any]) -> None:
 # -- child roles -----------------------------------------------------------
 
 
-def _structlog_like_mesh(out: Any) -> None:
+def _processors_like_mesh() -> list[Any]:
     """The chain mesh.configure_logging(json=True) installs, without the mesh's processors."""
+    import structlog
+
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(),
+    ]
+
+
+def _structlog_like_mesh(out: Any) -> None:
+    """structlog configured as the mesh configures it, without the mesh's processors."""
     import logging
 
     import structlog
 
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=_processors_like_mesh(),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
@@ -757,13 +764,7 @@ def role_hop(calls: str, rounds: str) -> int:
 
     raw_log = structlog.wrap_logger(
         structlog.WriteLogger(sink),
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=_processors_like_mesh(),
         wrapper_class=structlog.make_filtering_bound_logger(20),
     )
     encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
