@@ -8,6 +8,7 @@ means a bug in the mesh.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -234,8 +235,29 @@ def _stop_event() -> threading.Event:
     return stop
 
 
+def _peer_stop_event() -> threading.Event:
+    """The event the first SIGTERM or SIGINT sets; a second one ends the process at once.
+
+    Stopping waits up to ``grace`` for steps in progress; whoever sends a second
+    signal (Ctrl-C twice) does not want to wait, whatever the handlers are doing.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # No logging here: the main thread may be inside a log write, holding its lock.
+        os.write(2, f"mesh peer: {signal.Signals(signum).name} again; exiting now\n".encode())
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def _peer(args: argparse.Namespace) -> int:
-    stop = _stop_event()
+    stop = _peer_stop_event()
     log_file = _open_log(args.log_file) if args.log_file else None
     try:
         configure_logging(json=args.json or bool(log_file), level=args.log_level, file=log_file)
@@ -258,13 +280,31 @@ def _peer(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         log.info("mesh.peer_stopping", machine=node.machine, grace=node.config.grace)
-        node.stop()
+        abandoned = node.stop()
+        if abandoned:
+            log.error(
+                "mesh.peer_stopped",
+                machine=node.machine,
+                abandoned=[str(step) for step in abandoned],
+            )
+            # Their handlers still run on pool threads, which the interpreter would wait
+            # for at exit: leave without them, as promised after grace.
+            _exit_now(EXIT_FAILURE, log_file)
         log.info("mesh.peer_stopped", machine=node.machine)
     finally:
         node.close()
         if log_file is not None:
             log_file.close()
     return 0
+
+
+def _exit_now(code: int, log_file: Any) -> None:
+    """End the process now, output flushed, without waiting for any thread."""
+    for out in (log_file, sys.stdout, sys.stderr):
+        if out is not None:
+            with contextlib.suppress(OSError, ValueError):
+                out.flush()
+    os._exit(code)
 
 
 def replica_listen(config: Config, machine: str, replica: int | None) -> str:

@@ -24,7 +24,7 @@ from mesh.dialer import Dialer
 from mesh.errors import ConfigError, MeshError
 from mesh.flowfile import Flow, FlowSet
 from mesh.logconfig import chain_problem, configure_logging
-from mesh.peer import Server
+from mesh.peer import Abandoned, Server
 from mesh.registry import Handler, Registry, default_registry
 from mesh.result import FlowResult
 from mesh.runtime import FlowState, activate, advance, current, finish
@@ -131,11 +131,14 @@ class Node:
         self._server = Server(self, bind)
         return int(self._server.port)
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stop serving: NOT_SERVING first, then let flows in progress finish."""
-        if self._server is not None:
-            server, self._server = self._server, None
-            server.stop(self.config.grace if grace is None else grace)
+    def stop(self, grace: float | None = None) -> list[Abandoned]:
+        """Stop serving: NOT_SERVING first, then give steps in progress ``grace`` seconds
+        (default the config's). Returns the steps still running after it, abandoned: their
+        callers were told this machine stopped while running them (see Server.stop)."""
+        if self._server is None:
+            return []
+        server, self._server = self._server, None
+        return server.stop(self.config.grace if grace is None else grace)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True when it stopped."""

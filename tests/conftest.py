@@ -4,7 +4,9 @@
   test's ``tmp_path``, with a free ephemeral port for every machine that needs one.
 * ``peers`` starts ``python -m mesh peer MACHINE -c CFG`` processes, waits for each
   to report SERVING on the gRPC health service, and stops every one it started
-  (SIGTERM, wait, SIGKILL) when the test ends, passed or failed.
+  (SIGTERM, wait, SIGKILL) when the test ends, passed or failed; a peer that does not
+  exit 0 within ``STOP_TIMEOUT`` fails the test unless the test said otherwise
+  (``peer.expect_exit``, or ``peer.kill()``).
 * ``dev_certs`` makes a development CA and certificates with ``mesh.certs``, in the test.
 * ``isolate_mesh`` (autouse) undoes what an in-process ``mesh.connect`` leaves
   behind: structlog's configuration, the routing node, the handlers and modules
@@ -181,6 +183,9 @@ class Peer:
         self.proc = proc
         self.pid = proc.pid
         self.log_path = log
+        #: The exit code stop() checks for: 0, a clean stop, unless the test says
+        #: otherwise (None: any code, for a peer the test killed or made fail on purpose).
+        self.expect_exit: int | None = 0
 
     def __repr__(self) -> str:
         return f"<Peer {self.machine} pid {self.pid} at {self.address}>"
@@ -203,16 +208,29 @@ class Peer:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        """SIGTERM and wait; returns the exit code.
+
+        The test fails when the peer is still running after ``timeout`` seconds (it is
+        then killed) or exits with another code than :attr:`expect_exit`: a peer that
+        hangs on stop, or crashes, is a defect even when every flow succeeded."""
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        return int(self.proc.wait())
+                pytest.fail(f"{self!r} still running {timeout} s after SIGTERM:\n{self._tail()}")
+        code = int(self.proc.wait())
+        if self.expect_exit is not None and code != self.expect_exit:
+            pytest.fail(f"{self!r} exited with {code}, not {self.expect_exit}:\n{self._tail()}")
+        return code
+
+    def _tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def kill(self) -> None:
+        """SIGKILL, on purpose: stop() then accepts any exit code."""
+        self.expect_exit = None
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
         self.proc.wait()
@@ -296,8 +314,15 @@ class Peers:
         return peer
 
     def stop_all(self) -> None:
+        """Stop every peer, then fail naming each that did not exit as expected, in time."""
+        problems = []
         for peer in reversed(self.started):
-            peer.stop()
+            try:
+                peer.stop()
+            except pytest.fail.Exception as exc:
+                problems.append(str(exc))
+        if problems:
+            pytest.fail("\n".join(problems))
 
 
 def config_error(path: Path) -> str:
@@ -489,8 +514,7 @@ def isolate_mesh() -> Iterator[None]:
     try:
         yield
     finally:
-        node = default_node()
-        if node is not None:
+        while (node := default_node()) is not None:  # closing one makes the next the default
             node.close()
         structlog.reset_defaults()
         structlog.contextvars.clear_contextvars()
