@@ -185,7 +185,7 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
                 "mesh.flow_expired", cause=cause, reason=str(exc), **state.fields(exc.line_index)
             )
         return encode_reply(_pb2.ContinueReply(failed=error_to_failure(exc)), state.steps)
-    except Exception as exc:  # a bug of ours: say so rather than hang the chain
+    except BaseException as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))
         failure = _pb2.Failure(
             kind=_pb2.Failure.STEP,

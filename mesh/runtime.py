@@ -222,9 +222,12 @@ def run_handler(state: FlowState, index: int, fn: Handler) -> None:
                 f'handler {describe(fn)} returned without logging "next"'
                 f" for line {state.current} {state.flow.lines[state.current].text!r}"
             )
-    except Exception as exc:
+    except BaseException as exc:
         # Logged here, with the traceback, on the machine that ran the step; the
-        # originator gets the one-line FlowError.
+        # originator gets the one-line FlowError. SystemExit and KeyboardInterrupt
+        # too: raised in a peer's worker thread they would end no process, only leave
+        # the call without a reply until its deadline; in node.start or inline code,
+        # a step's failure is the flow's, not the program's.
         line = state.current if state.current >= 0 else index
         tracing.step_failed(state, line, exc)
         _log.error(
