@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from mesh import diagram, scaffold, transcript
+from mesh import deadlines, diagram, scaffold, transcript
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -487,6 +487,13 @@ def parse_params(params: Sequence[str]) -> dict[str, Any]:
 def _call(args: argparse.Namespace) -> int:
 
     context = parse_params(args.params)
+    if args.timeout is not None:
+        try:
+            deadlines.seconds(args.timeout)
+        except ValueError:
+            raise MeshError(
+                f"--timeout must be a positive number of seconds, not {args.timeout:g}"
+            ) from None
     if args.diagram and not Path(args.diagram).resolve().parent.is_dir():
         raise MeshError(f"--diagram {args.diagram}: no such folder")  # say so before the run
     log_file = _open_log(args.log_file) if args.log_file else None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from mesh.deadlines import MAX_SECONDS
 from mesh.errors import ConfigError
 from mesh.flowfile import DEFAULT_MAX_FLOW_FILE_BYTES, FlowSet, Line, load_flows
 from mesh.guard import Token, load_token
@@ -302,7 +303,7 @@ def _seconds(where: str, data: Mapping[str, object], key: str, default: float) -
         raise ConfigError(
             f"{where}: {key} must be a positive number of seconds, not {_show(value)}"
         )
-    return float(value)
+    return min(float(value), MAX_SECONDS)  # more than gRPC can carry: waiting "for ever"
 
 
 def _positive_int(where: str, data: Mapping[str, object], key: str, default: int) -> int:

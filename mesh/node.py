@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from mesh import deadlines
 from mesh import processors as _processors
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.dialer import Dialer
@@ -69,7 +70,7 @@ class Node:
         self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
     ) -> FlowState:
         """A fresh flow, originated here."""
-        seconds = self.config.timeout if timeout is None else float(timeout)
+        seconds = self.config.timeout if timeout is None else deadlines.seconds(timeout)
         return FlowState(
             self, flow, uuid.uuid4().hex, dict(context), time.monotonic() + seconds, ()
         )
@@ -92,8 +93,8 @@ class Node:
         if flow is None:
             known = ", ".join(self.flows) or "none"
             raise ConfigError(f"no flow {request!r} in the flow files (known: {known})")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if timeout is not None:
+            timeout = deadlines.seconds(timeout)  # refused before anything runs
         check_values(context)
         state = self.new_state(flow, context, timeout)
         return contextvars.copy_context().run(self._run, state)

@@ -30,9 +30,7 @@ def call_login(login_mesh: MeshDir) -> dict:
     return json.loads(done.stdout)
 
 
-def test_closing_one_node_leaves_an_embedded_peer_serving(
-    login_mesh: MeshDir, connect
-) -> None:
+def test_closing_one_node_leaves_an_embedded_peer_serving(login_mesh: MeshDir, connect) -> None:
     """An embedded ``server`` peer and an in-process ``client`` node; the client is closed.
     Before, closing it cleared the process's routing, and every flow into the embedded
     peer then failed with 'returned without logging "next"'. Now the peer serves on."""
