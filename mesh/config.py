@@ -634,6 +634,9 @@ def _shown_path(path: str, root: Path) -> str:
         return path
 
 
+_MESH_PACKAGE = Path(__file__).resolve().parent
+
+
 def _import_failure(config: Config, name: str, exc: BaseException) -> str:
     where = str(config.path)
     message = _one_line(str(exc))
@@ -649,7 +652,12 @@ def _import_failure(config: Config, name: str, exc: BaseException) -> str:
 
 
 def _raised_at(exc: BaseException, root: Path) -> str:
-    """Where the exception came from, skipping the import machinery's own frames."""
+    """Where the exception came from, skipping the import machinery's own frames.
+
+    The last frame of the services' own code when there is one: an error the mesh
+    raises about a service (a handler that takes two arguments) is the service's to
+    fix, at its line, not at the line of the mesh that noticed.
+    """
     frames = [
         frame
         for frame in traceback.extract_tb(exc.__traceback__)
@@ -657,5 +665,6 @@ def _raised_at(exc: BaseException, root: Path) -> str:
     ]
     if not frames:
         return ""
-    last = frames[-1]
+    theirs = [f for f in frames if not Path(f.filename).resolve().is_relative_to(_MESH_PACKAGE)]
+    last = (theirs or frames)[-1]
     return f" (at {_shown_path(last.filename, root)}:{last.lineno})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +25,26 @@ H = TypeVar("H", bound=Callable[..., object])
 def describe(fn: Callable[..., object]) -> str:
     """``module.qualname``: how errors and ``mesh check`` name a handler."""
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def located(fn: Callable[..., object]) -> str:
+    """``module.qualname (file:line)``: a handler as a registration error names it, so the
+    message leads to the user's code, not to the registry that raised it.
+
+    The line is the function's first (its first decorator's); the file is relative to
+    the working folder when it lies inside it, as the user would type it.
+    """
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return describe(fn)
+    path = code.co_filename
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        relative = path
+    if not relative.startswith(os.pardir):
+        path = relative
+    return f"{describe(fn)} ({path}:{code.co_firstlineno})"
 
 
 def _source(fn: Callable[..., object]) -> tuple[object, ...]:
@@ -59,14 +80,14 @@ class Registry:
                 raise RegistryError(f"mesh.handler({request!r}, {line!r}) decorates {fn!r}")
             if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
                 raise RegistryError(
-                    f"handler {describe(fn)} for {request} line {line!r} is async; handlers"
+                    f"handler {located(fn)} for {request} line {line!r} is async; handlers"
                     " are plain functions (they run on the peer's worker threads)"
                 )
             try:
                 inspect.signature(fn).bind({})
             except TypeError:
                 raise RegistryError(
-                    f"handler {describe(fn)} for {request} line {line!r} must take one"
+                    f"handler {located(fn)} for {request} line {line!r} must take one"
                     " argument, the flow context"
                 ) from None
             except ValueError:  # no signature (some builtins): trust it
@@ -74,8 +95,8 @@ class Registry:
             known = self._handlers.get(key)
             if known is not None and _source(known) != _source(fn):
                 raise RegistryError(
-                    f"{request} line {line!r} already has a handler, {describe(known)};"
-                    f" cannot register {describe(fn)} too"
+                    f"{request} line {line!r} already has a handler, {located(known)};"
+                    f" cannot register {located(fn)} too"
                 )
             self._handlers[key] = fn
             return fn
@@ -104,7 +125,7 @@ class Registry:
                 if hint:
                     where += f" (did you mean {hint[0]!r}?)"
             out.append(
-                f"handler {describe(fn)} is registered for {request} line {text!r}, but {where}"
+                f"handler {located(fn)} is registered for {request} line {text!r}, but {where}"
             )
         return out
 
