@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from mesh import diagram, scaffold, transcript
+from mesh.addresses import dialable
 from mesh.config import Config, find_config, import_services, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -298,7 +299,7 @@ def _up(args: argparse.Namespace) -> int:
             f"{m.name}.{k}" if len(m.binds) > 1 else m.name,
             m.name,
             k if len(m.binds) > 1 else None,
-            _dialable(bind) if len(m.binds) > 1 else m.address,
+            dialable(bind) if len(m.binds) > 1 else m.address,
             bind,
         )
         for m in config.machines.values()
@@ -343,16 +344,6 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     finally:
         _stop_all(procs, config.grace)
-
-
-def _dialable(bind: str) -> str:
-    """A replica's bind address as this host dials it (a wildcard host means loopback)."""
-    host, _, port = bind.rpartition(":")
-    if host in ("0.0.0.0", ""):
-        return f"127.0.0.1:{port}"
-    if host in ("[::]", "[0:0:0:0:0:0:0:0]"):
-        return f"[::1]:{port}"
-    return bind
 
 
 _print_lock = threading.Lock()

@@ -20,9 +20,10 @@ import pytest
 from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, mesh_env, password_of, run_mesh
 
 import mesh
+from mesh.addresses import is_loopback
 from mesh.certs import make_certs
 from mesh.config import load_config
-from mesh.transport import Transport, is_loopback
+from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
 
