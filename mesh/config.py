@@ -36,8 +36,8 @@ from mesh.addresses import (
 )
 from mesh.errors import ConfigError
 from mesh.flowfile import DEFAULT_MAX_FLOW_FILE_BYTES, FlowSet, Line, load_flows
-from mesh.guard import Token, load_token
 from mesh.tls import TLSConfig, parse_tls
+from mesh.token import Token, load_token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["Config", "MachineConfig", "find_config", "import_services", "load_config"]
@@ -57,7 +57,7 @@ _TOP_KEYS = frozenset(
         "dedup_size",
         "dedup_age",
     }
-    | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, guard.py
+    | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, token.py
 )
 _MACHINE_KEYS = frozenset({"address", "listen", "replicas", "tls"})  # tls: read by mesh/tls.py
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 import mesh
 from mesh.config import load_config
 from mesh.errors import ConfigError
-from mesh.guard import CONTINUE, Guard, Token, load_token
+from mesh.guard import CONTINUE, Guard
+from mesh.token import Token, load_token
 from mesh.v1 import mesh_pb2 as _pb2
 
 Status = grpc.StatusCode
