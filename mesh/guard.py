@@ -30,8 +30,8 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
+from mesh.credentials import peer_machines
 from mesh.flowfile import Flow, FlowSet
-from mesh.tls import peer_machines
 from mesh.token import Token
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.wire import step_error

@@ -16,8 +16,9 @@ import grpc
 import structlog
 
 from mesh.addresses import is_loopback
+from mesh.credentials import channel_credentials, server_credentials, target_name_option
 from mesh.guard import ClientToken, Guard
-from mesh.tls import TLSConfig, channel_credentials, server_credentials, target_name_option
+from mesh.tls import TLSConfig
 from mesh.token import Token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES, message_options
 
