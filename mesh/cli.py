@@ -25,14 +25,14 @@ import structlog
 
 from mesh import diagram, scaffold, transcript
 from mesh.addresses import dialable
-from mesh.config import Config, find_config, import_services, load_config
+from mesh.config import Config, find_config, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
 from mesh.peer import wait_serving
 from mesh.processors import install
-from mesh.registry import default_registry, describe
+from mesh.registry import default_registry, describe, import_services
 from mesh.result import FlowResult
 from mesh.routing import Hop, plan
 from mesh.transport import Transport

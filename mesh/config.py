@@ -6,18 +6,15 @@ never answers; so unknown keys are errors, not ignored, and every machine a flow
 have an entry.
 
 Loading is pure but for reading the config and its flow files: nothing is dialled or bound, and
-service modules are only imported by :func:`import_services`, when a caller asks.
+service modules are only imported by :func:`mesh.registry.import_services`, when a caller asks.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import re
-import sys
 import tomllib
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +37,7 @@ from mesh.tls import TLSConfig, parse_tls
 from mesh.token import Token, load_token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["Config", "MachineConfig", "find_config", "import_services", "load_config"]
+__all__ = ["Config", "MachineConfig", "find_config", "load_config"]
 
 _FILENAME = "mesh.toml"
 _ENV = "MESH_CONFIG"
@@ -177,27 +174,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         dedup_size=dedup_size,
         dedup_age=dedup_age,
     )
-
-
-def import_services(config: Config) -> None:
-    """Import the modules in ``services`` so their handlers register, from the config's folder.
-
-    The config's folder goes first on ``sys.path`` so ``services.auth`` means the project's
-    module wherever the process was started. A failed import becomes one ``ConfigError`` line
-    naming the module and its cause; the original exception stays chained for debugging.
-    """
-    root = str(config.root)
-    if not sys.path or sys.path[0] != root:
-        while root in sys.path:
-            sys.path.remove(root)
-        sys.path.insert(0, root)
-    # Modules written since the import system last listed the folder would otherwise be missed.
-    importlib.invalidate_caches()
-    for name in config.services:
-        try:
-            importlib.import_module(name)
-        except (Exception, SystemExit) as exc:
-            raise ConfigError(_import_failure(config, name, exc)) from exc
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -544,30 +520,3 @@ def _shown_path(path: str, root: Path) -> str:
         return str(Path(path).relative_to(root))
     except ValueError:
         return path
-
-
-def _import_failure(config: Config, name: str, exc: BaseException) -> str:
-    where = str(config.path)
-    message = _one_line(str(exc))
-    cause = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
-    if missing is not None and (name == missing or name.startswith(missing + ".")):
-        return (
-            f"{where}: services: cannot import {name!r}, no such module "
-            f"(searched {config.root} first): {cause}"
-        )
-    at = "" if isinstance(exc, SyntaxError) else _raised_at(exc, config.root)
-    return f"{where}: services: importing {name!r} failed: {cause}{at}"
-
-
-def _raised_at(exc: BaseException, root: Path) -> str:
-    """Where the exception came from, skipping the import machinery's own frames."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith("<") and "importlib" not in Path(frame.filename).parts
-    ]
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f" (at {_shown_path(last.filename, root)}:{last.lineno})"
