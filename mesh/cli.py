@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from mesh import diagram, scaffold, transcript
+from mesh import analysis, diagram, scaffold, transcript
 from mesh.addresses import dialable
 from mesh.config import Config, find_config, load_config
 from mesh.errors import MeshError
@@ -32,14 +32,12 @@ from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
 from mesh.peer import wait_serving
 from mesh.processors import install
-from mesh.registry import default_registry, describe, import_services
+from mesh.registry import default_registry, import_services
 from mesh.result import FlowResult
-from mesh.routing import Hop, plan
 from mesh.transport import Transport
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-CALLER = "mesh-call"
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
@@ -135,85 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     import_services(config)
-    problems = default_registry.problems(config.flows)
-    warnings: list[str] = []
-    registered = default_registry.registered()
-    machines = config.machines
+    found = analysis.check(config, default_registry)
     print(f"{config.path}")
-    _table(
-        [
-            (f"  {m.name}", m.address or "(no address: originates only)")
-            + ((f"listens on {', '.join(m.binds)}",) if m.listen and m.listen != m.address else ())
-            for m in machines.values()
-        ]
-    )
+    _table(found.machines, indent="  ")
     print()
-    for name, flow in config.flows.flows.items():
-        first = flow.lines[0]
-        origin = _default_origin(flow, config)
-        hops = plan(flow, origin)
-        print(f"{name}  ({first.path}, digest {flow.digest})")
-        rows = [("#", "line", "machine", "handler", "how")]
-        for line, hop in zip(flow.lines, hops, strict=True):
-            fn = registered.get((name, line.text))
-            handler = describe(fn) if fn else "pass-through"
-            rows.append((str(line.index), line.text, line.machine, handler, hop.how))
-        _table(rows, indent="  ")
+    for flow in found.plans:
+        print(f"{flow.name}  ({flow.path}, digest {flow.digest})")
+        _table([("#", "line", "machine", "handler", "how"), *flow.rows], indent="  ")
         print()
-        unreachable = _unreachable(hops, config)
-        if unreachable:
-            # `mesh call` would start it from outside; an address-less machine of the
-            # flow may still start it so that the flow comes back to it.
-            starters = [
-                m
-                for m in flow.machines
-                if m != origin
-                and not machines[m].address
-                and not _unreachable(plan(flow, m), config)
-            ]
-            if starters:
-                warnings.append(
-                    f"{name} reaches {', '.join(sorted({h.machine for h in unreachable}))} only"
-                    f" when started by {' or '.join(starters)}"
-                    f" (mesh call --as {starters[0]}, or mesh.connect(machine={starters[0]!r}))"
-                )
-            else:
-                problems.append(_unreachable_message(flow, unreachable[0]))
-        openers = config.flows.openers(first.text)
-        if len(openers) > 1:
-            warnings.append(
-                f"{first.text!r} opens requests {', '.join(openers)}:"
-                " logging it cannot start a flow inline (node.start still works)"
-            )
-    for warning in dict.fromkeys(warnings):
+    for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for problem in problems:
+    for problem in found.problems:
         print(f"error: {problem}", file=sys.stderr)
-    if problems:
+    if not found.ok:
         return EXIT_FAILURE
-    print(f"ok: {len(config.flows)} requests, {len(machines)} machines, {len(registered)} handlers")
-    return 0
-
-
-def _default_origin(flow: Flow, config: Config) -> str:
-    """Who starts a flow by default: line 0's machine if it has no address, else an outsider."""
-    first = flow.lines[0].machine
-    return first if not config.machines[first].address else CALLER
-
-
-def _unreachable(hops: Sequence[Hop], config: Config) -> list[Hop]:
-    """Hops that would call an address-less machine: no flow can get there."""
-    return [h for h in hops if h.how == "call" and not config.machines[h.machine].address]
-
-
-def _unreachable_message(flow: Flow, hop: Hop) -> str:
-    line = flow.lines[hop.index]
-    chain = " → ".join(m for m in hop.via if m != CALLER) or "none"
-    return (
-        f'{line.path}:{line.row}: {flow.name} line {line.index} "{line.text}" runs on'
-        f" {hop.machine}, which has no address and is not upstream there"
-        f" (call chain: {chain}), so the flow cannot reach it"
+    print(
+        f"ok: {len(config.flows)} requests, {len(config.machines)} machines,"
+        f" {found.handlers} handlers"
     )
+    return 0
 
 
 def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
@@ -445,8 +383,8 @@ def _call(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     import_services(config)
     flow = _named_flow(config, args.request)
-    machine = args.machine or _default_origin(flow, config)
-    node = Node(config, machine, outside=machine == CALLER)
+    machine = args.machine or analysis.default_origin(flow, config)
+    node = Node(config, machine, outside=machine == analysis.CALLER)
     install(node)
     try:
         result = node.start_with(args.request, context, timeout=args.timeout)
