@@ -1,4 +1,8 @@
-"""``mesh``: check, peer, up, call.
+"""``mesh``: the command line, a parser and one thin function per command.
+
+Commands read arguments, call the module that does the work and print its values:
+``check`` prints :mod:`mesh.analysis`, ``up`` runs :mod:`mesh.supervisor`, ``peer`` and
+``call`` use :class:`mesh.node.Node`, and the tools live in :mod:`mesh.tools`.
 
 Every command finds its config through ``-c PATH``, else ``$MESH_CONFIG``, else
 ``./mesh.toml``. Errors are one line on stderr and a non-zero exit; a traceback
@@ -8,33 +12,25 @@ means a bug in the mesh.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from mesh import analysis, diagram, scaffold, transcript
-from mesh.addresses import dialable
+from mesh import analysis, diagram, scaffold, supervisor, transcript
 from mesh.config import Config, find_config, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
-from mesh.peer import wait_serving
 from mesh.processors import install
 from mesh.registry import default_registry, import_services
 from mesh.result import FlowResult
-from mesh.transport import Transport
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -165,16 +161,8 @@ def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
 # -- peer ------------------------------------------------------------------
 
 
-def _stop_event() -> threading.Event:
-    """An event SIGTERM and SIGINT set: set up first, so an early signal is not lost."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    return stop
-
-
 def _peer(args: argparse.Namespace) -> int:
-    stop = _stop_event()
+    stop = supervisor.stop_event()
     log_file = _open_log(args.log_file) if args.log_file else None
     try:
         configure_logging(json=args.json or bool(log_file), level=args.log_level, file=log_file)
@@ -228,126 +216,9 @@ def replica_listen(config: Config, machine: str, replica: int | None) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    stop = _stop_event()
+    stop = supervisor.stop_event()
     path = find_config(args.config)
-    config = load_config(path)
-    # One peer per replica: (label, machine, replica or None, the address to check health at).
-    peers = [
-        (
-            f"{m.name}.{k}" if len(m.binds) > 1 else m.name,
-            m.name,
-            k if len(m.binds) > 1 else None,
-            dialable(bind) if len(m.binds) > 1 else m.address,
-            bind,
-        )
-        for m in config.machines.values()
-        if m.address
-        for k, bind in enumerate(m.binds, 1)
-    ]
-    if not peers:
-        raise MeshError(f"{path}: no machine has an address, so there is no peer to start")
-    width = max(len(p[0]) for p in peers)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for label, name, replica, _, _ in peers:
-            which = ["--replica", str(replica)] if replica is not None else []
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "peer", name, *which, "-c", str(path)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches `mesh up` alone; it stops the peers
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - async-signal-safe, see there
-            )
-            procs[label] = proc
-            threading.Thread(
-                target=_relay, args=(f"{label:<{width}} | ", proc), daemon=True
-            ).start()
-        for label, name, _, health_at, bind in peers:
-            probe = Transport.of(config, name)  # a TLS peer is probed with its own certificate
-            _wait_healthy(
-                label, health_at, procs[label], stop, deadline=time.monotonic() + 30, probe=probe
-            )
-            _say(f"mesh up: {label} listening on {bind} (pid {procs[label].pid})")
-        _say(f"mesh up: {len(peers)} peers healthy; Ctrl-C stops them")
-        alive = set(procs)
-        while alive and not stop.wait(0.2):
-            for name in sorted(alive):
-                code = procs[name].poll()
-                if code is not None:
-                    alive.discard(name)
-                    _say(f"mesh up: peer {name} (pid {procs[name].pid}) exited with code {code}")
-        if not alive:
-            raise MeshError("every peer has exited")
-        _say("mesh up: stopping")
-        return 0
-    finally:
-        _stop_all(procs, config.grace)
-
-
-_print_lock = threading.Lock()
-
-
-def _say(line: str) -> None:
-    with _print_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-
-def _relay(prefix: str, proc: subprocess.Popen[bytes]) -> None:
-    """Copy a peer's output to ours line by line, each line prefixed with its machine."""
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        _say(prefix + raw.decode("utf-8", "replace").rstrip("\n"))
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel stop a peer whose `mesh up` died without stopping it.
-
-    Runs in the child between fork and exec, so it only calls a function pointer
-    resolved beforehand in the parent: no imports, no locks.
-    """
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl: Any = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _wait_healthy(
-    name: str,
-    address: str,
-    proc: subprocess.Popen[bytes],
-    stop: threading.Event,
-    deadline: float,
-    *,
-    probe: Transport,
-) -> None:
-    timeout = deadline - time.monotonic()
-    if wait_serving(address, timeout, lambda: proc.poll() is not None or stop.is_set(), probe):
-        return
-    if proc.poll() is not None:
-        raise MeshError(f"peer {name} exited with code {proc.returncode} before it was healthy")
-    if stop.is_set():
-        raise MeshError("stopped before every peer was healthy")
-    raise MeshError(f"peer {name} did not become healthy at {address} within {timeout:.0f} s")
-
-
-def _stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace + 5
-    for name, proc in procs.items():
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            _say(f"mesh up: peer {name} did not stop in time; killing it")
-            proc.kill()
-            proc.wait()
+    return supervisor.run(path, load_config(path), stop)
 
 
 # -- call ------------------------------------------------------------------
