@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from mesh import analysis, diagram, scaffold, supervisor, transcript
+from mesh import analysis, supervisor
 from mesh.config import Config, find_config, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -31,6 +31,7 @@ from mesh.node import Node, connect
 from mesh.processors import install
 from mesh.registry import default_registry, import_services
 from mesh.result import FlowResult
+from mesh.tools import diagram, scaffold, transcript
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -292,7 +293,7 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from mesh.certs import config_snippet, make_certs  # noqa: PLC0415 - needs mesh[tls]
+    from mesh.tools.certs import config_snippet, make_certs  # noqa: PLC0415 - needs mesh[tls]
 
     written = make_certs(args.directory, args.machines.split(","), days=args.days)
     for path in written:

@@ -5,7 +5,7 @@
 * ``peers`` starts ``python -m mesh peer MACHINE -c CFG`` processes, waits for each
   to report SERVING on the gRPC health service, and stops every one it started
   (SIGTERM, wait, SIGKILL) when the test ends, passed or failed.
-* ``dev_certs`` makes a development CA and certificates with ``mesh.certs``, in the test.
+* ``dev_certs`` makes a development CA and certificates with ``mesh.tools.certs``, in the test.
 * ``isolate_mesh`` (autouse) undoes what an in-process ``mesh.connect`` leaves
   behind: structlog's configuration, the routing node, the handlers and modules
   the services registered, the config folders put on ``sys.path``.
@@ -358,7 +358,7 @@ def login_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mes
 @pytest.fixture
 def dev_certs(tmp_path: Path) -> Path:
     """``mesh certs`` output for server, client and mesh-call: ca.pem, NAME.pem, NAME.key."""
-    from mesh.certs import make_certs
+    from mesh.tools.certs import make_certs
 
     folder = tmp_path / "meshdir" / "certs"
     make_certs(folder, ["server", "client", "mesh-call"])

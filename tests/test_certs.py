@@ -11,8 +11,8 @@ import pytest
 from conftest import mesh_env, run_mesh
 from cryptography import x509
 
-from mesh.certs import make_certs
 from mesh.errors import MeshError
+from mesh.tools.certs import make_certs
 
 
 def load(path: Path) -> x509.Certificate:

@@ -17,9 +17,9 @@ from conftest import (
     run_mesh,
 )
 
-from mesh import diagram
 from mesh.flowfile import parse_flows
 from mesh.result import Step
+from mesh.tools import diagram
 
 SVG = "{http://www.w3.org/2000/svg}"
 REPO = Path(__file__).parent.parent

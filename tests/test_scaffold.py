@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import MeshDir, Peers, ruff_as_a_user, run_mesh
 
 from mesh.flowfile import parse_flows
-from mesh.scaffold import function_name, render_module
+from mesh.tools.scaffold import function_name, render_module
 
 #: A request nobody has written code for: three machines, a hand back to the
 #: address-less originator, a secret, and a value (account_id) first rendered

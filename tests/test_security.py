@@ -1,6 +1,6 @@
 """Who may call a peer, over what: tokens, the flow file as access list, TLS and mutual TLS.
 
-Real peers in separate processes, certificates made in the test with ``mesh.certs``, and
+Real peers in separate processes, certificates made in the test with ``mesh.tools.certs``, and
 callers that are the real originator (``mesh.connect``) or a raw gRPC channel where the test
 needs to misbehave on purpose.
 """
@@ -21,8 +21,8 @@ from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, mesh_env, password_of, ru
 
 import mesh
 from mesh.addresses import is_loopback
-from mesh.certs import make_certs
 from mesh.config import load_config
+from mesh.tools.certs import make_certs
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
