@@ -24,7 +24,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Debian packages the tests use (chromium: the HTML diagram test). The script installs the
+# missing ones when it can; a test whose package is still missing is skipped, naming it.
+TEST_DEBS := chromium
+
 pytest: $(STAMP)
+	scripts/ensure-debian-packages.sh $(TEST_DEBS)
 	$(VENV)/bin/pytest -q
 
 # Regenerate the Python stubs from protos/ (committed; CI checks they are current).

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peers, mesh_env, password_of
+from support.cli import mesh_env
+from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
+from support.peers import Peers
 
 PASSWORD = password_of("ada")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peers
+from support.meshdir import MeshDir
+from support.peers import Peers
 
 from mesh.dedup import Replies
 

@@ -7,15 +7,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import (
-    ARTIFACTS,
-    LOGIN_FLOW,
-    Chromium,
-    MeshDir,
-    Peers,
-    password_of,
-    run_mesh,
-)
+from support.chromium import ARTIFACTS, Chromium
+from support.cli import run_mesh
+from support.meshdir import LOGIN_FLOW, MeshDir, password_of
+from support.peers import Peers
 
 from mesh.flowfile import parse_flows
 from mesh.result import Step

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 import structlog
-from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peers, mesh_env, password_of
+from support.cli import mesh_env
+from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
+from support.peers import Peers
 
 import mesh
 

@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peer, Peers, mesh_env
+from support.cli import mesh_env
+from support.meshdir import MeshDir
+from support.peers import Peer, Peers
 
 import mesh
 

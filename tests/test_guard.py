@@ -13,9 +13,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, password_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.meshdir import LOGIN_FLOW, MeshDir, password_of
+from support.peers import Peer, Peers
 
 import mesh
 from mesh.config import load_config

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import MeshDir, Peers, ruff_as_a_user, run_mesh
+from support.cli import ruff_as_a_user, run_mesh
+from support.meshdir import MeshDir
+from support.peers import Peers
 
 from mesh.flowfile import parse_flows
 from mesh.tools.scaffold import function_name, render_module

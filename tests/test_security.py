@@ -17,7 +17,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, mesh_env, password_of, run_mesh
+from support.cli import mesh_env, run_mesh
+from support.meshdir import LOGIN_FLOW, MeshDir, password_of
+from support.peers import Peer, Peers
 
 import mesh
 from mesh.addresses import is_loopback

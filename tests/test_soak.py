@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import mesh_env
+from support.cli import mesh_env
 
 SOAK = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
 

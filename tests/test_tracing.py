@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peers, run_mesh
+from support.cli import run_mesh
+from support.meshdir import MeshDir
+from support.peers import Peers
 
 # Looked up, not imported: importing OpenTelemetry here would turn tracing on for
 # every in-process test of this session (the hooks trace once the app imports it).

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peer, Peers, as_login_mesh, password_of, run_mesh
+from support.cli import run_mesh
+from support.meshdir import MeshDir, as_login_mesh, password_of
+from support.peers import Peer, Peers
 
 Events = list[dict[str, Any]]
 

@@ -1,0 +1,155 @@
+"""``mesh peer`` processes: started, waited on until SERVING, stopped by process id."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.config import load_config
+from mesh.peer import wait_serving as peer_serving
+from mesh.transport import Transport
+from support.cli import mesh_env
+from support.meshdir import MeshDir
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+class Peer:
+    """One ``mesh peer`` process; its stdout and stderr go to ``log_path``."""
+
+    def __init__(
+        self,
+        machine: str,
+        config: Path,
+        address: str,
+        proc: subprocess.Popen[bytes],
+        log: Path,
+        *,
+        probe: Transport | None = None,
+    ) -> None:
+        self.probe = probe  # how to reach its health service when it serves TLS
+        self.machine = machine
+        self.config = config
+        self.address = address
+        self.proc = proc
+        self.pid = proc.pid
+        self.log_path = log
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.machine} pid {self.pid} at {self.address}>"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """The peer's JSON log events (other output lines are skipped)."""
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.proc.wait())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Poll the health service until it says SERVING; fail with the log if the peer dies."""
+        wait_serving(self.address, self.proc, timeout, self.log_text, self.probe)
+
+
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen[Any],
+    timeout: float,
+    log: Any,
+    probe: Transport | None = None,
+) -> None:
+    if peer_serving(address, timeout, lambda: proc.poll() is not None, probe):
+        return
+    if proc.poll() is not None:
+        pytest.fail(f"peer at {address} exited with {proc.returncode}:\n{log()}")
+    pytest.fail(f"peer at {address} not SERVING after {timeout} s:\n{log()}")
+
+
+class Peers:
+    """Starts peers and remembers them, so the fixture stops every one."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Peer] = []
+
+    def start(
+        self,
+        mesh_dir: MeshDir,
+        machine: str,
+        *,
+        config: Path | None = None,
+        wait: bool = True,
+        env: Mapping[str, str] | None = None,
+        replica: int | None = None,
+        prefix: Sequence[str] = (),
+        tls: bool = False,
+        args: Sequence[str] = (),
+    ) -> Peer:
+        """Start ``mesh peer MACHINE`` (``--replica K`` for one replica of several);
+        ``prefix`` runs it through another command, e.g. ``ip netns exec NS``; ``tls``:
+        the peer serves TLS, so probe it with its own config's credentials; ``args``: more
+        flags for ``mesh peer``."""
+        cfg = config or mesh_dir.config
+        address = mesh_dir.addresses[machine]
+        which: list[str] = []
+        if replica is not None:
+            address = mesh_dir.replicas[machine][replica - 1]
+            which = ["--replica", str(replica)]
+        log = self.tmp_path / f"peer-{machine}-{len(self.started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    *prefix,
+                    *(sys.executable, "-m", "mesh", "peer", machine, *which, "-c", str(cfg)),
+                    "--json",
+                    *args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**mesh_env(), **(env or {})},
+                cwd=self.tmp_path,
+            )
+        probe = Transport.of(load_config(cfg), machine) if tls else None
+        peer = Peer(machine, cfg, address, proc, log, probe=probe)
+        self.started.append(peer)
+        if wait:
+            peer.wait_ready()
+        return peer
+
+    def stop_all(self) -> None:
+        for peer in reversed(self.started):
+            peer.stop()
