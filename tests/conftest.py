@@ -116,7 +116,7 @@ def connect(nodes: list[mesh.Node]) -> Any:
 @pytest.fixture
 def reply_dropper() -> Iterator[Any]:
     """``reply_dropper((host, port), marker, drops=1)``: a proxy that loses replies, stopped
-    at the end of the test (see tests/proxy.py)."""
+    at the end of the test (see tests/support/proxy.py)."""
     started: list[ReplyDropper] = []
 
     def _start(target: tuple[str, int], marker: bytes, drops: int = 1) -> ReplyDropper:
