@@ -177,12 +177,19 @@ def _peer(args: argparse.Namespace) -> int:
     try:
         listen = args.listen or replica_listen(node.config, node.machine, args.replica)
         port = node.serve(listen)
+        host, sep, given = listen.rpartition(":")
+        bound = f"{host}:{port}" if sep and given.isdigit() else listen  # HOST:0 gets its port
         # What startup made (modules, the flow file, the services) lives as long as the
         # process: moved out of the collector's sight, it is not traversed again by every
         # full collection while flows run.
         gc.freeze()
         log.info("mesh.peer_ready", machine=node.machine, listen=listen, port=port)
-        print(f"mesh peer {node.machine} listening on {listen}", file=sys.stderr, flush=True)
+        # A stable line: parents (tests, scripts) read the bound port and the pid from it.
+        print(
+            f"mesh peer {node.machine} listening on {bound} (pid {os.getpid()})",
+            file=sys.stderr,
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         log.info("mesh.peer_stopping", machine=node.machine, grace=node.config.grace)

@@ -592,6 +592,36 @@ def test_up_starts_every_replica_and_they_share_calls(mesh_dir: MeshDir, up) -> 
     assert not any(alive(pid) for pid in running.peer_pids.values())
 
 
+def test_peer_says_where_it_listens(login_mesh: MeshDir, connect) -> None:
+    """`mesh peer --listen 127.0.0.1:0` prints the port the kernel gave it and its pid, in
+    one line on stderr a parent process can read (the tests find their peers by it)."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mesh", "peer", "server", "--listen", "127.0.0.1:0"),
+            *("--log-file", os.devnull, "-c", str(login_mesh.config)),
+        ],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=mesh_env(),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().rstrip("\n")
+        m = re.fullmatch(r"mesh peer server listening on 127\.0\.0\.1:(\d+) \(pid (\d+)\)", line)
+        assert m, line
+        assert int(m.group(1)) > 0
+        assert int(m.group(2)) == proc.pid
+        config = login_mesh.write_config(
+            {"client": False, "server": f"127.0.0.1:{m.group(1)}"}, name="bound.toml"
+        )
+        result = connect(config, "client").start("login", username="ada", password=PASSWORD)
+        assert result.steps[1].machine == "server"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
 def test_peer_of_a_replicated_machine_needs_a_replica(mesh_dir: MeshDir) -> None:
     """`mesh peer server` with 2 replicas and no --replica, or a wrong one, is one line."""
     mesh_dir.flow(CLI_FLOW)
