@@ -47,10 +47,14 @@ if os.environ.get("CI"):
 
 
 @pytest.fixture
-def mesh_dir(tmp_path: Path, request: pytest.FixtureRequest) -> MeshDir:
+def mesh_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MeshDir]:
     """An empty mesh folder for this test."""
     tag = "".join(c if c.isalnum() else "_" for c in request.node.name)[:40]
-    return MeshDir(tmp_path / "meshdir", tag)
+    folder = MeshDir(tmp_path / "meshdir", tag)
+    try:
+        yield folder
+    finally:
+        folder.close()
 
 
 @pytest.fixture
@@ -80,6 +84,7 @@ def login_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mes
         yield mesh_dir, started.start(mesh_dir, "server")
     finally:
         started.stop_all()
+        mesh_dir.close()
 
 
 @pytest.fixture

@@ -488,6 +488,7 @@ def up(tmp_path: Path) -> Iterator[object]:
 
 def test_up_serves_calls_and_stops_its_peers(cli_mesh: MeshDir, up) -> None:
     """`mesh up` starts every addressed machine, calls work, SIGTERM stops all its peers."""
+    cli_mesh.fix_ports()  # mesh up binds the ports its config names
     running = up(cli_mesh.config)
     running.wait_healthy(2)
     assert set(running.peer_pids) == {"server", "emailservice"}
@@ -511,6 +512,7 @@ def test_up_serves_calls_and_stops_its_peers(cli_mesh: MeshDir, up) -> None:
 
 def test_up_reports_a_peer_that_dies(cli_mesh: MeshDir, up) -> None:
     """When one of its peers dies, `mesh up` says which; SIGTERM still stops the others."""
+    cli_mesh.fix_ports()  # mesh up binds the ports its config names
     running = up(cli_mesh.config)
     running.wait_healthy(2)
 
@@ -563,6 +565,7 @@ def test_up_starts_every_replica_and_they_share_calls(mesh_dir: MeshDir, up) -> 
     mesh_dir.flow(LOGIN_FLOW)
     mesh_dir.service(LOGIN_SERVICE)
     mesh_dir.write_config({"client": False, "server": 2})
+    mesh_dir.fix_ports()  # mesh up binds the ports its config names
     running = up(mesh_dir.config)
     running.wait_healthy(2)
     assert set(running.peer_pids) == {"server.1", "server.2"}

@@ -157,6 +157,7 @@ def bank_mesh(mesh_dir: MeshDir, reply_dropper) -> tuple[MeshDir, Any]:
     mesh_dir.flow(RELAY_FLOW)
     mesh_dir.service(BANK_SERVICE)
     mesh_dir.write_config({"client": False, "server": True, "bank": True})
+    mesh_dir.fix_ports("bank")  # the proxy in front of bank is made before bank starts
     bank_listen = mesh_dir.addresses["bank"]
     host, port = bank_listen.rsplit(":", 1)
     proxy = reply_dropper((host, int(port)), marker=b"charge", drops=0)

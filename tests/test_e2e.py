@@ -110,6 +110,7 @@ def test_login_by_mesh_call(login_mesh: MeshDir, peers: Peers) -> None:
 
 def test_peer_embedded_in_a_process(login_mesh: MeshDir, connect) -> None:
     """node.serve() runs the server's lines inside this process; node.stop() ends it."""
+    login_mesh.fix_ports()  # node.serve() binds the address the config gives
     server = connect(login_mesh.config, "server")
     port = server.serve()
     assert f":{port}" in server.address
@@ -396,8 +397,8 @@ def test_moving_a_line_to_a_new_machine(mesh_dir: MeshDir, peers: Peers, connect
     ]
 
     # After: the same module, a different flow file; the password check runs on auth.
-    server = peers.start(mesh_dir, "server", config=auth_config)
     auth = peers.start(mesh_dir, "auth", config=auth_config)
+    server = peers.start(mesh_dir, "server", config=auth_config)  # after auth, which it dials
     node = connect(auth_config, "client")
     result = node.start("login", username="ada", password=PASSWORD)
 
@@ -446,8 +447,8 @@ def test_errors_from_a_nested_hop(mesh_dir: MeshDir, peers: Peers, connect) -> N
     mesh_dir.flow(AUTH_FLOW)
     mesh_dir.service(LOGIN_SERVICE)
     mesh_dir.write_config({"client": False, "server": True, "auth": True})
-    peers.start(mesh_dir, "server")
     auth = peers.start(mesh_dir, "auth")
+    peers.start(mesh_dir, "server")  # after auth, which it dials
     node = connect(mesh_dir.config, "client")
 
     with pytest.raises(mesh.FlowError) as failed:
@@ -469,6 +470,7 @@ def test_peer_back_up_is_used_at_once(mesh_dir: MeshDir, peers: Peers, connect) 
     mesh_dir.service(LOGIN_SERVICE)
     mesh_dir.service(GATE_SERVICE)
     mesh_dir.write_config({"client": False, "server": True, "auth": True})
+    mesh_dir.fix_ports("auth")  # the server dials auth before auth starts: the point here
     peers.start(mesh_dir, "server")
     node = connect(mesh_dir.config, "client")
     with socket.create_server(("127.0.0.1", 0)) as gate:
@@ -659,6 +661,7 @@ def test_crossing_flows_do_not_deadlock(mesh_dir: MeshDir, peers: Peers, connect
     mesh_dir.flow(CROSS_FLOW, "cross.csv")
     mesh_dir.service(CROSS_SERVICE)
     mesh_dir.write_config({"caller": False, "a": True, "b": True}, flow="cross.csv")
+    mesh_dir.fix_ports()  # a and b dial each other: each must know the other's port first
     peers.start(mesh_dir, "a")
     peers.start(mesh_dir, "b")
     node = connect(mesh_dir.config, "caller")

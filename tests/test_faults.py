@@ -214,8 +214,8 @@ def step_began(listener: socket.socket) -> None:
 
 def test_killed_only_peer_of_a_machine(chain: MeshDir, peers: Peers, connect) -> None:
     """kill -9 auth mid-step: the flow fails naming auth within its deadline; the rest serve."""
-    server = peers.start(chain, "server")
     auth = peers.start(chain, "auth")
+    server = peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
     with socket.create_server(("127.0.0.1", 0)) as listener, ThreadPoolExecutor(1) as pool:
         listener.settimeout(30)
@@ -237,8 +237,8 @@ def test_killed_only_peer_of_a_machine(chain: MeshDir, peers: Peers, connect) ->
 
 def test_step_past_the_deadline_stops_the_flow(chain: MeshDir, peers: Peers, connect) -> None:
     """A server step sleeping past the deadline: FlowTimeout at the client, auth never runs."""
-    server = peers.start(chain, "server")
     auth = peers.start(chain, "auth")
+    server = peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
 
     with pytest.raises(mesh.FlowTimeout) as info:
@@ -263,8 +263,8 @@ def test_step_past_the_deadline_stops_the_flow(chain: MeshDir, peers: Peers, con
 
 def test_deep_overrun_is_named_where_it_happened(chain: MeshDir, peers: Peers, connect) -> None:
     """auth overrunning two hops down: FlowTimeout names auth, not the server between."""
-    peers.start(chain, "server")
     peers.start(chain, "auth")
+    peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
 
     with pytest.raises(mesh.FlowTimeout) as info:
@@ -279,8 +279,8 @@ def test_killed_originator_stops_the_flow_downstream(
     chain: MeshDir, peers: Peers, tmp_path
 ) -> None:
     """kill -9 the originator mid-step: the server's "next" fails fast, auth never runs."""
-    server = peers.start(chain, "server")
     auth = peers.start(chain, "auth")
+    server = peers.start(chain, "server")  # after auth, which it dials
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(30)
         port = listener.getsockname()[1]
@@ -340,14 +340,10 @@ def test_sigterm_drains_a_replica_without_failing_a_flow(
 def test_partition_between_peers(netns, chain: MeshDir, peers: Peers, connect) -> None:
     """auth in its own network namespace; the link is cut mid-load: flows fail within
     their deadline naming auth while cut, and succeed once it is restored."""
-    port = chain.addresses["auth"].rsplit(":", 1)[1]
-    text = chain.config.read_text(encoding="utf-8").replace(
-        f'auth = "{chain.addresses["auth"]}"', f'auth = "{netns.ns_ip}:{port}"'
-    )
-    chain.config.write_text(text, encoding="utf-8")
-    chain.addresses["auth"] = f"{netns.ns_ip}:{port}"
-    peers.start(chain, "server")
+    # A fresh namespace has ports of its own, all free: auth's is known before it starts.
+    chain.write_config({"client": False, "server": True, "auth": f"{netns.ns_ip}:50052"})
     auth = peers.start(chain, "auth", prefix=netns.exec)
+    peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
     assert run_chain(node, range(20), timeout=5) == [None] * 20
 

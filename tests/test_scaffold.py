@@ -75,8 +75,8 @@ def test_scaffolded_flow_runs_end_to_end(mesh_dir: MeshDir, peers: Peers, tmp_pa
     assert "pass-through" not in check.stdout
     assert "svc_signup.signup_requested_for_email_with_password" in check.stdout
 
-    peers.start(mesh_dir, "accounts")
     peers.start(mesh_dir, "mailer")
+    peers.start(mesh_dir, "accounts")  # after mailer, which it dials
     call = run_mesh(
         "call", "signup", "email=ada@example.org", "password=s3cret-pw", "-c", mesh_dir.config,
         "--json",

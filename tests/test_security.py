@@ -117,8 +117,8 @@ def test_refusal_further_down_arrives_as_access_denied(
     mesh_dir.write_config(
         {"client": False, "server": True, "audit": True}, extra='token_file = "token"'
     )
-    peers.start(mesh_dir, "server")
     audit = peers.start(mesh_dir, "audit", env={"MESH_TOKEN": "another-token-" + "9" * 10})
+    peers.start(mesh_dir, "server")  # after audit, which it dials
     node = connect(mesh_dir.config, "client")
     with pytest.raises(mesh.AccessDenied) as info:
         node.start("login", username="ada", password="pw")
@@ -298,6 +298,7 @@ def test_mesh_call_and_mesh_up_over_mutual_tls(tls_mesh: MeshDir, tmp_path: Path
     client, and a flow that starts on server from outside, presenting mesh-call's
     certificate."""
     tls_mesh.flow(LOGIN_FLOW + "ping\tPinging for :who\tserver\n")
+    tls_mesh.fix_ports()  # mesh up binds the ports its config names
     env = mesh_env()
     up = subprocess.Popen(
         [sys.executable, "-m", "mesh", "up", "-c", str(tls_mesh.config)],
@@ -444,8 +445,8 @@ def test_secret_appears_in_no_output(
         {"client": False, "server": True, "audit": True}, extra='token_file = "token"'
     )
     audit_log = tmp_path / "audit-events.log"
-    server = peers.start(mesh_dir, "server")
     audit = peers.start(mesh_dir, "audit", args=["--log-file", str(audit_log)])
+    server = peers.start(mesh_dir, "server")  # after audit, which it dials
     cases = {
         "ok": ["username=ada", f"password={SECRET}"],
         "ok-json": ["username=ada", f"password={SECRET}", "--json"],

@@ -106,7 +106,8 @@ def test_one_trace_per_flow_across_peers(mesh_dir: MeshDir, peers: Peers, tmp_pa
     spans_dir = tmp_path / "spans"
     spans_dir.mkdir()
     env = {"MESH_TEST_SPANS": str(spans_dir)}
-    started = [peers.start(mesh_dir, m, env=env) for m in ("server", "tickets")]
+    # tickets first: the server dials it, and learns its port from the config at start
+    started = [peers.start(mesh_dir, m, env=env) for m in ("tickets", "server")]
     ok = run_mesh(
         "call", "trip", "traveller=ada", f"card={CARD}", "-c", mesh_dir.config, "--json", env=env
     )
@@ -202,8 +203,8 @@ def test_nothing_of_opentelemetry_is_imported_unless_the_app_does(
 ) -> None:
     """A flow across peers loads no OpenTelemetry module when the application uses none."""
     _trip_mesh(mesh_dir, UNTRACED_SERVICE)
-    peers.start(mesh_dir, "server")
     peers.start(mesh_dir, "tickets")
+    peers.start(mesh_dir, "server")  # after tickets, which it dials
     done = run_mesh("call", "trip", "traveller=ada", "card=x", "-c", mesh_dir.config, "--json")
     assert done.returncode == 0, done.stderr
     context = json.loads(done.stdout)["context"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import socket
 import textwrap
 import uuid
@@ -55,7 +56,13 @@ _names = itertools.count()
 
 
 def free_port() -> int:
-    """An ephemeral port nothing listens on right now."""
+    """An ephemeral port nothing listens on right now.
+
+    Bind-then-release: another process may take the port before the peer meant for it
+    binds it. Only for a config that something other than ``Peers.start`` binds (``mesh
+    up``, ``node.serve()``), or a peer that is dialled before it starts; see
+    :meth:`MeshDir.fix_ports`.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -67,7 +74,16 @@ def password_of(username: str) -> str:
 
 
 class MeshDir:
-    """A mesh in a folder: flow files, service modules and configs, all under ``root``."""
+    """A mesh in a folder: flow files, service modules and configs, all under ``root``.
+
+    A machine written as ``True`` (or ``N`` replicas) gets the port its peer binds: the
+    peer starts on ``127.0.0.1:0`` (``Peers.start``) and reports the port the kernel gave
+    it, and :meth:`settle` writes it into every config of this folder. Until then the
+    configs hold a placeholder: a port this folder keeps bound but not listening, so a
+    call to it is refused, as to a peer that is down, and no other process can take it.
+    Every process reads its config once, when it starts; so start a machine before the
+    machines that dial it (a chain from its last machine), and connect clients last.
+    """
 
     def __init__(self, root: Path, tag: str) -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +93,8 @@ class MeshDir:
         self.addresses: dict[str, str] = {}
         self.replicas: dict[str, list[str]] = {}  # a machine's replica addresses, 1st first
         self.config = root / "mesh.toml"
+        self._held: dict[str, socket.socket] = {}  # placeholder address -> the socket holding it
+        self._written: list[Path] = []
 
     def service(self, code: str, name: str | None = None) -> str:
         """Write a service module (a unique name, so in-process imports never collide)."""
@@ -98,22 +116,20 @@ class MeshDir:
         name: str = "mesh.toml",
         extra: str = "",
     ) -> Path:
-        """Write a ``mesh.toml``. A machine maps to True (give it a free port), False
-        (no address: a pure originator), an int N (N replicas, each on a free port,
-        dialled as one ``ipv4:`` target) or an address to use as is."""
+        """Write a ``mesh.toml``. A machine maps to True (a port of its own, chosen when its
+        peer starts), False (no address: a pure originator), an int N (N replicas, each a
+        port of its own, dialled as one ``ipv4:`` target) or an address to use as is."""
         lines = [f"flow = {json.dumps(flow)}", f"services = {json.dumps(self.services)}"]
         if extra:
             lines.append(textwrap.dedent(extra).strip())
         lines.append("[machines]")
         for machine, want in machines.items():
             if want is True:
-                address = self.addresses.get(machine) or f"127.0.0.1:{free_port()}"
+                address = self.addresses.get(machine) or self._placeholder()
             elif want is False:
                 address = ""
             elif isinstance(want, int):
-                binds = self.replicas.get(machine) or [
-                    f"127.0.0.1:{free_port()}" for _ in range(want)
-                ]
+                binds = self.replicas.get(machine) or [self._placeholder() for _ in range(want)]
                 self.replicas[machine] = binds
                 address = "ipv4:" + ",".join(binds)
             else:
@@ -122,9 +138,54 @@ class MeshDir:
             lines.append(f"{machine} = {json.dumps(address)}")
         path = self.root / name
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if path not in self._written:
+            self._written.append(path)
         if name == "mesh.toml":
             self.config = path
         return path
+
+    def waiting(self, address: str) -> bool:
+        """True while ``address`` is a placeholder: its peer has not chosen its port yet."""
+        return address in self._held
+
+    def settle(self, placeholder: str, address: str) -> None:
+        """Put ``address`` where ``placeholder`` stood, in every config this folder wrote."""
+        self._held.pop(placeholder).close()
+        exact = re.compile(re.escape(placeholder) + r"(?![0-9])")  # :4123 is not :41234
+        for path in self._written:
+            text = path.read_text(encoding="utf-8")
+            path.write_text(exact.sub(address, text), encoding="utf-8")
+        for machine, known in self.addresses.items():
+            self.addresses[machine] = exact.sub(address, known)
+        for binds in self.replicas.values():
+            binds[:] = [address if b == placeholder else b for b in binds]
+
+    def fix_ports(self, *machines: str) -> None:
+        """Choose the ports of ``machines`` now (default: every machine still waiting).
+
+        For a config that something other than ``Peers.start`` binds (``mesh up``,
+        ``node.serve()``), or a peer that is dialled before it starts, as when two peers
+        call each other. :func:`free_port` is a bind-then-release race, so only there.
+        """
+        for machine in machines or tuple(self.addresses):
+            for placeholder in [*self.replicas.get(machine, ()), self.addresses[machine]]:
+                if self.waiting(placeholder):
+                    self.settle(placeholder, f"127.0.0.1:{free_port()}")
+
+    def close(self) -> None:
+        """Release the placeholder ports still held."""
+        for sock in self._held.values():
+            sock.close()
+        self._held.clear()
+
+    def _placeholder(self) -> str:
+        """A port held bound but not listening: calls to it are refused, and no other
+        process can take it while it stands in for a port a peer has yet to choose."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        self._held[address] = sock
+        return address
 
 
 def as_login_mesh(mesh_dir: MeshDir) -> MeshDir:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,24 @@ def wait_serving(
     pytest.fail(f"peer at {address} not SERVING after {timeout} s:\n{log()}")
 
 
+#: What ``mesh peer`` prints on stderr once it serves: the address it bound and its pid.
+_LISTENING = re.compile(r"^mesh peer (\S+) listening on (\S+) \(pid (\d+)\)$", re.MULTILINE)
+
+
+def bound_address(peer: Peer, timeout: float = READY_TIMEOUT) -> str:
+    """The address ``peer`` reports it bound (``mesh peer`` prints it once it serves)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [m for m in _LISTENING.finditer(peer.log_text()) if m.group(1) == peer.machine]
+        if found:
+            return found[0].group(2)
+        if not peer.alive():
+            pytest.fail(f"{peer} exited with {peer.proc.returncode}:\n{peer.log_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{peer} did not say where it listens in {timeout} s:\n{peer.log_text()}")
+        time.sleep(0.02)
+
+
 class Peers:
     """Starts peers and remembers them, so the fixture stops every one."""
 
@@ -121,13 +141,26 @@ class Peers:
         """Start ``mesh peer MACHINE`` (``--replica K`` for one replica of several);
         ``prefix`` runs it through another command, e.g. ``ip netns exec NS``; ``tls``:
         the peer serves TLS, so probe it with its own config's credentials; ``args``: more
-        flags for ``mesh peer``."""
+        flags for ``mesh peer``.
+
+        A machine whose port is not chosen yet (see :class:`MeshDir`) starts on
+        ``127.0.0.1:0``; the port it reports binding goes into every config of
+        ``mesh_dir`` before this returns, so a peer or client started next can dial it.
+        """
         cfg = config or mesh_dir.config
         address = mesh_dir.addresses[machine]
         which: list[str] = []
         if replica is not None:
             address = mesh_dir.replicas[machine][replica - 1]
             which = ["--replica", str(replica)]
+        choose_port = mesh_dir.waiting(address)
+        if choose_port:
+            if not wait:
+                raise ValueError(
+                    f"{machine} chooses its port as it starts, so it is waited for;"
+                    f" mesh_dir.fix_ports({machine!r}) first to start it without waiting"
+                )
+            which = ["--listen", "127.0.0.1:0"]
         log = self.tmp_path / f"peer-{machine}-{len(self.started)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -143,9 +176,13 @@ class Peers:
                 env={**mesh_env(), **(env or {})},
                 cwd=self.tmp_path,
             )
-        probe = Transport.of(load_config(cfg), machine) if tls else None
-        peer = Peer(machine, cfg, address, proc, log, probe=probe)
-        self.started.append(peer)
+        peer = Peer(machine, cfg, address, proc, log)
+        self.started.append(peer)  # stopped at the end even if it never gets ready
+        if choose_port:
+            peer.address = bound_address(peer)
+            mesh_dir.settle(address, peer.address)
+        if tls:
+            peer.probe = Transport.of(load_config(cfg), machine)
         if wait:
             peer.wait_ready()
         return peer
