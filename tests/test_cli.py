@@ -385,15 +385,13 @@ def test_call_unknown_request_and_bad_params(cli_mesh: MeshDir) -> None:
 
 
 def test_call_with_peer_down_is_unavailable(cli_mesh: MeshDir) -> None:
-    """`mesh call` with no server running says the server is unavailable, at once."""
-    began = time.monotonic()
-    done = mesh_cmd("call", "echo", "--timeout", "10", "-c", cli_mesh.config)
-    elapsed = time.monotonic() - began
+    """`mesh call` with no server running says the server is unavailable, at once: it does
+    not wait for the flow's deadline, an hour here, far past the command's 60 s timeout."""
+    done = mesh_cmd("call", "echo", "--timeout", "3600", "-c", cli_mesh.config)
 
     line = one_line_error(done)
-    assert "server" in line
+    assert "server is unavailable" in line
     assert cli_mesh.addresses["server"] in line
-    assert elapsed < 8
 
 
 # -- mesh up -----------------------------------------------------------------------------

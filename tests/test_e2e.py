@@ -565,18 +565,16 @@ def test_wrong_password_is_a_flow_error(login_mesh: MeshDir, peers: Peers, conne
 
 
 def test_stopped_peer_is_unavailable(login_mesh: MeshDir, peers: Peers, connect) -> None:
-    """After the server stops, a login fails fast with PeerUnavailable naming the server."""
+    """After the server stops, a login fails fast with PeerUnavailable naming the server:
+    it does not wait for the flow's deadline (an hour here, past the test's own timeout)."""
     server = peers.start(login_mesh, "server")
     node = connect(login_mesh.config, "client")
     node.start("login", username="ada", password=PASSWORD)
     assert server.stop() == 0
 
-    began = time.monotonic()
     with pytest.raises(mesh.PeerUnavailable) as info:
-        node.start("login", username="ada", password=PASSWORD, timeout=10)
-    elapsed = time.monotonic() - began
+        node.start("login", username="ada", password=PASSWORD, timeout=3600)
 
-    assert elapsed < 3, f"took {elapsed:.1f} s of a 10 s deadline"
     assert info.value.machine == "server"
     assert info.value.address == login_mesh.addresses["server"]
     assert "server" in str(info.value)
@@ -671,16 +669,13 @@ def test_crossing_flows_do_not_deadlock(mesh_dir: MeshDir, peers: Peers, connect
         request, n = job
         return node.start(request, n=n)
 
-    began = time.monotonic()
     with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(run, jobs))
-    elapsed = time.monotonic() - began
+        results = list(pool.map(run, jobs))  # a deadlock would end each in FlowTimeout
 
     for (request, n), result in zip(jobs, results, strict=True):
         first, second = request
         assert result.context == {"n": n, "first": first, "second": second}
         assert [s.machine for s in result.steps] == [first, second]
-    assert elapsed < 20
 
 
 # -- handlers that break the rules ----------------------------------------------------
@@ -814,16 +809,19 @@ def test_context_error_before_sending(login_mesh: MeshDir, connect) -> None:
 
 
 def test_flow_deadline(rules_mesh: MeshDir, peers: Peers, connect) -> None:
-    """A handler sleeping past start(timeout=1) gives FlowTimeout about a second later."""
+    """A handler sleeping past start(timeout=1) gives FlowTimeout about a second later,
+    not when the step ends."""
     peers.start(rules_mesh, "server")
     node = connect(rules_mesh.config, "client")
 
     began = time.monotonic()
     with pytest.raises(mesh.FlowTimeout) as info:
-        node.start("slow", timeout=1)
+        node.start("slow", seconds=6, timeout=1)
     elapsed = time.monotonic() - began
 
-    assert 0.9 <= elapsed < 2, f"FlowTimeout after {elapsed:.2f} s"
+    # The deadline is the promise under test: not before it, and well before the 6 s step
+    # ends (4 s of slack, for a loaded machine).
+    assert 0.9 <= elapsed < 5, f"FlowTimeout after {elapsed:.2f} s"
     assert info.value.machine == "server"
     assert "slow" in str(info.value)
 

@@ -134,7 +134,9 @@ def test_killed_replica_under_load(replicated: MeshDir, peers: Peers, connect) -
 
     begun_on_victim = served(victim)
     for n, (result, elapsed) in enumerate(outcomes):
-        assert elapsed < timeout + 2, f"flow {n} took {elapsed:.1f} s of a {timeout} s deadline"
+        # The deadline is the promise under test: a flow whose replica died ends by it, not
+        # whenever gRPC gives up (the slack is for 200 threads on a loaded machine).
+        assert elapsed < timeout + 10, f"flow {n} took {elapsed:.1f} s of a {timeout} s deadline"
         if isinstance(result, mesh.MeshError):
             assert isinstance(result, mesh.PeerError | mesh.FlowTimeout), repr(result)
             assert result.machine == "server", repr(result)
@@ -228,7 +230,9 @@ def test_killed_only_peer_of_a_machine(chain: MeshDir, peers: Peers, connect) ->
             flow.result(timeout=30)
         elapsed = time.monotonic() - began
 
-    assert elapsed < 10 + 2, f"ended after {elapsed:.1f} s of a 10 s deadline"
+    # The deadline is the promise under test: the flow ends by its 10 s, long before auth's
+    # 30 s step would have (the slack is for a loaded machine).
+    assert elapsed < 10 + 10, f"ended after {elapsed:.1f} s of a 10 s deadline"
     assert info.value.machine == "auth"
     assert "auth" in str(info.value)
     assert server.alive()
@@ -372,7 +376,8 @@ def flows_on(peer: Peer) -> set[str]:
 def run_chain(node: mesh.Node, flows: range, timeout: float, seconds: float = 0) -> list[Any]:
     """Run flow ``chain`` for each n, 8 at a time: None for a success, else the MeshError.
 
-    Each flow must end within its deadline (and a little slack for a loaded machine)."""
+    Each flow must end within its deadline: that is the promise under test while the link is
+    cut (the slack is for a loaded machine)."""
 
     def one(n: int) -> Any:
         began = time.monotonic()
@@ -382,7 +387,7 @@ def run_chain(node: mesh.Node, flows: range, timeout: float, seconds: float = 0)
             return exc
         finally:
             elapsed = time.monotonic() - began
-            assert elapsed < timeout + 2, f"flow {n} took {elapsed:.1f} s of {timeout} s"
+            assert elapsed < timeout + 5, f"flow {n} took {elapsed:.1f} s of {timeout} s"
         return None
 
     with ThreadPoolExecutor(8) as pool:
