@@ -85,6 +85,7 @@ def run_all(node: mesh.Node, flows: range, concurrency: int, **context: Any) -> 
         return list(pool.map(one, flows))
 
 
+@pytest.mark.slow
 def test_replicas_share_the_flows(replicated: MeshDir, peers: Peers, connect) -> None:
     """300 flows at concurrency 32 over 3 replicas: each replica serves at least 20%."""
     replicas = [peers.start(replicated, "server", replica=k) for k in (1, 2, 3)]
@@ -110,6 +111,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_replica_under_load(replicated: MeshDir, peers: Peers, connect) -> None:
     """kill -9 one replica with 200 flows in flight: every flow ends by its deadline, as a
     success or as an error naming server; flows it never began succeed; its restart is used."""
@@ -279,6 +281,7 @@ def test_deep_overrun_is_named_where_it_happened(chain: MeshDir, peers: Peers, c
     assert "auth" in str(info.value)
 
 
+@pytest.mark.slow
 def test_killed_originator_stops_the_flow_downstream(
     chain: MeshDir, peers: Peers, tmp_path
 ) -> None:
@@ -341,6 +344,7 @@ def test_sigterm_drains_a_replica_without_failing_a_flow(
         assert results[n].context["served_by"] == first.pid
 
 
+@pytest.mark.slow
 def test_partition_between_peers(netns, chain: MeshDir, peers: Peers, connect) -> None:
     """auth in its own network namespace; the link is cut mid-load: flows fail within
     their deadline naming auth while cut, and succeed once it is restored."""
