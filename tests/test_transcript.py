@@ -53,6 +53,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealRun]:
         yield RealRun(mesh_dir.config, client_log, server, ids)
     finally:
         started.stop_all()
+        mesh_dir.close()
 
 
 def _lines(path: Path) -> Events:
