@@ -24,10 +24,19 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from mesh.runtime import FlowState
+
+class FlowState(Protocol):
+    """What this module needs of a flow (mesh.runtime.FlowState): its deadline.
+
+    A protocol, not an import, so that config (which reads timeouts with
+    :func:`seconds`) does not import the runtime.
+    """
+
+    deadline: float
+
+    def remaining(self) -> float: ...
 
 __all__ = ["MAX_SECONDS", "Watch", "expire", "reply_reserve", "seconds", "watch"]
 

@@ -20,13 +20,13 @@ import structlog
 
 from mesh import deadlines
 from mesh import processors as _processors
-from mesh.config import Config, find_config, import_services, load_config
+from mesh.config import Config, find_config, load_config
 from mesh.dialer import Dialer
 from mesh.errors import ConfigError, MeshError
 from mesh.flowfile import Flow, FlowSet
 from mesh.logconfig import chain_problem, configure_logging
 from mesh.peer import Abandoned, Server
-from mesh.registry import Handler, Registry, default_registry
+from mesh.registry import Handler, Registry, default_registry, import_services
 from mesh.result import FlowResult
 from mesh.runtime import FlowState, activate, advance, current, finish
 from mesh.transport import Transport

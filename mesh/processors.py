@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mesh.errors import FlowViolation, MeshError
+from mesh.masking import MASK, scrub_any, secret_values
 from mesh.registry import describe
-from mesh.result import MASK, scrub_any, secret_values
 from mesh.runtime import (
     FINISHED,
     FlowState,

@@ -24,8 +24,8 @@ from mesh import tracing
 from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError, PeerRefused
 from mesh.flowfile import Flow
 from mesh.loggers import BoundOnce
+from mesh.masking import scrub, secret_values
 from mesh.registry import Handler, describe
-from mesh.result import scrub, secret_values
 from mesh.routing import DONE, Call, HandBack, RunHere, route
 from mesh.wire import step_error
 

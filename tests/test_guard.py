@@ -13,14 +13,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, password_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.meshdir import LOGIN_FLOW, MeshDir, password_of
+from support.peers import Peer, Peers
 
 import mesh
 from mesh.config import load_config
 from mesh.errors import ConfigError
-from mesh.guard import CONTINUE, Guard, Token, load_token
+from mesh.guard import CONTINUE, Guard
+from mesh.token import Token, load_token
 from mesh.v1 import mesh_pb2 as _pb2
 
 Status = grpc.StatusCode

@@ -12,7 +12,8 @@ import time
 
 import pytest
 import structlog
-from conftest import MeshDir, Peers
+from support.meshdir import MeshDir
+from support.peers import Peers
 
 import mesh
 

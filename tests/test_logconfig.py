@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-from conftest import MeshDir
+from support.meshdir import MeshDir
 
 import mesh
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 
 import structlog
-from conftest import MeshDir, Peers, password_of, run_mesh
+from support.cli import run_mesh
+from support.meshdir import MeshDir, password_of
+from support.peers import Peers
 
 import mesh
 
@@ -34,6 +36,7 @@ def test_closing_one_node_leaves_an_embedded_peer_serving(login_mesh: MeshDir, c
     """An embedded ``server`` peer and an in-process ``client`` node; the client is closed.
     Before, closing it cleared the process's routing, and every flow into the embedded
     peer then failed with 'returned without logging "next"'. Now the peer serves on."""
+    login_mesh.fix_ports()  # node.serve() binds the address the config gives
     server = connect(login_mesh.config, "server")
     server.serve()
     client = connect(login_mesh.config, "client")

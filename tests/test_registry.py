@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshDir, run_mesh
+from support.cli import run_mesh
+from support.meshdir import MeshDir
 
 from mesh.errors import RegistryError
 from mesh.flowfile import parse_flows

@@ -20,8 +20,10 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import MeshDir, Peer, Peers, mesh_env
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.cli import mesh_env
+from support.meshdir import MeshDir
+from support.peers import Peer, Peers
 
 import mesh
 from mesh.peer import SERVICE_NAME
@@ -274,6 +276,7 @@ def test_peer_embedded_in_a_process_stops_its_steps_too(
     caller (a ``mesh call`` process) is told the step may have run, and stop() returns
     the step it abandoned instead of handing it to a retry."""
     work_mesh(mesh_dir, True, grace=1)
+    mesh_dir.fix_ports()  # node.serve() binds the address the config gives
     server = connect(mesh_dir.config, "server")
     server.serve()
     begun = StepBegun()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import MeshDir, Peer, password_of, run_mesh
+from support.cli import run_mesh
+from support.meshdir import MeshDir, password_of
+from support.peers import Peer
 
 from mesh.config import load_config
 from mesh.deadlines import MAX_SECONDS
