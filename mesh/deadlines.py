@@ -38,6 +38,7 @@ class FlowState(Protocol):
 
     def remaining(self) -> float: ...
 
+
 __all__ = ["MAX_SECONDS", "Watch", "expire", "reply_reserve", "seconds", "watch"]
 
 #: The longest the mesh waits for anything (a flow's timeout, grace): one year. gRPC
