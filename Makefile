@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# The distribution was called "mesh" before it was renamed structlog-mesh.
+	$(PY) -m pip uninstall --quiet --yes mesh 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev,otel]'
 	touch $(STAMP)
 

@@ -5,6 +5,7 @@ lines with structlog, and logging ``"next"`` hands the flow to the machine that
 owns the following line.
 """
 
+from mesh.distribution import version as _version
 from mesh.errors import (
     AccessDenied,
     ConfigError,
@@ -49,4 +50,5 @@ __all__ = [
     "processor",
 ]
 
-__version__ = "0.1.0"
+#: The installed distribution's version (``structlog-mesh``), one source: its metadata.
+__version__ = _version()

@@ -27,6 +27,7 @@ import structlog
 
 from mesh import analysis, deadlines, supervisor
 from mesh.config import Config, find_config, load_config
+from mesh.distribution import DISTRIBUTION, install_hint, version
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
@@ -45,6 +46,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
         prog="mesh",
         description="Distribute an application's work across machines by its log lines.",
     )
+    parser.add_argument("--version", action="version", version=f"mesh {version()} ({DISTRIBUTION})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -94,8 +96,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
 
     certs = sub.add_parser(
         "certs",
-        help="make a development CA and a certificate per machine (needs mesh[tls])",
-        description="make a development CA and a certificate per machine (needs mesh[tls])",
+        help=f"make a development CA and a certificate per machine (needs {install_hint('tls')})",
+        description="make a development CA and a certificate per machine"
+        f" (needs {install_hint('tls')})",
     )
     certs.add_argument("directory", metavar="DIR")
     certs.add_argument(
@@ -349,7 +352,7 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from mesh.tools.certs import config_snippet, make_certs  # noqa: PLC0415 - needs mesh[tls]
+    from mesh.tools.certs import config_snippet, make_certs  # noqa: PLC0415 - needs the tls extra
 
     written = make_certs(args.directory, args.machines.split(","), days=args.days)
     for path in written:

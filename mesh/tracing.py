@@ -2,7 +2,7 @@
 
 Tracing is on in a process exactly when that process has imported
 OpenTelemetry's API, that is when the application set OpenTelemetry up (the
-``mesh[otel]`` extra brings the API and SDK). The mesh itself never imports
+``structlog-mesh[otel]`` extra brings the API and SDK). The mesh itself never imports
 it: every hook here first looks ``opentelemetry.trace`` up in ``sys.modules``,
 one dict lookup, and does nothing when it is not there. So a mesh without the
 extra, or an application that does not use it, loads nothing of OpenTelemetry.

@@ -339,7 +339,7 @@ def start_celery(procs: Procs, tmp: Path) -> System:
         import celery  # noqa: F401
         import redis as _redis  # noqa: F401
     except ImportError as exc:
-        system.unavailable = f"{exc.name} is not installed (pip install -e '.[bench]')"
+        system.unavailable = f"{exc.name} is not installed (make bench installs it)"
         return system
     folder = tmp / "celery"
     folder.mkdir()

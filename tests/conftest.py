@@ -92,7 +92,7 @@ def login_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mes
 @pytest.fixture
 def dev_certs(tmp_path: Path) -> Path:
     """``mesh certs`` output for server, client and mesh-call: ca.pem, NAME.pem, NAME.key."""
-    from mesh.tools.certs import make_certs  # needs mesh[tls]
+    from mesh.tools.certs import make_certs  # needs the tls extra
 
     folder = tmp_path / "meshdir" / "certs"
     make_certs(folder, ["server", "client", "mesh-call"])

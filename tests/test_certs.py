@@ -93,6 +93,6 @@ def test_cli_without_cryptography_names_the_extra(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip() == (
-        "mesh certs: the cryptography package is missing: pip install 'mesh[tls]'"
+        "mesh certs: the cryptography package is missing: pip install 'structlog-mesh[tls]'"
     )
     assert not (tmp_path / "out").exists()

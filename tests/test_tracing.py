@@ -31,7 +31,7 @@ def _installed(module: str) -> bool:
 
 needs_otel_sdk = pytest.mark.skipif(
     not _installed("opentelemetry.sdk"),
-    reason="needs the mesh[otel] extra, opentelemetry-sdk (make test installs it)",
+    reason="needs the structlog-mesh[otel] extra, opentelemetry-sdk (make test installs it)",
 )
 
 #: A client with no address, a server, and a ticket office; line 4 is handed back.
@@ -231,4 +231,4 @@ def test_collected_without_opentelemetry(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "1 passed, 1 skipped" in done.stdout, done.stdout[-3000:]
-    assert "needs the mesh[otel] extra" in done.stdout
+    assert "needs the structlog-mesh[otel] extra" in done.stdout

@@ -5,7 +5,7 @@ DNS subject alternative name, which is how peers know who is calling (mutual TLS
 caller knows it reached the machine it meant to (see :mod:`mesh.tls`). Not for production:
 the CA key sits beside the certificates, unencrypted.
 
-Needs the ``cryptography`` package: ``pip install 'mesh[tls]'``.
+Needs the ``cryptography`` package: ``pip install 'structlog-mesh[tls]'``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mesh.distribution import install_hint
 from mesh.errors import MeshError
 
 __all__ = ["CA_CERT", "CA_KEY", "make_certs"]
@@ -35,7 +36,7 @@ def _crypto() -> Any:
         from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - an optional extra
         from cryptography.x509.oid import NameOID  # noqa: PLC0415 - an optional extra
     except ImportError:
-        raise MeshError("the cryptography package is missing: pip install 'mesh[tls]'") from None
+        raise MeshError(f"the cryptography package is missing: {install_hint('tls')}") from None
     return x509, hashes, serialization, ec, NameOID
 
 
