@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from mesh import analysis, deadlines, supervisor
-from mesh.config import Config, find_config, load_config
+from mesh.config import Config, check_machine, find_config, load_config
 from mesh.distribution import DISTRIBUTION, install_hint, version
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
@@ -200,7 +200,9 @@ def _peer(args: argparse.Namespace) -> int:
     # first use instead of reassembling themselves on every call (every "next").
     structlog.configure(cache_logger_on_first_use=True)
     log = structlog.get_logger("mesh")
-    node = connect(args.config, machine=args.machine)
+    path = find_config(args.config)
+    check_machine(load_config(path), args.machine)  # a misspelt name: the closest suggested
+    node = connect(path, machine=args.machine)
     try:
         listen = args.listen or replica_listen(node.config, node.machine, args.replica)
         port = node.serve(listen)
@@ -314,6 +316,8 @@ def _call(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     import_services(config)
     flow = _named_flow(config, args.request)
+    if args.machine not in (None, analysis.CALLER):
+        check_machine(config, args.machine)
     machine = args.machine or analysis.default_origin(flow, config)
     node = Node(config, machine, outside=machine == analysis.CALLER)
     install(node)

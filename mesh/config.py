@@ -11,11 +11,12 @@ service modules are only imported by :func:`mesh.registry.import_services`, when
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -38,7 +39,7 @@ from mesh.tls import TLSConfig, parse_tls
 from mesh.token import Token, load_token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["Config", "MachineConfig", "find_config", "load_config"]
+__all__ = ["Config", "MachineConfig", "check_machine", "find_config", "load_config"]
 
 _FILENAME = "mesh.toml"
 _ENV = "MESH_CONFIG"
@@ -58,6 +59,7 @@ _TOP_KEYS = frozenset(
     | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, token.py
 )
 _MACHINE_KEYS = frozenset({"address", "listen", "replicas", "tls"})  # tls: read by mesh/tls.py
+_TLS_KEYS = frozenset({"ca", "cert", "key", "require_client_cert"})  # mesh/tls.py checks them
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -135,11 +137,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     where = str(config_path)
     data = _read_toml(config_path)
 
+    _check_placement(where, data)
     for key in data:
         if key not in _TOP_KEYS:
-            raise ConfigError(
-                f"{where}: unknown key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})"
-            )
+            raise ConfigError(f"{where}: {_unknown_key(key, _TOP_KEYS)}")
 
     flow_paths = _flow_paths(where, config_path.parent, data)
     services = _services(where, data)
@@ -345,9 +346,7 @@ def _machine(where: str, name: str, entry: object) -> MachineConfig:
     elif isinstance(entry, dict):
         for k in entry:
             if k not in _MACHINE_KEYS:
-                raise ConfigError(
-                    f"{where}: {key}: unknown key {k!r} (known: {', '.join(sorted(_MACHINE_KEYS))})"
-                )
+                raise ConfigError(f"{where}: {key}: {_unknown_key(k, _MACHINE_KEYS)}")
         raw_address = entry.get("address", "")
         if not isinstance(raw_address, str):
             raise ConfigError(f"{where}: {key}.address must be a string, not {_show(raw_address)}")
@@ -474,7 +473,25 @@ def _check_flow_machines(
                 f", which runs {line.request} line {line.index} "
                 f"({_shown_path(line.path, root)}:{line.row})"
             )
-        raise ConfigError(f"{where}: [machines] has no entry for {machine!r}{runs}")
+        # A machine the flows never name is most likely the same one, misspelt.
+        unused = [m for m in machines if m not in flows.machines]
+        hint = _did_you_mean(machine, unused) or _did_you_mean(machine, machines)
+        raise ConfigError(f"{where}: [machines] has no entry for {machine!r}{runs}{hint}")
+
+
+def check_machine(config: Config, machine: str) -> None:
+    """Raise a ConfigError naming ``machine`` when the config has no such machine.
+
+    For commands that take a machine's name (``mesh peer NAME``, ``mesh call --as NAME``),
+    before they start anything: a misspelt name gets the closest one suggested.
+    """
+    if machine in config.machines:
+        return
+    known = ", ".join(config.machines) or "none"
+    hint = _did_you_mean(machine, config.machines)
+    raise ConfigError(
+        f"{config.path}: machine {machine!r} is not in [machines]{hint or f' (known: {known})'}"
+    )
 
 
 def _first_line_on(flows: FlowSet, machine: str) -> Line | None:
@@ -483,6 +500,58 @@ def _first_line_on(flows: FlowSet, machine: str) -> Line | None:
             if line.machine == machine:
                 return line
     return None
+
+
+# --- key checks ----------------------------------------------------------------------------
+
+
+def _check_placement(where: str, data: Mapping[str, object]) -> None:
+    """Catch a top-level key written after a table header, where TOML files it in the table.
+
+    ``timeout = 5`` after ``[machines]`` is read as a machine called timeout, and
+    ``token_file`` after ``[tls]`` as a TLS setting; either would otherwise be reported as
+    something wrong with that table, which sends the author looking in the wrong place.
+    """
+    tables: list[tuple[str, object, frozenset[str]]] = [("tls", data.get("tls"), _TLS_KEYS)]
+    machines = data.get("machines")
+    if isinstance(machines, dict):
+        for name, entry in machines.items():
+            if name in _TOP_KEYS and not _looks_like_machine(entry):
+                raise ConfigError(f"{where}: {_misplaced(name, entry, 'machines')}")
+            if isinstance(entry, dict):
+                tables.append((_key(name), entry, _MACHINE_KEYS))
+                tables.append((f"{_key(name)}.tls", entry.get("tls"), _TLS_KEYS))
+    for table, raw, known in tables:
+        if isinstance(raw, dict):
+            for k, value in raw.items():
+                if k in _TOP_KEYS and k not in known:
+                    raise ConfigError(f"{where}: {_misplaced(k, value, table)}")
+
+
+def _looks_like_machine(entry: object) -> bool:
+    """A table, or an address string: what a machine entry under ``[machines]`` can be."""
+    if isinstance(entry, dict):
+        return True
+    return isinstance(entry, str) and (not entry or address_problem(entry) is None)
+
+
+def _misplaced(key: str, value: object, table: str) -> str:
+    return (
+        f"{key} = {_show(value)} comes after [{table}], so TOML reads it as {table}.{key};"
+        f" {key} is a top-level key: move it above the first [table]"
+    )
+
+
+def _unknown_key(key: str, known: frozenset[str]) -> str:
+    """``unknown key 'timout' (did you mean 'timeout'?)``, else the keys there are."""
+    hint = _did_you_mean(key, known) or f" (known: {', '.join(sorted(known))})"
+    return f"unknown key {key!r}{hint}"
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --- messages ------------------------------------------------------------------------------

@@ -216,7 +216,14 @@ def test_missing_config_and_unknown_machine(mesh_dir: MeshDir) -> None:
     mesh_dir.flow(LOGIN_FLOW)
     mesh_dir.write_config({"client": False, "server": True})
     unknown = one_line_error(mesh_cmd("peer", "sever", "-c", mesh_dir.config))
-    assert "machine 'sever' is not in [machines] (known: client, server)" in unknown
+    assert unknown == (
+        f"mesh peer: {mesh_dir.config}: machine 'sever' is not in [machines]"
+        " (did you mean 'server'?)"
+    )
+    unknown = one_line_error(mesh_cmd("peer", "zebra", "-c", mesh_dir.config))
+    assert unknown.endswith("machine 'zebra' is not in [machines] (known: client, server)")
+    unknown = one_line_error(mesh_cmd("call", "login", "--as", "clinet", "-c", mesh_dir.config))
+    assert unknown.endswith("machine 'clinet' is not in [machines] (did you mean 'client'?)")
 
 
 def test_check_handler_for_a_line_no_flow_has(mesh_dir: MeshDir) -> None:

@@ -287,13 +287,63 @@ def test_config_that_is_not_utf8(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
-    """A typo in a key is an error that lists the known keys."""
+    """A misspelt key is an error that suggests the key meant."""
     path = mesh_toml(tmp_path, 'flow = "flow.tsv"\ntimout = 5\n' + MACHINES)
-    assert config_error(path) == (
-        f"{path}: unknown key 'timout' "
-        "(known: dedup_age, dedup_size, flow, grace, machines, max_flow_file_bytes,"
-        " max_message_bytes, services, strict, timeout, tls, token_file, workers)"
+    assert config_error(path) == f"{path}: unknown key 'timout' (did you mean 'timeout'?)"
+
+
+def test_unknown_key_like_none_lists_the_keys(tmp_path: Path) -> None:
+    """A key close to no known one is an error that lists the known keys."""
+    path = mesh_toml(tmp_path, 'flow = "flow.tsv"\ncolour = "blue"\n' + MACHINES)
+    message = config_error(path)
+    assert message.startswith(f"{path}: unknown key 'colour' (known: dedup_age, dedup_size, flow,")
+    assert "did you mean" not in message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param(
+            'flow = "flow.tsv"\n' + MACHINES + "timeout = 5\n",
+            "timeout = 5 comes after [machines], so TOML reads it as machines.timeout;"
+            " timeout is a top-level key: move it above the first [table]",
+            id="timeout-after-machines",
+        ),
+        pytest.param(
+            MACHINES + 'flow = "flow.tsv"\n',
+            "flow = 'flow.tsv' comes after [machines], so TOML reads it as machines.flow;"
+            " flow is a top-level key: move it above the first [table]",
+            id="flow-after-machines",
+        ),
+        pytest.param(
+            'flow = "flow.tsv"\n[tls]\nca = "ca.pem"\ntoken_file = "mesh.token"\n' + MACHINES,
+            "token_file = 'mesh.token' comes after [tls], so TOML reads it as tls.token_file;"
+            " token_file is a top-level key: move it above the first [table]",
+            id="token_file-after-tls",
+        ),
+        pytest.param(
+            'flow = "flow.tsv"\n[machines]\nclient = ""\n[machines.server]\n'
+            'address = "127.0.0.1:50052"\ngrace = 3\n',
+            "grace = 3 comes after [machines.server], so TOML reads it as"
+            " machines.server.grace; grace is a top-level key: move it above the first [table]",
+            id="grace-after-a-machine-table",
+        ),
+    ],
+)
+def test_top_level_key_written_inside_a_table(tmp_path: Path, body: str, expected: str) -> None:
+    """A top-level key after a table header, where TOML files it in that table (a common
+    slip), is reported as misplaced, not as a bad machine or an unknown TLS key."""
+    path = mesh_toml(tmp_path, body)
+    assert config_error(path) == f"{path}: {expected}"
+
+
+def test_a_machine_named_like_a_key_is_still_a_machine(tmp_path: Path) -> None:
+    """A machine that happens to be called like a top-level key, with an address, is fine."""
+    flow = FLOW_TSV.replace("\tserver\n", "\tworkers\n")
+    path = mesh_toml(
+        tmp_path, 'flow = "flow.tsv"\n[machines]\nclient = ""\nworkers = "127.0.0.1:50052"\n', flow
     )
+    assert load_config(path).machines["workers"].address == "127.0.0.1:50052"
 
 
 # --- flow ----------------------------------------------------------------------------------
@@ -338,6 +388,17 @@ def test_flow_file_errors_propagate_unchanged(tmp_path: Path) -> None:
     with pytest.raises(FlowFileError) as info:
         load_config(path)
     assert str(info.value).startswith(f"{tmp_path / 'flow.tsv'}:2: ")
+
+
+def test_misspelt_machine_gets_the_closest_suggested(tmp_path: Path) -> None:
+    """A machine the flow names that [machines] spells differently: the config's one is
+    suggested."""
+    machines = '[machines]\nclient = ""\nsever = "127.0.0.1:50052"\n'
+    path = mesh_toml(tmp_path, 'flow = "flow.tsv"\n' + machines)
+    assert config_error(path) == (
+        f"{path}: [machines] has no entry for 'server', which runs login line 1 (flow.tsv:3)"
+        " (did you mean 'sever'?)"
+    )
 
 
 def test_machine_missing_for_a_flow(tmp_path: Path) -> None:
@@ -442,12 +503,16 @@ def test_machine_entry_of_the_wrong_type(tmp_path: Path, value: str) -> None:
 
 
 def test_unknown_key_in_a_machine_table(tmp_path: Path) -> None:
-    """A typo inside a machine table is caught like a top-level one."""
+    """A typo inside a machine table is caught like a top-level one, the key suggested."""
     body = 'flow = "flow.tsv"\n[machines]\nclient = ""\n[machines.server]\nadress = "h:1"\n'
     path = mesh_toml(tmp_path, body)
-    assert (
-        "machines.server: unknown key 'adress' (known: address, listen, replicas, tls)"
-        in config_error(path)
+    assert config_error(path) == (
+        f"{path}: machines.server: unknown key 'adress' (did you mean 'address'?)"
+    )
+    body = body.replace("adress", "port")
+    path = mesh_toml(tmp_path, body)
+    assert config_error(path) == (
+        f"{path}: machines.server: unknown key 'port' (known: address, listen, replicas, tls)"
     )
 
 
