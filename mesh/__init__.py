@@ -5,6 +5,7 @@ lines with structlog, and logging ``"next"`` hands the flow to the machine that
 owns the following line.
 """
 
+from mesh.current import CurrentFlow, current_flow
 from mesh.distribution import version as _version
 from mesh.errors import (
     AccessDenied,
@@ -30,6 +31,7 @@ __all__ = [
     "AccessDenied",
     "ConfigError",
     "ContextError",
+    "CurrentFlow",
     "FlowError",
     "FlowFileError",
     "FlowResult",
@@ -45,6 +47,7 @@ __all__ = [
     "configure_logging",
     "connect",
     "current_context",
+    "current_flow",
     "handler",
     "mask_secrets",
     "processor",
