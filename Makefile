@@ -20,8 +20,8 @@ demo: $(STAMP)
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mesh services scripts tests
-	$(VENV)/bin/ruff format --check mesh services scripts tests
+	$(VENV)/bin/ruff check mesh services scripts tests examples
+	$(VENV)/bin/ruff format --check mesh services scripts tests examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

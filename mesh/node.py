@@ -9,6 +9,7 @@ processor route for this machine. ``node.start`` originates flows;
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import os
 import time
@@ -83,6 +84,17 @@ class Node:
         step, PeerUnavailable / PeerRefused for a peer, FlowTimeout at the deadline.
         """
         return self.start_with(request, context, timeout=timeout)
+
+    async def start_async(
+        self, request: str, /, *, timeout: float | None = None, **context: Any
+    ) -> FlowResult:
+        """:meth:`start` for async code (a FastAPI endpoint): awaits the flow's result.
+
+        For now the flow runs in a worker thread (``asyncio.to_thread``), so the event
+        loop goes on serving while it waits; same arguments, result and errors as
+        :meth:`start`.
+        """
+        return await asyncio.to_thread(self.start_with, request, context, timeout=timeout)
 
     def start_with(
         self, request: str, context: Mapping[str, Any], *, timeout: float | None = None

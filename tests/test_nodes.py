@@ -67,3 +67,37 @@ def test_closing_the_newer_node_gives_inline_flows_back_to_the_older(
 
     assert mesh.current_context() == {"reader": "ada"}
     assert any(e.get("event") == "Retrieving feed information" for e in server.events())
+
+
+def test_start_async_takes_starts_arguments_and_raises_its_errors(
+    login_mesh: MeshDir, peers: Peers, connect
+) -> None:
+    """``await node.start_async(...)`` is ``node.start`` for async code: the same keywords
+    (a context key beside ``timeout``), the same result, the same errors; flows awaited
+    together run together, each with its own context."""
+    import asyncio
+
+    peers.start(login_mesh, "server")
+    client = connect(login_mesh.config, "client")
+
+    async def main() -> list[mesh.FlowResult]:
+        return await asyncio.gather(
+            *(
+                client.start_async("login", username=n, password=password_of(n), timeout=20)
+                for n in ("ada", "grace", "alan")
+            )
+        )
+
+    results = asyncio.run(main())
+    assert [r.context["session"] for r in results] == [
+        "session-ada",
+        "session-grace",
+        "session-alan",
+    ]
+    assert len({r.flow_id for r in results}) == 3
+    try:
+        asyncio.run(client.start_async("login", username="ada", password="wrong-one"))
+    except mesh.FlowError as exc:
+        assert (exc.machine, exc.error_type) == ("server", "PermissionError")
+    else:
+        raise AssertionError("a wrong password did not fail the flow")
