@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from mesh import analysis, deadlines, supervisor
+from mesh.colour import Palette, palette
 from mesh.config import Config, check_machine, find_config, load_config
 from mesh.distribution import DISTRIBUTION, install_hint, version
 from mesh.errors import MeshError
@@ -121,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except MeshError as exc:
-        print(f"mesh {args.command}: {exc}", file=sys.stderr)
+        err = palette(sys.stderr)
+        print(f"{err.paint(f'mesh {args.command}:', 'bold', 'red')} {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
@@ -137,32 +139,37 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     import_services(config)
     found = analysis.check(config, default_registry)
-    print(f"{config.path}")
+    out, err = palette(sys.stdout), palette(sys.stderr)
+    print(out.bold(str(config.path)))
     _table(found.machines, indent="  ")
     print()
     for flow in found.plans:
-        print(f"{flow.name}  ({flow.path}, digest {flow.digest})")
-        _table([("#", "line", "machine", "handler", "how"), *flow.rows], indent="  ")
+        print(f"{out.bold(flow.name)}  ({flow.path}, digest {flow.digest})")
+        _table([("#", "line", "machine", "handler", "how"), *flow.rows], "  ", header=out)
         print()
     for warning in found.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"{err.yellow('warning:')} {warning}", file=sys.stderr)
     for problem in found.problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"{err.red('error:')} {problem}", file=sys.stderr)
     if not found.ok:
         return EXIT_FAILURE
     print(
-        f"ok: {len(config.flows)} requests, {len(config.machines)} machines,"
+        f"{out.green('ok:')} {len(config.flows)} requests, {len(config.machines)} machines,"
         f" {found.handlers} handlers"
     )
     return 0
 
 
-def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
+def _table(
+    rows: Sequence[tuple[str, ...]], indent: str = "", *, header: Palette | None = None
+) -> None:
+    """Print ``rows`` in aligned columns; with ``header``, the first row is its heading."""
     columns = max(len(r) for r in rows)
     widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(columns)]
-    for row in rows:
+    for n, row in enumerate(rows):
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
-        print(indent + "  ".join(cells).rstrip())
+        text = "  ".join(cells).rstrip()
+        print(indent + (header.bold(text) if header is not None and n == 0 else text))
 
 
 # -- peer ------------------------------------------------------------------
@@ -338,17 +345,18 @@ def _call(args: argparse.Namespace) -> int:
         print(json.dumps(out, ensure_ascii=False))
         return 0
     total = sum(s.duration for s in result.steps) * 1000
+    tty = palette(sys.stdout)
     print(
-        f"{result.request}  flow {result.flow_id}  done:"
+        f"{tty.bold(result.request)}  flow {result.flow_id}  {tty.green('done')}:"
         f" {len(steps)} steps, {total:.2f} ms in steps"
     )
-    print("context:")
+    print(tty.bold("context:"))
     for key, value in result.masked_context().items():
         print(f"  {key} = {json.dumps(value, ensure_ascii=False)}")
-    print("timeline:")
+    print(tty.bold("timeline:"))
     rows = [("#", "line", "machine", "ms")]
     rows += [(str(s["index"]), str(s["line"]), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
-    _table(rows, indent="  ")
+    _table(rows, "  ", header=tty)
     return 0
 
 
@@ -423,14 +431,33 @@ def _logs(args: argparse.Namespace) -> int:
         which = f"flow {args.flow}" if args.flow else "flow lines"
         raise MeshError(f"no {which} in {', '.join(args.files)}")
     bad = 0
+    out = palette(sys.stdout)
     for n, t in enumerate(found):
         if n:
             print()
-        sys.stdout.write(transcript.format_transcript(t))
+        sys.stdout.write(_coloured_transcript(transcript.format_transcript(t), out))
         bad += bool(t.problems)
     if len(found) > 1:
         print(f"\n{len(found)} flows, {bad} with problems")
     return EXIT_FAILURE if bad else 0
+
+
+def _coloured_transcript(text: str, out: Palette) -> str:
+    """A transcript's heading status green or red, its table heading bold, problems red."""
+    if not out.on:
+        return text
+    lines = text.splitlines()
+    head, _, status = lines[0].rpartition("  ")
+    lines[0] = f"{out.bold(head)}  {out.green(status) if status == 'ok' else out.red(status)}"
+    for i, line in enumerate(lines[1:], 1):
+        stripped = line.lstrip()
+        if stripped.startswith("problem:"):
+            lines[i] = out.red(line)
+        elif stripped.startswith("#  "):
+            lines[i] = out.bold(line)
+        elif stripped.startswith("note:"):
+            lines[i] = out.yellow(line)
+    return "\n".join(lines) + "\n"
 
 
 def _shown(path: str | Path) -> str:

@@ -9,6 +9,7 @@ from typing import IO, Any
 
 import structlog
 
+from mesh import colour
 from mesh.processors import EventDict, mask_secrets, processor
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -57,8 +58,7 @@ def configure_logging(
     if json:
         renderer = structlog.processors.JSONRenderer()
     else:
-        colors = bool(getattr(out, "isatty", lambda: False)())
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        renderer = structlog.dev.ConsoleRenderer(colors=colour.enabled(out))
     structlog.configure(
         processors=[
             processor,
