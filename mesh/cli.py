@@ -79,7 +79,13 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     peer.add_argument("--log-level", default="info", metavar="LEVEL")
 
-    add("up", "start a peer for every machine with an address; stop them on Ctrl-C")
+    up = add("up", "start a peer for every machine with an address; stop them on Ctrl-C")
+    up.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="also append each peer's JSON log to DIR/MACHINE.log (replicas: MACHINE.K.log),"
+        " for mesh logs",
+    )
 
     call = add("call", "start a flow and print its result and timeline")
     call.add_argument("request", metavar="REQUEST")
@@ -280,7 +286,8 @@ def replica_listen(config: Config, machine: str, replica: int | None) -> str:
 def _up(args: argparse.Namespace) -> int:
     stop = supervisor.stop_event()
     path = find_config(args.config)
-    return supervisor.run(path, load_config(path), stop)
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    return supervisor.run(path, load_config(path), stop, log_dir)
 
 
 # -- call ------------------------------------------------------------------

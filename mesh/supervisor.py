@@ -4,19 +4,27 @@ Starts ``mesh peer`` children, prefixes their output with their machine, waits u
 each reports SERVING on gRPC health, then watches them until Ctrl-C or SIGTERM, and
 stops every one it started (SIGTERM, the config's grace, then SIGKILL). On Linux a
 child also dies with its parent, so a ``mesh up`` killed outright leaves no peer behind.
+
+With a log folder (``mesh up --log-dir DIR``) the peers log JSON: each line is appended to
+``DIR/MACHINE.log`` (``MACHINE.K.log`` for replica K), ready for ``mesh logs``, and shown
+on the console as the peer itself would have shown it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import structlog
+
+from mesh import colour
 from mesh.addresses import dialable
 from mesh.config import Config
 from mesh.errors import MeshError
@@ -37,8 +45,9 @@ def stop_event() -> threading.Event:
     return stop
 
 
-def run(path: Path, config: Config, stop: threading.Event) -> int:
-    """Start, watch and stop the peers of ``config`` (loaded from ``path``) until ``stop``."""
+def run(path: Path, config: Config, stop: threading.Event, log_dir: Path | None = None) -> int:
+    """Start, watch and stop the peers of ``config`` (loaded from ``path``) until ``stop``;
+    with ``log_dir``, keep each peer's JSON log there too."""
     # One peer per replica: (label, machine, replica or None, the address to check health at).
     peers = [
         (
@@ -55,10 +64,13 @@ def run(path: Path, config: Config, stop: threading.Event) -> int:
     if not peers:
         raise MeshError(f"{path}: no machine has an address, so there is no peer to start")
     width = max(len(p[0]) for p in peers)
+    logs = _open_logs(log_dir, [p[0] for p in peers]) if log_dir is not None else {}
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    relays: list[threading.Thread] = []
     try:
         for label, name, replica, _, _ in peers:
             which = ["--replica", str(replica)] if replica is not None else []
+            which += ["--json"] if logs else []
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mesh", "peer", name, *which, "-c", str(path)],
                 stdout=subprocess.PIPE,
@@ -67,9 +79,11 @@ def run(path: Path, config: Config, stop: threading.Event) -> int:
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - async-signal-safe, see there
             )
             procs[label] = proc
-            threading.Thread(
-                target=_relay, args=(f"{label:<{width}} | ", proc), daemon=True
-            ).start()
+            relay = threading.Thread(
+                target=_relay, args=(f"{label:<{width}} | ", proc, logs.get(label)), daemon=True
+            )
+            relay.start()
+            relays.append(relay)
         for label, name, _, health_at, bind in peers:
             probe = Transport.of(config, name)  # a TLS peer is probed with its own certificate
             _wait_healthy(
@@ -95,6 +109,10 @@ def run(path: Path, config: Config, stop: threading.Event) -> int:
         return 0
     finally:
         _stop_all(procs, config.grace)
+        for relay in relays:  # a stopped peer's last lines, into its log before it is closed
+            relay.join(5)
+        for file in logs.values():
+            file.close()
 
 
 _print_lock = threading.Lock()
@@ -106,11 +124,36 @@ def _say(line: str) -> None:
         sys.stdout.flush()
 
 
-def _relay(prefix: str, proc: subprocess.Popen[bytes]) -> None:
-    """Copy a peer's output to ours line by line, each line prefixed with its machine."""
+def _open_logs(folder: Path, labels: list[str]) -> dict[str, IO[str]]:
+    """``FOLDER/LABEL.log`` for each peer, opened for append (made with its folder)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return {label: open(folder / f"{label}.log", "a", encoding="utf-8") for label in labels}
+    except OSError as exc:
+        raise MeshError(f"--log-dir {folder}: {exc.strerror or exc}") from None
+
+
+def _relay(prefix: str, proc: subprocess.Popen[bytes], log: IO[str] | None = None) -> None:
+    """Copy a peer's output to ours line by line, each line prefixed with its machine.
+
+    With ``log``, the peer writes JSON: each event goes to ``log`` as it came and to the
+    console rendered as a peer on a console renders it; other lines (the peer's own
+    messages on stderr, anything a handler prints) are shown as they are.
+    """
     assert proc.stdout is not None
+    render = structlog.dev.ConsoleRenderer(colors=colour.enabled(sys.stdout))
     for raw in proc.stdout:
-        _say(prefix + raw.decode("utf-8", "replace").rstrip("\n"))
+        text = raw.decode("utf-8", "replace").rstrip("\n")
+        if log is not None and text.startswith("{"):
+            try:
+                event = json.loads(text)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                log.write(text + "\n")
+                log.flush()
+                text = str(render(None, str(event.get("level", "info")), event)).rstrip("\n")
+        _say(prefix + text)
 
 
 def _die_with_parent() -> None:

@@ -407,9 +407,9 @@ def test_call_with_peer_down_is_unavailable(cli_mesh: MeshDir) -> None:
 class Up:
     """A running ``mesh up``; its stdout and stderr lines arrive on one queue as printed."""
 
-    def __init__(self, config: Path, tmp_path: Path) -> None:
+    def __init__(self, config: Path, tmp_path: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh", "up", "-c", str(config)],
+            [sys.executable, "-m", "mesh", "up", "-c", str(config), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -482,8 +482,8 @@ def up(tmp_path: Path) -> Iterator[object]:
     """``up(config)`` starts ``mesh up``; everything it started is stopped at the end."""
     started: list[Up] = []
 
-    def start(config: Path) -> Up:
-        started.append(Up(config, tmp_path))
+    def start(config: Path, *args: str) -> Up:
+        started.append(Up(config, tmp_path, *args))
         return started[-1]
 
     yield start
@@ -513,6 +513,38 @@ def test_up_serves_calls_and_stops_its_peers(cli_mesh: MeshDir, up) -> None:
     assert running.proc.wait(30) == 0
     for name, pid in running.peer_pids.items():
         assert not alive(pid), f"peer {name} (pid {pid}) outlived mesh up"
+
+
+def test_up_log_dir_keeps_json_logs_for_mesh_logs(mesh_dir: MeshDir, up, tmp_path: Path) -> None:
+    """`mesh up --log-dir DIR` writes each peer's JSON log to DIR/MACHINE.log (replica K:
+    MACHINE.K.log) while the console still shows readable lines; `mesh logs DIR/*.log`
+    right after a call reports the flow ok. Before, mesh up relayed console text only, so
+    there was nothing for mesh logs to read."""
+    mesh_dir.flow(LOGIN_FLOW)
+    mesh_dir.service(LOGIN_SERVICE)
+    mesh_dir.write_config({"client": False, "server": 2})
+    mesh_dir.fix_ports()
+    logs = tmp_path / "logs"
+    running = up(mesh_dir.config, "--log-dir", str(logs))
+    running.wait_healthy(2)
+
+    call = mesh_cmd(
+        "call", "login", "username=ada", f"password={PASSWORD}", "--json",
+        "--log-file", logs / "client.log", "-c", mesh_dir.config,
+    )  # fmt: skip
+    assert call.returncode == 0, call.stderr
+    flow_id = json.loads(call.stdout)["flow_id"]
+    running.expect(r"^server\.\d \| .*Finish handling user login")
+    os.kill(running.pid, signal.SIGTERM)
+    assert running.proc.wait(30) == 0
+
+    assert sorted(p.name for p in logs.iterdir()) == ["client.log", "server.1.log", "server.2.log"]
+    served = [json.loads(line) for p in logs.glob("server.*.log") for line in p.open()]
+    assert any(e.get("event") == "mesh.peer_ready" for e in served)
+    assert not any(line.startswith("server.1 | {") for line in running.seen)  # not raw JSON
+    report = mesh_cmd("logs", *sorted(logs.glob("*.log")), "-c", mesh_dir.config)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert f"login  flow {flow_id}  6 of 6 lines  ok" in report.stdout
 
 
 def test_up_reports_a_peer_that_dies(cli_mesh: MeshDir, up) -> None:
