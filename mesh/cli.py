@@ -101,6 +101,16 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     _add_tool_commands(add)
 
+    init = sub.add_parser(
+        "init",
+        help="write a small working project (a flow, mesh.toml, handlers) to start from",
+        description="write a small working project to start from: a flow file with one"
+        " request over two machines and a client, mesh.toml, a module with the handlers and"
+        " a README saying how to run it",
+    )
+    init.add_argument("directory", nargs="?", default=".", metavar="DIR", help="default: .")
+    init.add_argument("--force", action="store_true", help="overwrite files that exist")
+
     certs = sub.add_parser(
         "certs",
         help=f"make a development CA and a certificate per machine (needs {install_hint('tls')})",
@@ -123,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "up": _up,
         "call": _call,
         "certs": _certs,
+        "init": _init,
         **_TOOL_COMMANDS,
     }[args.command]
     try:
@@ -364,6 +375,20 @@ def _call(args: argparse.Namespace) -> int:
     rows = [("#", "line", "machine", "ms")]
     rows += [(str(s["index"]), str(s["line"]), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
     _table(rows, "  ", header=tty)
+    return 0
+
+
+# -- init ------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    from mesh.tools.init import write_project  # noqa: PLC0415 - only this command needs it
+
+    for path in write_project(args.directory, force=args.force):
+        print(f"wrote {_shown(path)}")
+    here = Path(args.directory).resolve() == Path.cwd().resolve()
+    go = "" if here else f"cd {_shown(args.directory)} && "
+    print(f"next: {go}mesh check && mesh up   (then, in another terminal: see README.md)")
     return 0
 
 

@@ -153,7 +153,8 @@ def _relay(prefix: str, proc: subprocess.Popen[bytes], log: IO[str] | None = Non
                 log.write(text + "\n")
                 log.flush()
                 text = str(render(None, str(event.get("level", "info")), event)).rstrip("\n")
-        _say(prefix + text)
+        for line in text.split("\n"):  # a traceback: every line of it marked with its peer
+            _say(prefix + line)
 
 
 def _die_with_parent() -> None:

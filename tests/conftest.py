@@ -10,6 +10,7 @@ not exit 0 within ``STOP_TIMEOUT`` fails the test unless the test said otherwise
 * ``login_server``: one login ``server`` peer shared by a module's tests.
 * ``dev_certs``: a development CA and certificates made with ``mesh.tools.certs``.
 * ``nodes`` / ``connect``: in-process nodes, closed at the end.
+* ``up``: ``mesh up`` subprocesses (``support/up.py``), stopped with their peers.
 * ``reply_dropper``: a TCP proxy that loses replies (``support/proxy.py``).
 * ``netns``: a network namespace with a veth link (root only, else skipped).
 * ``chromium``: headless Chromium (skipped, naming it, when it is not installed).
@@ -35,6 +36,7 @@ from support.meshdir import MeshDir, as_login_mesh
 from support.netns import NetNs
 from support.peers import Peer, Peers
 from support.proxy import ReplyDropper
+from support.up import Up
 
 import mesh
 from mesh import runtime as mesh_runtime
@@ -118,6 +120,20 @@ def connect(nodes: list[mesh.Node]) -> Any:
         return node
 
     return _connect
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Any]:
+    """``up(config, *args)`` starts ``mesh up``; everything it started is stopped at the end."""
+    started: list[Up] = []
+
+    def start(config: Path, *args: str, **kwargs: Any) -> Up:
+        started.append(Up(config, tmp_path, *args, **kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
 
 
 @pytest.fixture

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.cli import mesh_env
 from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
 from support.peers import Peers
+from support.up import alive
 
 PASSWORD = password_of("ada")
 
@@ -402,93 +399,6 @@ def test_call_with_peer_down_is_unavailable(cli_mesh: MeshDir) -> None:
 
 
 # -- mesh up -----------------------------------------------------------------------------
-
-
-class Up:
-    """A running ``mesh up``; its stdout and stderr lines arrive on one queue as printed."""
-
-    def __init__(self, config: Path, tmp_path: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh", "up", "-c", str(config), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=mesh_env(),
-            cwd=tmp_path,
-        )
-        self.pid = self.proc.pid
-        self.peer_pids: dict[str, int] = {}
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._open = 2
-        for stream in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)  # this stream ended
-
-    def expect(self, pattern: str, timeout: float = 30) -> str:
-        """Read output lines until one matches ``pattern``; fail at its end or the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern!r} in {timeout} s; saw {self.seen}")
-            if line is None:
-                self._open -= 1
-                if not self._open:
-                    pytest.fail(f"mesh up ended before printing {pattern!r}: {self.seen}")
-                continue
-            self.seen.append(line)
-            if re.search(pattern, line):
-                return line
-
-    def wait_healthy(self, count: int) -> None:
-        while len(self.peer_pids) < count:
-            line = self.expect(r"^mesh up: \S+ listening on \S+ \(pid \d+\)")
-            m = re.search(r"^mesh up: (\S+) listening on \S+ \(pid (\d+)\)", line)
-            assert m
-            self.peer_pids[m.group(1)] = int(m.group(2))
-        self.expect(rf"^mesh up: {count} peers healthy")
-
-    def stop(self) -> None:
-        """SIGTERM ``mesh up`` alone, wait, then SIGKILL it and any peer left over."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
-        for pid in self.peer_pids.values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[object]:
-    """``up(config)`` starts ``mesh up``; everything it started is stopped at the end."""
-    started: list[Up] = []
-
-    def start(config: Path, *args: str) -> Up:
-        started.append(Up(config, tmp_path, *args))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 def test_up_serves_calls_and_stops_its_peers(cli_mesh: MeshDir, up) -> None:

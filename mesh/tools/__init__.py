@@ -3,8 +3,9 @@
 * :mod:`mesh.tools.scaffold`: a flow file's request → a services module of handler stubs.
 * :mod:`mesh.tools.diagram`: flows and runs → Mermaid, SVG, HTML sequence diagrams.
 * :mod:`mesh.tools.transcript`: peers' JSON logs → one checked transcript per flow.
+* :mod:`mesh.tools.init`: a small working project to start from (``mesh init``).
 * :mod:`mesh.tools.certs`: a development CA and a certificate per machine (the ``tls`` extra).
 
-The commands that use them (``mesh scaffold``, ``diagram``, ``logs``, ``certs``) are in
+The commands that use them (``mesh scaffold``, ``diagram``, ``logs``, ``init``, ``certs``) are in
 :mod:`mesh.cli`.
 """
