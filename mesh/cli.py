@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from mesh import analysis, deadlines, supervisor
+from mesh.addresses import dialable
 from mesh.colour import Palette, palette
 from mesh.config import Config, check_machine, find_config, load_config
 from mesh.distribution import DISTRIBUTION, install_hint, version
@@ -33,10 +34,12 @@ from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
+from mesh.peer import wait_serving
 from mesh.processors import install
 from mesh.registry import default_registry, import_services
 from mesh.result import FlowResult
 from mesh.tools import diagram, scaffold, transcript
+from mesh.transport import Transport
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -99,6 +102,14 @@ def make_argument_parser() -> argparse.ArgumentParser:
     call.add_argument(
         "--log-file", metavar="PATH", help="append JSON logs here (for mesh logs), not stderr"
     )
+    health = add("health", "check that a machine's peer serves (gRPC health, with its own TLS)")
+    health.add_argument("machine", metavar="MACHINE")
+    health.add_argument(
+        "--address", metavar="HOST:PORT", help="the peer to ask (default: where MACHINE binds)"
+    )
+    health.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after (default 5)"
+    )
     _add_tool_commands(add)
 
     init = sub.add_parser(
@@ -129,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_argument_parser().parse_args(argv)
     command = {
         "check": _check,
+        "health": _health,
         "peer": _peer,
         "up": _up,
         "call": _call,
@@ -291,6 +303,25 @@ def replica_listen(config: Config, machine: str, replica: int | None) -> str:
     return binds[replica - 1]
 
 
+# -- health ----------------------------------------------------------------
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the peer says SERVING: a probe for Kubernetes (exec) or a script."""
+    config = load_config(find_config(args.config))
+    check_machine(config, args.machine)
+    machine = config.machines[args.machine]
+    if args.address is None and not machine.binds:
+        raise MeshError(f"{args.machine} has no address, so no peer to ask; give --address")
+    address = args.address or dialable(machine.binds[0])
+    if not wait_serving(address, args.timeout, transport=Transport.of(config, args.machine)):
+        raise MeshError(
+            f"{args.machine} at {address} is not serving (no SERVING answer in {args.timeout:g} s)"
+        )
+    print(f"{args.machine} at {address}: SERVING")
+    return 0
+
+
 # -- up --------------------------------------------------------------------
 
 
@@ -421,6 +452,18 @@ def _add_tool_commands(add: Any) -> None:
     drawing.add_argument("--format", choices=diagram.FORMATS, help="default: from -o, else mermaid")
     drawing.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
 
+    deploy = add("deploy", "write Kubernetes manifests and a Dockerfile from the config")
+    deploy.add_argument("target", choices=["k8s"], help="k8s: Kubernetes")
+    deploy.add_argument(
+        "-o", "--output", metavar="DIR", help="write here (default: k8s/ beside mesh.toml)"
+    )
+    deploy.add_argument(
+        "--image", metavar="IMAGE", help="the peers' image (default: FOLDER:latest)"
+    )
+    deploy.add_argument(
+        "--namespace", default="default", metavar="NS", help="the namespace (default: default)"
+    )
+
     logs = add("logs", "merge peers' JSON logs into one transcript per flow; check each")
     logs.add_argument("files", nargs="+", metavar="FILE", help="JSON log files of the peers")
     logs.add_argument("--flow", metavar="FLOW_ID", help="only this flow (a prefix will do)")
@@ -546,4 +589,18 @@ def _scaffold(args: argparse.Namespace) -> int:
     return 0
 
 
-_TOOL_COMMANDS = {"scaffold": _scaffold, "diagram": _diagram, "logs": _logs}
+def _deploy(args: argparse.Namespace) -> int:
+    from mesh.tools import deploy  # noqa: PLC0415 - only this command needs it
+
+    config = load_config(find_config(args.config))
+    out = Path(args.output) if args.output else config.root / "k8s"
+    made = deploy.k8s(config, namespace=args.namespace, image=args.image)
+    for path in deploy.write(made, out):
+        print(f"wrote {_shown(path)}")
+    print(f"\nnext, from {_shown(config.root)} (Secrets are referenced, not written):")
+    for step in made.steps:
+        print(f"  {step.replace('OUT', _shown(out))}")
+    return 0
+
+
+_TOOL_COMMANDS = {"scaffold": _scaffold, "diagram": _diagram, "logs": _logs, "deploy": _deploy}
