@@ -24,8 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mesh import deadlines, tracing
 from mesh.dedup import Replies
-from mesh.errors import FlowTimeout, MeshError
-from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
+from mesh.errors import ContextError, FlowTimeout, MeshError
+from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance, fail_step
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
@@ -87,6 +87,7 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             ctx,
             time.monotonic() + remaining - deadlines.reply_reserve(remaining),
             tuple(request.via),
+            inbound=True,
         )
         return self._once(context, state, index, remaining)
 
@@ -182,7 +183,8 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
             _log.warning(
                 "mesh.flow_expired", cause=cause, reason=str(exc), **state.fields(exc.line_index)
             )
-        return encode_reply(_pb2.ContinueReply(failed=error_to_failure(exc)), state.steps)
+        failure = error_to_failure(exc, machine=state.machine, line_index=max(state.current, index))
+        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
     except Exception as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))
         failure = _pb2.Failure(
@@ -193,19 +195,29 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
             message=state.scrub(f"internal error on {state.machine}: {exc}"),
         )
         return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
+    if outcome is FINISHED and state.done_below:
+        return encode_reply(None, state.steps)  # the reply from below says so, context included
+    try:
+        context = dump_context(state.context)
+    except ContextError as exc:
+        # A handler put a value JSON cannot carry straight into the dict, behind "next"'s
+        # back: fail the last line run here, naming the key, rather than the whole call.
+        return encode_reply(_unsendable(state, index, exc), state.steps)
     if outcome is FINISHED:
-        if state.done_below:  # the reply from below says so, final context included
-            return encode_reply(None, state.steps)
-        done = _pb2.ContinueReply(done={"context": dump_context(state.context)})
-        return encode_reply(done, state.steps)
+        return encode_reply(_pb2.ContinueReply(done={"context": context}), state.steps)
     assert isinstance(outcome, HandOff)
-    hand_off = {
-        "machine": outcome.machine,
-        "line_index": outcome.index,
-        "context": dump_context(state.context),
-    }
+    hand_off = {"machine": outcome.machine, "line_index": outcome.index, "context": context}
     # Sub-messages as dicts: upb builds them faster than from message objects.
     return encode_reply(_pb2.ContinueReply(hand_off=hand_off), state.steps)
+
+
+def _unsendable(state: FlowState, index: int, exc: ContextError) -> _pb2.ContinueReply:
+    """The reply for a flow whose context cannot travel on: its last step here failed."""
+    ran = [s for s in state.steps if type(s) is tuple]
+    line = ran[-1][0] if ran else index
+    error = fail_step(state, line, exc)
+    _log.error("mesh.step_failed", error=str(error), **state.fields(line))
+    return _pb2.ContinueReply(failed=error_to_failure(error))
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
