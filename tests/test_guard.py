@@ -426,6 +426,26 @@ def test_a_call_with_no_via_is_a_caller_from_outside(
     assert server.alive() and audit.alive()
 
 
+@pytest.mark.parametrize(
+    "via", [["server"], ["client", "server"]], ids=["itself", "itself-after-another"]
+)
+def test_a_via_naming_the_receiver_is_refused_at_the_door(
+    chain, mesh_dir: MeshDir, tmp_path: Path, via: list[str]
+) -> None:
+    """A call whose via names the machine it is sent to cannot come from a flow: refused
+    INVALID_ARGUMENT, saying so, before any line runs (before: lines ran, and the flow failed
+    two hops later with a confusing message)."""
+    server, _, raw = chain
+    ledger = tmp_path / "ledger.txt"
+    got, details = status_of(raw, chain_call(mesh_dir, ledger, via=via))
+    assert got == Status.INVALID_ARGUMENT, details
+    assert "names server itself" in details
+    assert not ledger.exists()
+    assert [e["code"] for e in server.events() if e.get("event") == "mesh.refused"] == [
+        "INVALID_ARGUMENT"
+    ]
+
+
 # --- values JSON cannot carry -----------------------------------------------------------------
 
 UNENCODABLE = [
