@@ -24,7 +24,6 @@ from mesh.errors import (
     ContextError,
     FlowTimeout,
     MeshError,
-    PeerError,
     PeerRefused,
     PeerUnavailable,
 )
@@ -190,7 +189,9 @@ class Dialer:
             call = self.call(machine)
         except PeerUnavailable as exc:
             raise PeerUnavailable(
-                f"{exc} (for {_where(flow, index)})", **_fields(exc, state, index)
+                f"{exc} (for {_where(flow, index)})",
+                address=exc.address,
+                **_fields(exc.machine, state, index),
             ) from None
         # A blocking call, not a future: grpcio runs a blocking call on its own
         # completion queue in this thread, while a future's result comes through the
@@ -367,16 +368,9 @@ def _where(flow: Flow, index: int) -> str:
     return f"{flow.name} line {index} {flow.lines[index].text!r}"
 
 
-def _fields(machine: str | PeerError, state: FlowState, index: int) -> dict[str, Any]:
-    """The keyword arguments of a PeerError about ``machine``, for this flow and line."""
-    if isinstance(machine, PeerError):
-        return {
-            "machine": machine.machine,
-            "address": machine.address,
-            "request": state.flow.name,
-            "flow_id": state.flow_id,
-            "line_index": index,
-        }
+def _fields(machine: str, state: FlowState, index: int) -> dict[str, Any]:
+    """The keyword arguments of a PeerError about ``machine`` but its address, for this flow
+    and line."""
     return {
         "machine": machine,
         "request": state.flow.name,
