@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest protos protos-check bench clean
+.PHONY: demo test test-fast lint typecheck pytest protos protos-check bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Debian packages the tests use (chromium: the HTML diagram test). The script installs the
+# missing ones when it can; a test whose package is still missing is skipped, naming it.
+TEST_DEBS := chromium
+
 pytest: $(STAMP)
+	scripts/ensure-debian-packages.sh $(TEST_DEBS)
 	$(VENV)/bin/pytest -q
+
+# The same checks without the tests marked slow (soak, bench, the long fault tests).
+test-fast: $(STAMP) lint typecheck
+	scripts/ensure-debian-packages.sh $(TEST_DEBS)
+	$(VENV)/bin/pytest -q -m "not slow"
 
 # Regenerate the Python stubs from protos/ (committed; CI checks they are current).
 protos: $(STAMP)

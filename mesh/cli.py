@@ -1,4 +1,8 @@
-"""``mesh``: check, peer, up, call.
+"""``mesh``: the command line, a parser and one thin function per command.
+
+Commands read arguments, call the module that does the work and print its values:
+``check`` prints :mod:`mesh.analysis`, ``up`` runs :mod:`mesh.supervisor`, ``peer`` and
+``call`` use :class:`mesh.node.Node`, and the tools live in :mod:`mesh.tools`.
 
 Every command finds its config through ``-c PATH``, else ``$MESH_CONFIG``, else
 ``./mesh.toml``. Errors are one line on stderr and a non-zero exit; a traceback
@@ -8,37 +12,32 @@ means a bug in the mesh.
 from __future__ import annotations
 
 import argparse
-import ctypes
+import contextlib
 import gc
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from mesh import diagram, scaffold, transcript
-from mesh.config import Config, find_config, import_services, load_config
+from mesh import analysis, deadlines, supervisor
+from mesh.config import Config, find_config, load_config
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
-from mesh.peer import wait_serving
 from mesh.processors import install
-from mesh.registry import default_registry, describe
+from mesh.registry import default_registry, import_services
 from mesh.result import FlowResult
-from mesh.routing import Hop, plan
-from mesh.transport import Transport
+from mesh.tools import diagram, scaffold, transcript
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-CALLER = "mesh-call"
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
@@ -134,85 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     import_services(config)
-    problems = default_registry.problems(config.flows)
-    warnings: list[str] = []
-    registered = default_registry.registered()
-    machines = config.machines
+    found = analysis.check(config, default_registry)
     print(f"{config.path}")
-    _table(
-        [
-            (f"  {m.name}", m.address or "(no address: originates only)")
-            + ((f"listens on {', '.join(m.binds)}",) if m.listen and m.listen != m.address else ())
-            for m in machines.values()
-        ]
-    )
+    _table(found.machines, indent="  ")
     print()
-    for name, flow in config.flows.flows.items():
-        first = flow.lines[0]
-        origin = _default_origin(flow, config)
-        hops = plan(flow, origin)
-        print(f"{name}  ({first.path}, digest {flow.digest})")
-        rows = [("#", "line", "machine", "handler", "how")]
-        for line, hop in zip(flow.lines, hops, strict=True):
-            fn = registered.get((name, line.text))
-            handler = describe(fn) if fn else "pass-through"
-            rows.append((str(line.index), line.text, line.machine, handler, hop.how))
-        _table(rows, indent="  ")
+    for flow in found.plans:
+        print(f"{flow.name}  ({flow.path}, digest {flow.digest})")
+        _table([("#", "line", "machine", "handler", "how"), *flow.rows], indent="  ")
         print()
-        unreachable = _unreachable(hops, config)
-        if unreachable:
-            # `mesh call` would start it from outside; an address-less machine of the
-            # flow may still start it so that the flow comes back to it.
-            starters = [
-                m
-                for m in flow.machines
-                if m != origin
-                and not machines[m].address
-                and not _unreachable(plan(flow, m), config)
-            ]
-            if starters:
-                warnings.append(
-                    f"{name} reaches {', '.join(sorted({h.machine for h in unreachable}))} only"
-                    f" when started by {' or '.join(starters)}"
-                    f" (mesh call --as {starters[0]}, or mesh.connect(machine={starters[0]!r}))"
-                )
-            else:
-                problems.append(_unreachable_message(flow, unreachable[0]))
-        openers = config.flows.openers(first.text)
-        if len(openers) > 1:
-            warnings.append(
-                f"{first.text!r} opens requests {', '.join(openers)}:"
-                " logging it cannot start a flow inline (node.start still works)"
-            )
-    for warning in dict.fromkeys(warnings):
+    for warning in found.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for problem in problems:
+    for problem in found.problems:
         print(f"error: {problem}", file=sys.stderr)
-    if problems:
+    if not found.ok:
         return EXIT_FAILURE
-    print(f"ok: {len(config.flows)} requests, {len(machines)} machines, {len(registered)} handlers")
-    return 0
-
-
-def _default_origin(flow: Flow, config: Config) -> str:
-    """Who starts a flow by default: line 0's machine if it has no address, else an outsider."""
-    first = flow.lines[0].machine
-    return first if not config.machines[first].address else CALLER
-
-
-def _unreachable(hops: Sequence[Hop], config: Config) -> list[Hop]:
-    """Hops that would call an address-less machine: no flow can get there."""
-    return [h for h in hops if h.how == "call" and not config.machines[h.machine].address]
-
-
-def _unreachable_message(flow: Flow, hop: Hop) -> str:
-    line = flow.lines[hop.index]
-    chain = " → ".join(m for m in hop.via if m != CALLER) or "none"
-    return (
-        f'{line.path}:{line.row}: {flow.name} line {line.index} "{line.text}" runs on'
-        f" {hop.machine}, which has no address and is not upstream there"
-        f" (call chain: {chain}), so the flow cannot reach it"
+    print(
+        f"ok: {len(config.flows)} requests, {len(config.machines)} machines,"
+        f" {found.handlers} handlers"
     )
+    return 0
 
 
 def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
@@ -226,16 +165,29 @@ def _table(rows: Sequence[tuple[str, ...]], indent: str = "") -> None:
 # -- peer ------------------------------------------------------------------
 
 
-def _stop_event() -> threading.Event:
-    """An event SIGTERM and SIGINT set: set up first, so an early signal is not lost."""
+def _peer_stop_event() -> threading.Event:
+    """The event the first SIGTERM or SIGINT sets; a second one ends the process at once.
+
+    Stopping waits up to ``grace`` for steps in progress; whoever sends a second
+    signal (Ctrl-C twice) does not want to wait, whatever the handlers are doing.
+    """
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # No logging here: the main thread may be inside a log write, holding its lock.
+        os.write(2, f"mesh peer: {signal.Signals(signum).name} again; exiting now\n".encode())
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     return stop
 
 
 def _peer(args: argparse.Namespace) -> int:
-    stop = _stop_event()
+    stop = _peer_stop_event()
     log_file = _open_log(args.log_file) if args.log_file else None
     try:
         configure_logging(json=args.json or bool(log_file), level=args.log_level, file=log_file)
@@ -249,22 +201,47 @@ def _peer(args: argparse.Namespace) -> int:
     try:
         listen = args.listen or replica_listen(node.config, node.machine, args.replica)
         port = node.serve(listen)
+        host, sep, given = listen.rpartition(":")
+        bound = f"{host}:{port}" if sep and given.isdigit() else listen  # HOST:0 gets its port
         # What startup made (modules, the flow file, the services) lives as long as the
         # process: moved out of the collector's sight, it is not traversed again by every
         # full collection while flows run.
         gc.freeze()
         log.info("mesh.peer_ready", machine=node.machine, listen=listen, port=port)
-        print(f"mesh peer {node.machine} listening on {listen}", file=sys.stderr, flush=True)
+        # A stable line: parents (tests, scripts) read the bound port and the pid from it.
+        print(
+            f"mesh peer {node.machine} listening on {bound} (pid {os.getpid()})",
+            file=sys.stderr,
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         log.info("mesh.peer_stopping", machine=node.machine, grace=node.config.grace)
-        node.stop()
+        abandoned = node.stop()
+        if abandoned:
+            log.error(
+                "mesh.peer_stopped",
+                machine=node.machine,
+                abandoned=[str(step) for step in abandoned],
+            )
+            # Their handlers still run on pool threads, which the interpreter would wait
+            # for at exit: leave without them, as promised after grace.
+            _exit_now(EXIT_FAILURE, log_file)
         log.info("mesh.peer_stopped", machine=node.machine)
     finally:
         node.close()
         if log_file is not None:
             log_file.close()
     return 0
+
+
+def _exit_now(code: int, log_file: Any) -> None:
+    """End the process now, output flushed, without waiting for any thread."""
+    for out in (log_file, sys.stdout, sys.stderr):
+        if out is not None:
+            with contextlib.suppress(OSError, ValueError):
+                out.flush()
+    os._exit(code)
 
 
 def replica_listen(config: Config, machine: str, replica: int | None) -> str:
@@ -289,136 +266,9 @@ def replica_listen(config: Config, machine: str, replica: int | None) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    stop = _stop_event()
+    stop = supervisor.stop_event()
     path = find_config(args.config)
-    config = load_config(path)
-    # One peer per replica: (label, machine, replica or None, the address to check health at).
-    peers = [
-        (
-            f"{m.name}.{k}" if len(m.binds) > 1 else m.name,
-            m.name,
-            k if len(m.binds) > 1 else None,
-            _dialable(bind) if len(m.binds) > 1 else m.address,
-            bind,
-        )
-        for m in config.machines.values()
-        if m.address
-        for k, bind in enumerate(m.binds, 1)
-    ]
-    if not peers:
-        raise MeshError(f"{path}: no machine has an address, so there is no peer to start")
-    width = max(len(p[0]) for p in peers)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for label, name, replica, _, _ in peers:
-            which = ["--replica", str(replica)] if replica is not None else []
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh", "peer", name, *which, "-c", str(path)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches `mesh up` alone; it stops the peers
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - async-signal-safe, see there
-            )
-            procs[label] = proc
-            threading.Thread(
-                target=_relay, args=(f"{label:<{width}} | ", proc), daemon=True
-            ).start()
-        for label, name, _, health_at, bind in peers:
-            probe = Transport.of(config, name)  # a TLS peer is probed with its own certificate
-            _wait_healthy(
-                label, health_at, procs[label], stop, deadline=time.monotonic() + 30, probe=probe
-            )
-            _say(f"mesh up: {label} listening on {bind} (pid {procs[label].pid})")
-        _say(f"mesh up: {len(peers)} peers healthy; Ctrl-C stops them")
-        alive = set(procs)
-        while alive and not stop.wait(0.2):
-            for name in sorted(alive):
-                code = procs[name].poll()
-                if code is not None:
-                    alive.discard(name)
-                    _say(f"mesh up: peer {name} (pid {procs[name].pid}) exited with code {code}")
-        if not alive:
-            raise MeshError("every peer has exited")
-        _say("mesh up: stopping")
-        return 0
-    finally:
-        _stop_all(procs, config.grace)
-
-
-def _dialable(bind: str) -> str:
-    """A replica's bind address as this host dials it (a wildcard host means loopback)."""
-    host, _, port = bind.rpartition(":")
-    if host in ("0.0.0.0", ""):
-        return f"127.0.0.1:{port}"
-    if host in ("[::]", "[0:0:0:0:0:0:0:0]"):
-        return f"[::1]:{port}"
-    return bind
-
-
-_print_lock = threading.Lock()
-
-
-def _say(line: str) -> None:
-    with _print_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-
-def _relay(prefix: str, proc: subprocess.Popen[bytes]) -> None:
-    """Copy a peer's output to ours line by line, each line prefixed with its machine."""
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        _say(prefix + raw.decode("utf-8", "replace").rstrip("\n"))
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel stop a peer whose `mesh up` died without stopping it.
-
-    Runs in the child between fork and exec, so it only calls a function pointer
-    resolved beforehand in the parent: no imports, no locks.
-    """
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl: Any = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _wait_healthy(
-    name: str,
-    address: str,
-    proc: subprocess.Popen[bytes],
-    stop: threading.Event,
-    deadline: float,
-    *,
-    probe: Transport,
-) -> None:
-    timeout = deadline - time.monotonic()
-    if wait_serving(address, timeout, lambda: proc.poll() is not None or stop.is_set(), probe):
-        return
-    if proc.poll() is not None:
-        raise MeshError(f"peer {name} exited with code {proc.returncode} before it was healthy")
-    if stop.is_set():
-        raise MeshError("stopped before every peer was healthy")
-    raise MeshError(f"peer {name} did not become healthy at {address} within {timeout:.0f} s")
-
-
-def _stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace + 5
-    for name, proc in procs.items():
-        try:
-            proc.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            _say(f"mesh up: peer {name} did not stop in time; killing it")
-            proc.kill()
-            proc.wait()
+    return supervisor.run(path, load_config(path), stop)
 
 
 # -- call ------------------------------------------------------------------
@@ -447,6 +297,13 @@ def parse_params(params: Sequence[str]) -> dict[str, Any]:
 def _call(args: argparse.Namespace) -> int:
 
     context = parse_params(args.params)
+    if args.timeout is not None:
+        try:
+            deadlines.seconds(args.timeout)
+        except ValueError:
+            raise MeshError(
+                f"--timeout must be a positive number of seconds, not {args.timeout:g}"
+            ) from None
     if args.diagram and not Path(args.diagram).resolve().parent.is_dir():
         raise MeshError(f"--diagram {args.diagram}: no such folder")  # say so before the run
     log_file = _open_log(args.log_file) if args.log_file else None
@@ -454,8 +311,8 @@ def _call(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     import_services(config)
     flow = _named_flow(config, args.request)
-    machine = args.machine or _default_origin(flow, config)
-    node = Node(config, machine, outside=machine == CALLER)
+    machine = args.machine or analysis.default_origin(flow, config)
+    node = Node(config, machine, outside=machine == analysis.CALLER)
     install(node)
     try:
         result = node.start_with(args.request, context, timeout=args.timeout)
@@ -492,7 +349,7 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from mesh.certs import config_snippet, make_certs  # noqa: PLC0415 - needs mesh[tls]
+    from mesh.tools.certs import config_snippet, make_certs  # noqa: PLC0415 - needs mesh[tls]
 
     written = make_certs(args.directory, args.machines.split(","), days=args.days)
     for path in written:

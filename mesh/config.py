@@ -6,31 +6,39 @@ never answers; so unknown keys are errors, not ignored, and every machine a flow
 have an entry.
 
 Loading is pure but for reading the config and its flow files: nothing is dialled or bound, and
-service modules are only imported by :func:`import_services`, when a caller asks.
+service modules are only imported by :func:`mesh.registry.import_services`, when a caller asks.
 """
 
 from __future__ import annotations
 
-import importlib
-import ipaddress
 import math
 import os
 import re
-import sys
 import tomllib
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from mesh.addresses import (
+    ADDRESS_FORMS,
+    address_problem,
+    count_up,
+    host_port,
+    host_port_problem,
+    is_ip_literal,
+    is_target,
+    listed_replicas,
+    listed_target,
+)
+from mesh.deadlines import MAX_SECONDS
 from mesh.errors import ConfigError
 from mesh.flowfile import DEFAULT_MAX_FLOW_FILE_BYTES, FlowSet, Line, load_flows
-from mesh.guard import Token, load_token
 from mesh.tls import TLSConfig, parse_tls
+from mesh.token import Token, load_token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["Config", "MachineConfig", "find_config", "import_services", "load_config"]
+__all__ = ["Config", "MachineConfig", "find_config", "load_config"]
 
 _FILENAME = "mesh.toml"
 
@@ -51,19 +59,10 @@ _TOP_KEYS = frozenset(
         "dedup_age",
         "dedup_bytes",
     }
-    | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, guard.py
+    | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, token.py
 )
 _MACHINE_KEYS = frozenset({"address", "listen", "replicas", "tls"})  # tls: read by mesh/tls.py
-#: Schemes whose target is a comma-separated list of host:port, one per replica.
-_LIST_SCHEMES = ("ipv4:", "ipv6:")
-
-# Schemes gRPC resolves itself. Matched before host:port, as gRPC does: "dns:50052" is a target.
-_SCHEMES = frozenset({"ipv4", "ipv6", "dns", "unix", "unix-abstract", "xds"})
-_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_ADDRESS_FORMS = "want host:port, [ipv6]:port, or a gRPC target such as dns:///host:port"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,27 +184,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     )
 
 
-def import_services(config: Config) -> None:
-    """Import the modules in ``services`` so their handlers register, from the config's folder.
-
-    The config's folder goes first on ``sys.path`` so ``services.auth`` means the project's
-    module wherever the process was started. A failed import becomes one ``ConfigError`` line
-    naming the module and its cause; the original exception stays chained for debugging.
-    """
-    root = str(config.root)
-    if not sys.path or sys.path[0] != root:
-        while root in sys.path:
-            sys.path.remove(root)
-        sys.path.insert(0, root)
-    # Modules written since the import system last listed the folder would otherwise be missed.
-    importlib.invalidate_caches()
-    for name in config.services:
-        try:
-            importlib.import_module(name)
-        except (Exception, SystemExit) as exc:
-            raise ConfigError(_import_failure(config, name, exc)) from exc
-
-
 # --- reading -------------------------------------------------------------------------------
 
 
@@ -309,7 +287,7 @@ def _seconds(where: str, data: Mapping[str, object], key: str, default: float) -
         raise ConfigError(
             f"{where}: {key} must be a positive number of seconds, not {_show(value)}"
         )
-    return float(value)
+    return min(float(value), MAX_SECONDS)  # more than gRPC can carry: waiting "for ever"
 
 
 def _positive_int(where: str, data: Mapping[str, object], key: str, default: int) -> int:
@@ -363,7 +341,7 @@ def _machines(where: str, data: Mapping[str, object]) -> dict[str, MachineConfig
     for name, entry in raw.items():
         machine = _machine(where, name, entry)
         for listen in machine.binds:
-            endpoint = _host_port(listen)
+            endpoint = host_port(listen)
             if endpoint in bound:
                 raise ConfigError(
                     f"{where}: {_key(name)}: listen {listen!r} is the same host and port "
@@ -421,10 +399,10 @@ def _machine(where: str, name: str, entry: object) -> MachineConfig:
             )
         return MachineConfig(name, "", "")
 
-    problem = _address_problem(address)
+    problem = address_problem(address)
     if problem is not None:
         raise ConfigError(
-            f"{where}: {key}: address {address!r} is malformed: {problem} ({_ADDRESS_FORMS})"
+            f"{where}: {key}: address {address!r} is malformed: {problem} ({ADDRESS_FORMS})"
         )
     if isinstance(raw_listen, list):
         binds = _listen_list(where, key, raw_listen)
@@ -435,13 +413,13 @@ def _machine(where: str, name: str, entry: object) -> MachineConfig:
         return _with_replicas(name, address, binds)
     listen = str(raw_listen)
     if listen:
-        problem = _host_port_problem(listen)
+        problem = host_port_problem(listen)
         if problem is not None:
             raise ConfigError(
                 f"{where}: {key}: listen {listen!r} is not a plain host:port: {problem}"
             )
         return _with_replicas(name, address, _count_up(where, key, "listen", listen, count))
-    listed = _listed_replicas(address)
+    listed = listed_replicas(address)
     if listed is not None:
         if count is not None and count != len(listed):
             raise ConfigError(
@@ -449,22 +427,21 @@ def _machine(where: str, name: str, entry: object) -> MachineConfig:
                 f" lists {len(listed)} addresses"
             )
         return _with_replicas(name, address, listed)
-    if _is_target(address):
+    if is_target(address):
         raise ConfigError(
             f"{where}: {key}: address {address!r} is not a plain host:port, "
             f'so give listen = "host:port"'
         )
     binds = _count_up(where, key, "address", address, count)
     if len(binds) > 1:
-        host, _ = _host_port(address)
-        scheme = "ipv6" if host.startswith("[") else "ipv4"
-        if not host.startswith("[") and not re.fullmatch(r"[0-9.]+", host):
+        host, _ = host_port(address)
+        if not is_ip_literal(host):
             raise ConfigError(
                 f"{where}: {key}: replicas = {count} needs an IP address to count ports up"
                 f" from, not {host!r}; list them instead, e.g. address ="
                 f' "dns:///{host}:PORT" with listen = ["HOST:PORT", …]'
             )
-        address = f"{scheme}:{','.join(binds)}"
+        address = listed_target(binds)
     return _with_replicas(name, address, binds)
 
 
@@ -474,16 +451,13 @@ def _with_replicas(name: str, address: str, binds: list[str]) -> MachineConfig:
 
 def _count_up(where: str, key: str, what: str, base: str, count: int | None) -> list[str]:
     """``count`` host:port addresses from ``base``, the port counted up by one each."""
-    if count is None or count == 1:
-        return [base]
-    host, _, port_text = base.rpartition(":")
-    port = int(port_text)
-    if port + count - 1 > 65535:
+    try:
+        return count_up(base, count)
+    except ValueError:
         raise ConfigError(
             f"{where}: {key}: replicas = {count} counted up from {what} {base!r}"
             f" would pass port 65535"
-        )
-    return [f"{host}:{p}" for p in range(port, port + count)]
+        ) from None
 
 
 def _listen_list(where: str, key: str, raw: list[object]) -> list[str]:
@@ -493,24 +467,13 @@ def _listen_list(where: str, key: str, raw: list[object]) -> list[str]:
     for i, item in enumerate(raw):
         if not isinstance(item, str):
             raise ConfigError(f"{where}: {key}.listen[{i}] must be a string, not {_show(item)}")
-        problem = _host_port_problem(item)
+        problem = host_port_problem(item)
         if problem is not None:
             raise ConfigError(
                 f"{where}: {key}: listen[{i}] {item!r} is not a plain host:port: {problem}"
             )
         binds.append(item)
     return binds
-
-
-def _listed_replicas(address: str) -> list[str] | None:
-    """The host:port list of an ``ipv4:``/``ipv6:`` target, or None for any other address."""
-    lowered = address.lower()
-    for scheme in _LIST_SCHEMES:
-        if lowered.startswith(scheme) and not address[len(scheme) :].startswith("//"):
-            parts = address[len(scheme) :].split(",")
-            if all(_host_port_problem(p) is None for p in parts):
-                return parts
-    return None
 
 
 def _check_flow_machines(
@@ -536,79 +499,6 @@ def _first_line_on(flows: FlowSet, machine: str) -> Line | None:
             if line.machine == machine:
                 return line
     return None
-
-
-# --- addresses -----------------------------------------------------------------------------
-
-
-def _is_target(address: str) -> bool:
-    """A gRPC target with a scheme, which gRPC resolves itself, rather than a host:port."""
-    match = _SCHEME_RE.match(address)
-    if match is None:
-        return False
-    return match.group(1).lower() in _SCHEMES or address[match.end() :].startswith("//")
-
-
-def _address_problem(address: str) -> str | None:
-    if any(c.isspace() for c in address):
-        return "it contains whitespace"
-    if _is_target(address):
-        scheme, _, rest = address.partition(":")
-        if not rest.lstrip("/"):
-            return f"nothing follows {scheme}:"
-        return None
-    return _host_port_problem(address)
-
-
-def _host_port_problem(text: str) -> str | None:
-    try:
-        _host_port(text)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    """Split a plain ``host:port``; the host comes back normalised so equal endpoints compare equal.
-
-    Raises ValueError with the reason, phrased to follow "is malformed: ".
-    """
-    if any(c.isspace() for c in text):
-        raise ValueError("it contains whitespace")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError("'[' without ']'")
-        inner, rest = text[1:end], text[end + 1 :]
-        try:
-            host = f"[{ipaddress.IPv6Address(inner).compressed}]"
-        except ValueError:
-            raise ValueError(f"{inner!r} in brackets is not an IPv6 address") from None
-        if not rest.startswith(":"):
-            raise ValueError("no :port after the ']'")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError("no :port")
-        if not host:
-            raise ValueError("no host before the :port")
-        if ":" in host:
-            raise ValueError("an IPv6 host needs brackets, like [::1]:50052")
-        if re.fullmatch(r"[0-9.]+", host):
-            try:
-                host = str(ipaddress.IPv4Address(host))
-            except ValueError:
-                raise ValueError(f"{host!r} is not an IPv4 address") from None
-        elif len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
-            raise ValueError(f"{host!r} is not a host name or IP address")
-        else:
-            host = host.lower().rstrip(".")
-    if not port_text:
-        raise ValueError("no port after the ':'")
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"port {port_text!r} is not a number in 1-65535")
-    return host, int(port_text)
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -647,30 +537,3 @@ def _shown_path(path: str, root: Path) -> str:
         return str(Path(path).relative_to(root))
     except ValueError:
         return path
-
-
-def _import_failure(config: Config, name: str, exc: BaseException) -> str:
-    where = str(config.path)
-    message = _one_line(str(exc))
-    cause = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
-    if missing is not None and (name == missing or name.startswith(missing + ".")):
-        return (
-            f"{where}: services: cannot import {name!r}, no such module "
-            f"(searched {config.root} first): {cause}"
-        )
-    at = "" if isinstance(exc, SyntaxError) else _raised_at(exc, config.root)
-    return f"{where}: services: importing {name!r} failed: {cause}{at}"
-
-
-def _raised_at(exc: BaseException, root: Path) -> str:
-    """Where the exception came from, skipping the import machinery's own frames."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith("<") and "importlib" not in Path(frame.filename).parts
-    ]
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f" (at {_shown_path(last.filename, root)}:{last.lineno})"

@@ -22,13 +22,29 @@ seconds; a retry arriving by then adopts it, and it runs to its normal end.
 
 from __future__ import annotations
 
+import math
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from mesh.runtime import FlowState
 
-__all__ = ["Watch", "expire", "reply_reserve", "watch"]
+class FlowState(Protocol):
+    """What this module needs of a flow (mesh.runtime.FlowState): its deadline.
+
+    A protocol, not an import, so that config (which reads timeouts with
+    :func:`seconds`) does not import the runtime.
+    """
+
+    deadline: float
+
+    def remaining(self) -> float: ...
+
+
+__all__ = ["MAX_SECONDS", "Watch", "expire", "reply_reserve", "seconds", "watch"]
+
+#: The longest the mesh waits for anything (a flow's timeout, grace): one year. gRPC
+#: carries no more: a deadline past about 2**63 ns since the epoch overflows and fails
+#: the call at once, and the wire's ``grpc-timeout`` stops near three years.
+MAX_SECONDS = 365 * 24 * 3600.0
 
 #: At most this many seconds of a hop's time are kept for its reply.
 MAX_RESERVE = 0.1
@@ -36,6 +52,23 @@ MAX_RESERVE = 0.1
 #: Seconds a step whose caller went away waits for a retry to adopt it (gRPC's first
 #: retry comes within 0.05 s of a lost connection; its backoff grows to 1 s).
 ADOPT_WINDOW = 1.0
+
+
+def seconds(value: object, name: str = "timeout") -> float:
+    """``value`` as a number of seconds to wait: positive and finite, capped at
+    :data:`MAX_SECONDS` (so a generous deadline of days never overflows gRPC's).
+
+    Raises ValueError, one line naming ``name`` and the value, for anything else:
+    zero, negatives, NaN, infinities, booleans (``True`` is not one second), strings.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return min(float(value), MAX_SECONDS)
 
 
 def reply_reserve(remaining: float) -> float:

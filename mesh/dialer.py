@@ -90,6 +90,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 #: machine names): below this, the size check needs no ByteSize() of the request.
 _NOT_CONTEXT = 1 << 20
 
+#: What grpcio says when this process cancelled a call itself (its channel was closed).
+_LOCAL_CANCEL = frozenset({"Channel closed!", "Locally cancelled by application!"})
+
 #: Statuses after which a machine's channel is dropped and dialled afresh.
 _REDIAL = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -279,6 +282,16 @@ class Dialer:
         flow = state.flow
         where = _where(flow, index)
         fields = _fields(machine, state, index)
+        if code == grpc.StatusCode.CANCELLED and details not in _LOCAL_CANCEL:
+            # The peer ended the call itself: only a stopping peer does, for a step
+            # still running when its grace ran out (peer.Server.stop). gRPC does not
+            # retry CANCELLED, so no other replica ran the step a second time.
+            return PeerUnavailable(
+                f"{machine} ({address}) stopped while running {where}; the step may have"
+                " run, so it was not retried",
+                address=address,
+                **fields,
+            )
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return FlowTimeout(
                 f"{flow.name} timed out waiting for {machine} ({address}) at line {index}"

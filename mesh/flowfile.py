@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from mesh.errors import FlowFileError
+from mesh.masking import MASK
 
 __all__ = ["Flow", "FlowSet", "Line", "load_flows", "parse_flows"]
 
 #: A flow file past this size is refused before it is parsed (``max_flow_file_bytes``):
 #: thousands of rows, far more than a readable flow file has.
 DEFAULT_MAX_FLOW_FILE_BYTES = 4 * 1024 * 1024
-
-#: What a secret renders as.  One constant so that logs never leak a value by accident.
-_MASK = "***"
 
 #: Logging this text hands a flow over to the machine of its next line, so it cannot
 #: also be a line of its own.
@@ -111,7 +109,7 @@ class Line:
         out = [self._head]
         for name, written, always_secret, after in self._slots:
             if name in context:
-                out.append(_MASK if always_secret or name in secrets else str(context[name]))
+                out.append(MASK if always_secret or name in secrets else str(context[name]))
             else:
                 out.append(written)
             out.append(after)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import IO, Any
 
@@ -33,12 +34,17 @@ class _MinLevel:
 
 
 def configure_logging(
-    *, json: bool = False, level: str | int = "info", file: IO[str] | None = None
+    *,
+    json: bool = False,
+    level: str | int = "info",
+    file: IO[str] | str | os.PathLike[str] | None = None,
 ) -> None:
     """Install the mesh processor first, then context variables, masking, a renderer.
 
     ``json=True`` writes one JSON object a line (for files and log shippers);
-    otherwise a console format. Output goes to ``file`` (default stdout).
+    otherwise a console format. Output goes to ``file`` (default stdout): an open
+    text file, or a path, opened here for append in UTF-8 (an OSError naming it
+    if it cannot be) and kept open for the life of the process.
     """
     if isinstance(level, str):
         if level.lower() not in _LEVELS:
@@ -46,7 +52,7 @@ def configure_logging(
         min_level = _LEVELS[level.lower()]
     else:
         min_level = int(level)
-    out: Any = file if file is not None else sys.stdout
+    out: Any = sys.stdout if file is None else _writable(file)
     renderer: Any
     if json:
         renderer = structlog.processors.JSONRenderer()
@@ -70,6 +76,21 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+#: Log files opened from a path, by absolute path: configuring the same path again
+#: reuses its file, and none is closed under a logger that may still write to it.
+_opened: dict[str, IO[str]] = {}
+
+
+def _writable(file: IO[str] | str | os.PathLike[str]) -> IO[str]:
+    if not isinstance(file, str | os.PathLike):
+        return file
+    path = os.path.abspath(os.fspath(file))
+    opened = _opened.get(path)
+    if opened is None or opened.closed:
+        opened = _opened[path] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+    return opened
 
 
 def chain_problem() -> str | None:

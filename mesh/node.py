@@ -18,14 +18,15 @@ from typing import Any
 
 import structlog
 
+from mesh import deadlines
 from mesh import processors as _processors
-from mesh.config import Config, find_config, import_services, load_config
+from mesh.config import Config, find_config, load_config
 from mesh.dialer import Dialer
 from mesh.errors import ConfigError, MeshError
 from mesh.flowfile import Flow, FlowSet
 from mesh.logconfig import chain_problem, configure_logging
-from mesh.peer import Server
-from mesh.registry import Handler, Registry, default_registry
+from mesh.peer import Abandoned, Server
+from mesh.registry import Handler, Registry, default_registry, import_services
 from mesh.result import FlowResult
 from mesh.runtime import FlowState, activate, advance, current, finish
 from mesh.transport import Transport
@@ -69,7 +70,7 @@ class Node:
         self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
     ) -> FlowState:
         """A fresh flow, originated here."""
-        seconds = self.config.timeout if timeout is None else float(timeout)
+        seconds = self.config.timeout if timeout is None else deadlines.seconds(timeout)
         return FlowState(
             self, flow, uuid.uuid4().hex, dict(context), time.monotonic() + seconds, ()
         )
@@ -92,8 +93,8 @@ class Node:
         if flow is None:
             known = ", ".join(self.flows) or "none"
             raise ConfigError(f"no flow {request!r} in the flow files (known: {known})")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if timeout is not None:
+            timeout = deadlines.seconds(timeout)  # refused before anything runs
         check_values(context)
         state = self.new_state(flow, context, timeout)
         return contextvars.copy_context().run(self._run, state)
@@ -131,11 +132,14 @@ class Node:
         self._server = Server(self, bind)
         return int(self._server.port)
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stop serving: NOT_SERVING first, then let flows in progress finish."""
-        if self._server is not None:
-            server, self._server = self._server, None
-            server.stop(self.config.grace if grace is None else grace)
+    def stop(self, grace: float | None = None) -> list[Abandoned]:
+        """Stop serving: NOT_SERVING first, then give steps in progress ``grace`` seconds
+        (default the config's). Returns the steps still running after it, abandoned: their
+        callers were told this machine stopped while running them (see Server.stop)."""
+        if self._server is None:
+            return []
+        server, self._server = self._server, None
+        return server.stop(self.config.grace if grace is None else grace)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True when it stopped."""

@@ -16,15 +16,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh import deadlines, tracing
 from mesh.dedup import Forgotten, Replayed, Replies
 from mesh.errors import ContextError, FlowTimeout, MeshError
+from mesh.health import SERVING, Health
 from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance, fail_step
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
@@ -247,7 +249,7 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
             )
         failure = error_to_failure(exc, machine=state.machine, line_index=max(state.current, index))
         return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
-    except Exception as exc:  # a bug of ours: say so rather than hang the chain
+    except BaseException as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))
         failure = _pb2.Failure(
             kind=_pb2.Failure.STEP,
@@ -290,6 +292,26 @@ def _abort(
     raise AssertionError("unreachable: abort raises")
 
 
+#: Seconds a stopping server gives replies already computed to leave, once no step
+#: runs: cut off, gRPC would report them UNAVAILABLE and retry a finished step elsewhere.
+LAST_REPLIES = 1.0
+
+#: Seconds the health service gets to tell watchers NOT_SERVING before stopping goes on.
+HEALTH_BOUND = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """A step still running when its stopping peer's ``grace`` ran out."""
+
+    request: str
+    line_index: int
+    flow_id: str
+
+    def __str__(self) -> str:
+        return f"{self.request} line {self.line_index} of flow {self.flow_id}"
+
+
 class Server:
     """A running gRPC server for one machine: the mesh service and health."""
 
@@ -297,6 +319,7 @@ class Server:
         workers = node.config.workers
         transport = node.transport  # TLS, the token and the access list: mesh/transport.py
         self.listen = listen
+        self.machine = node.machine
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=workers, thread_name_prefix=f"mesh-{node.machine}"
@@ -309,11 +332,16 @@ class Server:
             options=[("grpc.so_reuseport", 0), *transport.server_options()],
         )
         self.peer = Peer(node)
+        # Every Continue call in this server, so a stop can end the ones still running
+        # when grace is over with a status no caller retries (see stop()).
+        self._running: dict[grpc.ServicerContext, _pb2.ContinueRequest] = {}
+        self._running_lock = threading.Lock()
+        self._abandoning = False
         # Replies leave Peer.Continue serialized already (response_serializer=None).
         handlers = transport.guard(node.flows).method_handlers(
             {
                 "Continue": grpc.unary_unary_rpc_method_handler(
-                    self.peer.Continue, request_deserializer=_pb2.ContinueRequest.FromString
+                    self._continue, request_deserializer=_pb2.ContinueRequest.FromString
                 )
             }
         )
@@ -321,7 +349,7 @@ class Server:
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
         self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
-        self.health = health.HealthServicer()
+        self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         problem = _bind_problem(listen)
         if problem:
@@ -331,22 +359,84 @@ class Server:
             raise MeshError(f"{node.machine} cannot listen on {listen}: address in use")
         self.port = port
         self._server.start()
-        serving = health_pb2.HealthCheckResponse.SERVING
-        self.health.set("", serving)
-        self.health.set(SERVICE_NAME, serving)
+        self.health.set("", SERVING)
+        self.health.set(SERVICE_NAME, SERVING)
 
-    def stop(self, grace: float | None) -> None:
-        """Stop gracefully: NOT_SERVING, refuse new steps, let steps in progress finish.
+    def _continue(
+        self,
+        request: _pb2.ContinueRequest,
+        context: grpc.ServicerContext,
+        fingerprint: bytes = b"",
+    ) -> bytes:
+        """Peer.Continue, with the call on record while it runs."""
+        running = self._running
+        with self._running_lock:
+            if self._abandoning:
+                self._refuse_late(request, context)
+            running[context] = request
+        try:
+            return self.peer.Continue(request, context, fingerprint)
+        finally:
+            del running[context]
+
+    def _refuse_late(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> None:
+        """A call arriving while the steps past grace are being abandoned."""
+        if (request.flow_id, request.line_index) in self.peer.replies:
+            # A retry of a step this peer ran or is running: CANCELLED, which no caller
+            # retries, so no other replica runs it a second time.
+            _abort(
+                context,
+                grpc.StatusCode.CANCELLED,
+                f"{self.machine} stopped while running {request.request} line"
+                f" {request.line_index}; the step may have run, so it was not retried",
+            )
+        _abort(context, grpc.StatusCode.UNAVAILABLE, f"{self.machine} is stopping")
+
+    def stop(self, grace: float) -> list[Abandoned]:
+        """Stop: NOT_SERVING, refuse new steps, give steps in progress ``grace`` seconds.
 
         Clients that watch health (the dialer does) stop picking this peer; one
         that picked it already gets UNAVAILABLE, which gRPC retries on another
-        replica. Steps in progress get ``grace`` seconds; then the server stops.
+        replica (the step never ran here). A step still running when ``grace`` is
+        over is abandoned, not handed on: its call ends CANCELLED, which gRPC does
+        not retry, so no other replica runs it too, and the caller hears that this
+        machine stopped while running it (dialer.py). Returns the steps abandoned,
+        each logged as ``mesh.step_abandoned``; their handlers may still be running
+        in this process (Python cannot stop a thread): ``mesh peer`` exits anyway.
         """
-        self.health.enter_graceful_shutdown()
         began = time.monotonic()
-        self.peer.calls.drain(grace or 0.0)
-        left = None if grace is None else max(grace - (time.monotonic() - began), 0.0)
-        self._server.stop(left).wait()
+        # Bounded: a watcher that never reads its stream must not keep a peer from stopping.
+        telling = threading.Thread(
+            target=self.health.enter_graceful_shutdown, name="mesh-health-stop", daemon=True
+        )
+        telling.start()
+        telling.join(min(HEALTH_BOUND, grace))
+        left = max(grace - (time.monotonic() - began), 0.0)
+        abandoned = [] if self.peer.calls.drain(left) else self._abandon(grace)
+        # Replies computed by now still leave; nothing else runs, so this is quick.
+        self._server.stop(LAST_REPLIES).wait(LAST_REPLIES + 1.0)
+        return abandoned
+
+    def _abandon(self, grace: float) -> list[Abandoned]:
+        with self._running_lock:
+            self._abandoning = True
+            calls = list(self._running.items())
+        steps: dict[tuple[str, int], Abandoned] = {}
+        for context, request in calls:
+            context.cancel()  # CANCELLED: not in the retry policy's retryable codes
+            key = (request.flow_id, request.line_index)
+            steps.setdefault(key, Abandoned(request.request, request.line_index, request.flow_id))
+        for step in steps.values():
+            _log.warning(
+                "mesh.step_abandoned",
+                flow_id=step.flow_id,
+                request=step.request,
+                line_index=step.line_index,
+                machine=self.machine,
+                reason=f"still running {grace:g} s after the stop began (grace); its caller"
+                " was told it may have run, and it was not handed to another replica",
+            )
+        return list(steps.values())
 
     def wait(self, timeout: float | None = None) -> bool:
         return bool(self._server.wait_for_termination(timeout))

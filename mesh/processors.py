@@ -8,14 +8,15 @@ An event that is neither a flow line nor ``"next"`` costs one set lookup.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from mesh.errors import FlowViolation, MeshError
+from mesh.masking import MASK, scrub_any, secret_values
 from mesh.registry import describe
-from mesh.result import MASK, scrub_any, secret_values
 from mesh.runtime import (
     FINISHED,
     FlowState,
@@ -36,28 +37,57 @@ EventDict = MutableMapping[str, Any]
 
 NEXT = "next"
 
-# Set by mesh.connect(): the events worth a second look, and the node inline
-# flows start on. Module globals, so the hot path is one global lookup.
+# Derived from the nodes installed in this process (mesh.connect() installs each; its
+# close() uninstalls it): the events worth a second look, the flow lines of all of
+# them and "next", and the node inline flows start on, the latest installed. Module
+# globals, so the hot path is one global lookup.
 _watched: frozenset[Any] = frozenset()
 _node: Node | None = None
+_installed: tuple[Node, ...] = ()  # oldest first; replaced, never changed in place
+_installing = threading.Lock()
 _log = structlog.get_logger("mesh")
 
 
 def install(node: Node) -> None:
-    """Make ``node`` the one inline flows of this process start on."""
-    global _watched, _node
-    _node = node
-    _watched = frozenset(node.flows.texts) | {NEXT}
+    """Route flow lines for ``node``, and make it the one inline flows start on.
+
+    Several nodes may be installed (a process embedding a peer that also originates
+    as another machine); each stays routed until it is uninstalled itself.
+    """
+    global _installed
+    with _installing:
+        _installed = (*(n for n in _installed if n is not node), node)
+        _derive()
 
 
 def uninstall(node: Node) -> None:
+    """Stop routing for ``node``; the nodes still installed keep theirs."""
+    global _installed
+    with _installing:
+        _installed = tuple(n for n in _installed if n is not node)
+        _derive()
+
+
+def _derive() -> None:
     global _watched, _node
-    if _node is node:
-        _node = None
-        _watched = frozenset()
+    _node = _installed[-1] if _installed else None
+    texts: set[Any] = {NEXT} if _installed else set()
+    for node in _installed:
+        texts.update(node.flows.texts)
+    _watched = frozenset(texts)
 
 
 def default_node() -> Node | None:
+    return _node
+
+
+def _node_for(event: str) -> Node | None:
+    """The node an event logged outside any flow belongs to: the latest installed that
+    has the line (nodes of different configs may share a process), else the default."""
+    if event != NEXT:
+        for node in reversed(_installed):
+            if event in node.flows.texts:
+                return node
     return _node
 
 
@@ -87,7 +117,7 @@ def processor(logger: Any, method_name: str, event_dict: EventDict) -> EventDict
 
 def _flow_event(event: str, event_dict: EventDict) -> EventDict:
     state = current.get()
-    node = state.node if state is not None else _node
+    node = state.node if state is not None else _node_for(event)
     if node is None:
         return event_dict
     if event == NEXT:

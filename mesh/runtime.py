@@ -24,8 +24,8 @@ from mesh import tracing
 from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError
 from mesh.flowfile import Flow
 from mesh.loggers import BoundOnce
+from mesh.masking import scrub, secret_values
 from mesh.registry import Handler, describe
-from mesh.result import scrub, secret_values
 from mesh.routing import DONE, Call, HandBack, RunHere, route
 from mesh.wire import step_error
 
@@ -225,9 +225,12 @@ def run_handler(state: FlowState, index: int, fn: Handler) -> None:
                 f'handler {describe(fn)} returned without logging "next"'
                 f" for line {state.current} {state.flow.lines[state.current].text!r}"
             )
-    except Exception as exc:
+    except BaseException as exc:
         # Logged here, with the traceback, on the machine that ran the step; the
-        # originator gets the one-line FlowError.
+        # originator gets the one-line FlowError. SystemExit and KeyboardInterrupt
+        # too: raised in a peer's worker thread they would end no process, only leave
+        # the call without a reply until its deadline; in node.start or inline code,
+        # a step's failure is the flow's, not the program's.
         line = state.current if state.current >= 0 else index
         tracing.step_failed(state, line, exc)
         _log.error(

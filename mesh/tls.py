@@ -1,4 +1,4 @@
-"""TLS settings from ``mesh.toml``, and the gRPC credentials and identities they give.
+"""TLS settings from ``mesh.toml``: which certificate files each machine uses.
 
 A machine's name in the flow file is its identity on the wire too: its certificate carries
 the name as a DNS subject alternative name (SAN). A caller checks that the peer it dials
@@ -8,8 +8,9 @@ which machine is calling from the caller's certificate.
 
 Settings come from ``[tls]`` (mesh-wide; ``{machine}`` in a path is replaced by the machine's
 name) and ``[machines.NAME.tls]`` (that machine's own, overriding the mesh-wide keys). Paths
-are relative to the config. Files are read only when credentials are built, so a machine
-needs only its own key on disk, and a missing file is a ``ConfigError`` naming the key.
+are relative to the config. Files are read only when credentials are built (by
+``mesh/credentials.py``, the gRPC side), so a machine needs only its own key on disk, and a
+missing file is a ``ConfigError`` naming the key. No gRPC here: loading a config is pure.
 """
 
 from __future__ import annotations
@@ -22,18 +23,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import grpc
-
 from mesh.errors import ConfigError
 
-__all__ = [
-    "TLSConfig",
-    "TLSFiles",
-    "channel_credentials",
-    "parse_tls",
-    "peer_machines",
-    "server_credentials",
-]
+__all__ = ["TLSConfig", "TLSFiles", "parse_tls"]
 
 _KEYS = frozenset({"ca", "cert", "key", "require_client_cert"})
 _PATH_KEYS = ("ca", "cert", "key")
@@ -198,45 +190,3 @@ def _machine_key(name: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_-]+", name):
         return f"machines.{name}"
     return 'machines."' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-# --- credentials ---------------------------------------------------------------------------
-
-
-def server_credentials(files: TLSFiles) -> grpc.ServerCredentials:
-    """What a peer serving TLS presents, and (mTLS) the authority it checks callers against."""
-    if files.cert is None:
-        raise ConfigError(f"{files.source}: tls: a peer serving TLS needs cert and key")
-    pair = (files.read("key"), files.read("cert"))
-    if files.require_client_cert:
-        return grpc.ssl_server_credentials(
-            [pair], root_certificates=files.read("ca"), require_client_auth=True
-        )
-    return grpc.ssl_server_credentials([pair])
-
-
-def channel_credentials(mine: TLSFiles | None, theirs: TLSFiles) -> grpc.ChannelCredentials:
-    """Credentials to dial a TLS peer: trust our CA (else theirs, else the system's), and
-    present our own certificate when we have one, for peers that require it."""
-    trust = mine if mine is not None and mine.ca is not None else theirs
-    root = trust.read("ca") if trust.ca is not None else None
-    if mine is not None and mine.cert is not None:
-        return grpc.ssl_channel_credentials(
-            root_certificates=root,
-            private_key=mine.read("key"),
-            certificate_chain=mine.read("cert"),
-        )
-    return grpc.ssl_channel_credentials(root_certificates=root)
-
-
-def target_name_option(machine: str) -> tuple[str, str]:
-    """The channel option that makes TLS check the peer's certificate names ``machine``."""
-    return ("grpc.ssl_target_name_override", machine)
-
-
-def peer_machines(context: grpc.ServicerContext) -> frozenset[str] | None:
-    """The names in the caller's certificate (its SANs), or None without a client certificate."""
-    identities = context.peer_identities()
-    if not identities:
-        return None
-    return frozenset(i.decode("utf-8", "replace") for i in identities)

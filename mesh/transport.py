@@ -9,15 +9,17 @@ development on one host; a peer that listens in plaintext beyond loopback warns.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
 
-from mesh.guard import ClientToken, Guard, Token
-from mesh.tls import TLSConfig, channel_credentials, server_credentials, target_name_option
+from mesh.addresses import is_loopback
+from mesh.credentials import channel_credentials, server_credentials, target_name_option
+from mesh.guard import ClientToken, Guard
+from mesh.tls import TLSConfig
+from mesh.token import Token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES, message_options
 
 if TYPE_CHECKING:
@@ -140,14 +142,3 @@ class Transport:
                 " configure [tls] (and a token) in mesh.toml",
             )
         return port
-
-
-def is_loopback(listen: str) -> bool:
-    """True when ``host:port`` can only be reached from this host."""
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

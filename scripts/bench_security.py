@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import mesh
-from mesh.certs import make_certs
 from mesh.config import load_config
 from mesh.node import Node
 from mesh.peer import wait_serving
+from mesh.tools.certs import make_certs
 from mesh.transport import Transport
 
 FLOW = """\

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import mesh_env
+from support.cli import mesh_env
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "attack.py"
 

@@ -23,6 +23,7 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> None:
     """A tiny run prints the table and targets, writes the JSON, and leaves no process."""

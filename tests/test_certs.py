@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import mesh_env, run_mesh
 from cryptography import x509
+from support.cli import mesh_env, run_mesh
 
-from mesh.certs import make_certs
 from mesh.errors import MeshError
+from mesh.tools.certs import make_certs
 
 
 def load(path: Path) -> x509.Certificate:

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peers, mesh_env, password_of
+from support.cli import mesh_env
+from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
+from support.peers import Peers
 
 PASSWORD = password_of("ada")
 
@@ -383,15 +385,13 @@ def test_call_unknown_request_and_bad_params(cli_mesh: MeshDir) -> None:
 
 
 def test_call_with_peer_down_is_unavailable(cli_mesh: MeshDir) -> None:
-    """`mesh call` with no server running says the server is unavailable, at once."""
-    began = time.monotonic()
-    done = mesh_cmd("call", "echo", "--timeout", "10", "-c", cli_mesh.config)
-    elapsed = time.monotonic() - began
+    """`mesh call` with no server running says the server is unavailable, at once: it does
+    not wait for the flow's deadline, an hour here, far past the command's 60 s timeout."""
+    done = mesh_cmd("call", "echo", "--timeout", "3600", "-c", cli_mesh.config)
 
     line = one_line_error(done)
-    assert "server" in line
+    assert "server is unavailable" in line
     assert cli_mesh.addresses["server"] in line
-    assert elapsed < 8
 
 
 # -- mesh up -----------------------------------------------------------------------------
@@ -486,6 +486,7 @@ def up(tmp_path: Path) -> Iterator[object]:
 
 def test_up_serves_calls_and_stops_its_peers(cli_mesh: MeshDir, up) -> None:
     """`mesh up` starts every addressed machine, calls work, SIGTERM stops all its peers."""
+    cli_mesh.fix_ports()  # mesh up binds the ports its config names
     running = up(cli_mesh.config)
     running.wait_healthy(2)
     assert set(running.peer_pids) == {"server", "emailservice"}
@@ -509,6 +510,7 @@ def test_up_serves_calls_and_stops_its_peers(cli_mesh: MeshDir, up) -> None:
 
 def test_up_reports_a_peer_that_dies(cli_mesh: MeshDir, up) -> None:
     """When one of its peers dies, `mesh up` says which; SIGTERM still stops the others."""
+    cli_mesh.fix_ports()  # mesh up binds the ports its config names
     running = up(cli_mesh.config)
     running.wait_healthy(2)
 
@@ -561,6 +563,7 @@ def test_up_starts_every_replica_and_they_share_calls(mesh_dir: MeshDir, up) -> 
     mesh_dir.flow(LOGIN_FLOW)
     mesh_dir.service(LOGIN_SERVICE)
     mesh_dir.write_config({"client": False, "server": 2})
+    mesh_dir.fix_ports()  # mesh up binds the ports its config names
     running = up(mesh_dir.config)
     running.wait_healthy(2)
     assert set(running.peer_pids) == {"server.1", "server.2"}
@@ -588,6 +591,36 @@ def test_up_starts_every_replica_and_they_share_calls(mesh_dir: MeshDir, up) -> 
     os.kill(running.pid, signal.SIGTERM)
     assert running.proc.wait(30) == 0
     assert not any(alive(pid) for pid in running.peer_pids.values())
+
+
+def test_peer_says_where_it_listens(login_mesh: MeshDir, connect) -> None:
+    """`mesh peer --listen 127.0.0.1:0` prints the port the kernel gave it and its pid, in
+    one line on stderr a parent process can read (the tests find their peers by it)."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mesh", "peer", "server", "--listen", "127.0.0.1:0"),
+            *("--log-file", os.devnull, "-c", str(login_mesh.config)),
+        ],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=mesh_env(),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().rstrip("\n")
+        m = re.fullmatch(r"mesh peer server listening on 127\.0\.0\.1:(\d+) \(pid (\d+)\)", line)
+        assert m, line
+        assert int(m.group(1)) > 0
+        assert int(m.group(2)) == proc.pid
+        config = login_mesh.write_config(
+            {"client": False, "server": f"127.0.0.1:{m.group(1)}"}, name="bound.toml"
+        )
+        result = connect(config, "client").start("login", username="ada", password=PASSWORD)
+        assert result.steps[1].machine == "server"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_peer_of_a_replicated_machine_needs_a_replica(mesh_dir: MeshDir) -> None:

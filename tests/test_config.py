@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import config_error
+from support.meshdir import config_error
 
-from mesh.config import Config, MachineConfig, find_config, import_services, load_config
+from mesh.config import Config, MachineConfig, find_config, load_config
 from mesh.errors import ConfigError, FlowFileError
+from mesh.registry import import_services
 
 FLOW_TSV = (
     "Request\tLog\tMachine\n"

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peers, password_of
+from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
+from support.peers import Peers
 
 from mesh.dedup import Forgotten, Replayed, Replies
 
@@ -229,6 +230,7 @@ def bank_mesh(mesh_dir: MeshDir, reply_dropper) -> tuple[MeshDir, Any]:
     mesh_dir.flow(RELAY_FLOW)
     mesh_dir.service(BANK_SERVICE)
     mesh_dir.write_config({"client": False, "server": True, "bank": True})
+    mesh_dir.fix_ports("bank")  # the proxy in front of bank is made before bank starts
     bank_listen = mesh_dir.addresses["bank"]
     host, port = bank_listen.rsplit(":", 1)
     proxy = reply_dropper((host, int(port)), marker=b"charge", drops=0)

@@ -6,20 +6,14 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-from conftest import (
-    ARTIFACTS,
-    LOGIN_FLOW,
-    Chromium,
-    MeshDir,
-    Peers,
-    password_of,
-    run_mesh,
-)
+from support.chromium import ARTIFACTS, Chromium
+from support.cli import run_mesh
+from support.meshdir import LOGIN_FLOW, MeshDir, password_of
+from support.peers import Peers
 
-from mesh import diagram
 from mesh.flowfile import parse_flows
 from mesh.result import Step
+from mesh.tools import diagram
 
 SVG = "{http://www.w3.org/2000/svg}"
 REPO = Path(__file__).parent.parent
@@ -167,8 +161,6 @@ def test_readme_pictures_are_what_mesh_diagram_draws() -> None:
         assert f"```mermaid\n{drawn.stdout}```\n" in readme
 
 
-# The first test to use Chromium may install it (apt-get) in its set-up: minutes.
-@pytest.mark.timeout(1200)
 def test_html_renders_offline_in_headless_chromium(chromium: Chromium, tmp_path: Path) -> None:
     """Chromium renders the page with nothing fetched: one SVG participant per machine."""
     page = tmp_path / "flows.html"

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 import structlog
-from conftest import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, Peers, mesh_env, password_of
+from support.cli import mesh_env
+from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
+from support.peers import Peers
 
 import mesh
 
@@ -108,6 +110,7 @@ def test_login_by_mesh_call(login_mesh: MeshDir, peers: Peers) -> None:
 
 def test_peer_embedded_in_a_process(login_mesh: MeshDir, connect) -> None:
     """node.serve() runs the server's lines inside this process; node.stop() ends it."""
+    login_mesh.fix_ports()  # node.serve() binds the address the config gives
     server = connect(login_mesh.config, "server")
     port = server.serve()
     assert f":{port}" in server.address
@@ -394,8 +397,8 @@ def test_moving_a_line_to_a_new_machine(mesh_dir: MeshDir, peers: Peers, connect
     ]
 
     # After: the same module, a different flow file; the password check runs on auth.
-    server = peers.start(mesh_dir, "server", config=auth_config)
     auth = peers.start(mesh_dir, "auth", config=auth_config)
+    server = peers.start(mesh_dir, "server", config=auth_config)  # after auth, which it dials
     node = connect(auth_config, "client")
     result = node.start("login", username="ada", password=PASSWORD)
 
@@ -444,8 +447,8 @@ def test_errors_from_a_nested_hop(mesh_dir: MeshDir, peers: Peers, connect) -> N
     mesh_dir.flow(AUTH_FLOW)
     mesh_dir.service(LOGIN_SERVICE)
     mesh_dir.write_config({"client": False, "server": True, "auth": True})
-    peers.start(mesh_dir, "server")
     auth = peers.start(mesh_dir, "auth")
+    peers.start(mesh_dir, "server")  # after auth, which it dials
     node = connect(mesh_dir.config, "client")
 
     with pytest.raises(mesh.FlowError) as failed:
@@ -467,6 +470,7 @@ def test_peer_back_up_is_used_at_once(mesh_dir: MeshDir, peers: Peers, connect) 
     mesh_dir.service(LOGIN_SERVICE)
     mesh_dir.service(GATE_SERVICE)
     mesh_dir.write_config({"client": False, "server": True, "auth": True})
+    mesh_dir.fix_ports("auth")  # the server dials auth before auth starts: the point here
     peers.start(mesh_dir, "server")
     node = connect(mesh_dir.config, "client")
     with socket.create_server(("127.0.0.1", 0)) as gate:
@@ -561,18 +565,16 @@ def test_wrong_password_is_a_flow_error(login_mesh: MeshDir, peers: Peers, conne
 
 
 def test_stopped_peer_is_unavailable(login_mesh: MeshDir, peers: Peers, connect) -> None:
-    """After the server stops, a login fails fast with PeerUnavailable naming the server."""
+    """After the server stops, a login fails fast with PeerUnavailable naming the server:
+    it does not wait for the flow's deadline (an hour here, past the test's own timeout)."""
     server = peers.start(login_mesh, "server")
     node = connect(login_mesh.config, "client")
     node.start("login", username="ada", password=PASSWORD)
     assert server.stop() == 0
 
-    began = time.monotonic()
     with pytest.raises(mesh.PeerUnavailable) as info:
-        node.start("login", username="ada", password=PASSWORD, timeout=10)
-    elapsed = time.monotonic() - began
+        node.start("login", username="ada", password=PASSWORD, timeout=3600)
 
-    assert elapsed < 3, f"took {elapsed:.1f} s of a 10 s deadline"
     assert info.value.machine == "server"
     assert info.value.address == login_mesh.addresses["server"]
     assert "server" in str(info.value)
@@ -657,6 +659,7 @@ def test_crossing_flows_do_not_deadlock(mesh_dir: MeshDir, peers: Peers, connect
     mesh_dir.flow(CROSS_FLOW, "cross.csv")
     mesh_dir.service(CROSS_SERVICE)
     mesh_dir.write_config({"caller": False, "a": True, "b": True}, flow="cross.csv")
+    mesh_dir.fix_ports()  # a and b dial each other: each must know the other's port first
     peers.start(mesh_dir, "a")
     peers.start(mesh_dir, "b")
     node = connect(mesh_dir.config, "caller")
@@ -666,16 +669,13 @@ def test_crossing_flows_do_not_deadlock(mesh_dir: MeshDir, peers: Peers, connect
         request, n = job
         return node.start(request, n=n)
 
-    began = time.monotonic()
     with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(run, jobs))
-    elapsed = time.monotonic() - began
+        results = list(pool.map(run, jobs))  # a deadlock would end each in FlowTimeout
 
     for (request, n), result in zip(jobs, results, strict=True):
         first, second = request
         assert result.context == {"n": n, "first": first, "second": second}
         assert [s.machine for s in result.steps] == [first, second]
-    assert elapsed < 20
 
 
 # -- handlers that break the rules ----------------------------------------------------
@@ -809,16 +809,19 @@ def test_context_error_before_sending(login_mesh: MeshDir, connect) -> None:
 
 
 def test_flow_deadline(rules_mesh: MeshDir, peers: Peers, connect) -> None:
-    """A handler sleeping past start(timeout=1) gives FlowTimeout about a second later."""
+    """A handler sleeping past start(timeout=1) gives FlowTimeout about a second later,
+    not when the step ends."""
     peers.start(rules_mesh, "server")
     node = connect(rules_mesh.config, "client")
 
     began = time.monotonic()
     with pytest.raises(mesh.FlowTimeout) as info:
-        node.start("slow", timeout=1)
+        node.start("slow", seconds=6, timeout=1)
     elapsed = time.monotonic() - began
 
-    assert 0.9 <= elapsed < 2, f"FlowTimeout after {elapsed:.2f} s"
+    # The deadline is the promise under test: not before it, and well before the 6 s step
+    # ends (4 s of slack, for a loaded machine).
+    assert 0.9 <= elapsed < 5, f"FlowTimeout after {elapsed:.2f} s"
     assert info.value.machine == "server"
     assert "slow" in str(info.value)
 
@@ -879,6 +882,7 @@ def test_second_peer_on_a_taken_port_fails(login_mesh: MeshDir, peers: Peers, co
     """A second peer for a port already served exits non-zero saying the address is in use."""
     first = peers.start(login_mesh, "server")
     second = peers.start(login_mesh, "server", wait=False)
+    second.expect_exit = None  # it fails on purpose: its port is taken
 
     assert second.proc.wait(timeout=30) != 0
     assert "address in use" in second.log_text()

@@ -13,7 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import LOGIN_FLOW, MeshDir, Peers, free_port
+from support.meshdir import LOGIN_FLOW, MeshDir, free_port
+from support.peers import Peers
 
 import mesh
 from mesh.config import load_config

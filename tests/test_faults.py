@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peer, Peers, mesh_env
+from support.cli import mesh_env
+from support.meshdir import MeshDir
+from support.peers import Peer, Peers
 
 import mesh
 
@@ -83,6 +85,7 @@ def run_all(node: mesh.Node, flows: range, concurrency: int, **context: Any) -> 
         return list(pool.map(one, flows))
 
 
+@pytest.mark.slow
 def test_replicas_share_the_flows(replicated: MeshDir, peers: Peers, connect) -> None:
     """300 flows at concurrency 32 over 3 replicas: each replica serves at least 20%."""
     replicas = [peers.start(replicated, "server", replica=k) for k in (1, 2, 3)]
@@ -108,6 +111,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_killed_replica_under_load(replicated: MeshDir, peers: Peers, connect) -> None:
     """kill -9 one replica with 200 flows in flight: every flow ends by its deadline, as a
     success or as an error naming server; flows it never began succeed; its restart is used."""
@@ -132,7 +136,9 @@ def test_killed_replica_under_load(replicated: MeshDir, peers: Peers, connect) -
 
     begun_on_victim = served(victim)
     for n, (result, elapsed) in enumerate(outcomes):
-        assert elapsed < timeout + 2, f"flow {n} took {elapsed:.1f} s of a {timeout} s deadline"
+        # The deadline is the promise under test: a flow whose replica died ends by it, not
+        # whenever gRPC gives up (the slack is for 200 threads on a loaded machine).
+        assert elapsed < timeout + 10, f"flow {n} took {elapsed:.1f} s of a {timeout} s deadline"
         if isinstance(result, mesh.MeshError):
             assert isinstance(result, mesh.PeerError | mesh.FlowTimeout), repr(result)
             assert result.machine == "server", repr(result)
@@ -212,8 +218,8 @@ def step_began(listener: socket.socket) -> None:
 
 def test_killed_only_peer_of_a_machine(chain: MeshDir, peers: Peers, connect) -> None:
     """kill -9 auth mid-step: the flow fails naming auth within its deadline; the rest serve."""
-    server = peers.start(chain, "server")
     auth = peers.start(chain, "auth")
+    server = peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
     with socket.create_server(("127.0.0.1", 0)) as listener, ThreadPoolExecutor(1) as pool:
         listener.settimeout(30)
@@ -226,7 +232,9 @@ def test_killed_only_peer_of_a_machine(chain: MeshDir, peers: Peers, connect) ->
             flow.result(timeout=30)
         elapsed = time.monotonic() - began
 
-    assert elapsed < 10 + 2, f"ended after {elapsed:.1f} s of a 10 s deadline"
+    # The deadline is the promise under test: the flow ends by its 10 s, long before auth's
+    # 30 s step would have (the slack is for a loaded machine).
+    assert elapsed < 10 + 10, f"ended after {elapsed:.1f} s of a 10 s deadline"
     assert info.value.machine == "auth"
     assert "auth" in str(info.value)
     assert server.alive()
@@ -235,8 +243,8 @@ def test_killed_only_peer_of_a_machine(chain: MeshDir, peers: Peers, connect) ->
 
 def test_step_past_the_deadline_stops_the_flow(chain: MeshDir, peers: Peers, connect) -> None:
     """A server step sleeping past the deadline: FlowTimeout at the client, auth never runs."""
-    server = peers.start(chain, "server")
     auth = peers.start(chain, "auth")
+    server = peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
 
     with pytest.raises(mesh.FlowTimeout) as info:
@@ -261,8 +269,8 @@ def test_step_past_the_deadline_stops_the_flow(chain: MeshDir, peers: Peers, con
 
 def test_deep_overrun_is_named_where_it_happened(chain: MeshDir, peers: Peers, connect) -> None:
     """auth overrunning two hops down: FlowTimeout names auth, not the server between."""
-    peers.start(chain, "server")
     peers.start(chain, "auth")
+    peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
 
     with pytest.raises(mesh.FlowTimeout) as info:
@@ -273,12 +281,13 @@ def test_deep_overrun_is_named_where_it_happened(chain: MeshDir, peers: Peers, c
     assert "auth" in str(info.value)
 
 
+@pytest.mark.slow
 def test_killed_originator_stops_the_flow_downstream(
     chain: MeshDir, peers: Peers, tmp_path
 ) -> None:
     """kill -9 the originator mid-step: the server's "next" fails fast, auth never runs."""
-    server = peers.start(chain, "server")
     auth = peers.start(chain, "auth")
+    server = peers.start(chain, "server")  # after auth, which it dials
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(30)
         port = listener.getsockname()[1]
@@ -335,17 +344,14 @@ def test_sigterm_drains_a_replica_without_failing_a_flow(
         assert results[n].context["served_by"] == first.pid
 
 
+@pytest.mark.slow
 def test_partition_between_peers(netns, chain: MeshDir, peers: Peers, connect) -> None:
     """auth in its own network namespace; the link is cut mid-load: flows fail within
     their deadline naming auth while cut, and succeed once it is restored."""
-    port = chain.addresses["auth"].rsplit(":", 1)[1]
-    text = chain.config.read_text(encoding="utf-8").replace(
-        f'auth = "{chain.addresses["auth"]}"', f'auth = "{netns.ns_ip}:{port}"'
-    )
-    chain.config.write_text(text, encoding="utf-8")
-    chain.addresses["auth"] = f"{netns.ns_ip}:{port}"
-    peers.start(chain, "server")
+    # A fresh namespace has ports of its own, all free: auth's is known before it starts.
+    chain.write_config({"client": False, "server": True, "auth": f"{netns.ns_ip}:50052"})
     auth = peers.start(chain, "auth", prefix=netns.exec)
+    peers.start(chain, "server")  # after auth, which it dials
     node = connect(chain.config, "client")
     assert run_chain(node, range(20), timeout=5) == [None] * 20
 
@@ -374,7 +380,8 @@ def flows_on(peer: Peer) -> set[str]:
 def run_chain(node: mesh.Node, flows: range, timeout: float, seconds: float = 0) -> list[Any]:
     """Run flow ``chain`` for each n, 8 at a time: None for a success, else the MeshError.
 
-    Each flow must end within its deadline (and a little slack for a loaded machine)."""
+    Each flow must end within its deadline: that is the promise under test while the link is
+    cut (the slack is for a loaded machine)."""
 
     def one(n: int) -> Any:
         began = time.monotonic()
@@ -384,7 +391,7 @@ def run_chain(node: mesh.Node, flows: range, timeout: float, seconds: float = 0)
             return exc
         finally:
             elapsed = time.monotonic() - began
-            assert elapsed < timeout + 2, f"flow {n} took {elapsed:.1f} s of {timeout} s"
+            assert elapsed < timeout + 5, f"flow {n} took {elapsed:.1f} s of {timeout} s"
         return None
 
     with ThreadPoolExecutor(8) as pool:

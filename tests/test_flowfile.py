@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import LOGIN_FLOW
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support.meshdir import LOGIN_FLOW
 
 from mesh.errors import FlowFileError
 from mesh.flowfile import Flow, FlowSet, Line, load_flows, parse_flows

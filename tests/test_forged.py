@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peers
 from support.hostile import Hostile
+from support.meshdir import MeshDir
+from support.peers import Peers
 
 import mesh
 

@@ -14,14 +14,16 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, password_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.meshdir import LOGIN_FLOW, MeshDir, password_of
+from support.peers import Peer, Peers
 
 import mesh
 from mesh.config import load_config
 from mesh.errors import ConfigError
-from mesh.guard import CONTINUE, Guard, Token, load_token
+from mesh.guard import CONTINUE, Guard
+from mesh.token import Token, load_token
 from mesh.v1 import mesh_pb2 as _pb2
 
 Status = grpc.StatusCode
@@ -379,8 +381,8 @@ def chain(mesh_dir: MeshDir, peers: Peers) -> Iterator[tuple[Peer, Peer, Any]]:
     mesh_dir.flow(CHAIN_FLOW)
     mesh_dir.service(CHAIN_SERVICE)
     mesh_dir.write_config({"server": True, "audit": True})
+    audit = peers.start(mesh_dir, "audit")  # first: server's config needs its port
     server = peers.start(mesh_dir, "server")
-    audit = peers.start(mesh_dir, "audit")
     with grpc.insecure_channel(server.address) as channel:
         yield (
             server,

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import MeshDir, Peers, ruff_as_a_user, run_mesh
+from support.cli import ruff_as_a_user, run_mesh
+from support.meshdir import MeshDir
+from support.peers import Peers
 
 from mesh.flowfile import parse_flows
-from mesh.scaffold import function_name, render_module
+from mesh.tools.scaffold import function_name, render_module
 
 #: A request nobody has written code for: three machines, a hand back to the
 #: address-less originator, a secret, and a value (account_id) first rendered
@@ -73,8 +75,8 @@ def test_scaffolded_flow_runs_end_to_end(mesh_dir: MeshDir, peers: Peers, tmp_pa
     assert "pass-through" not in check.stdout
     assert "svc_signup.signup_requested_for_email_with_password" in check.stdout
 
-    peers.start(mesh_dir, "accounts")
     peers.start(mesh_dir, "mailer")
+    peers.start(mesh_dir, "accounts")  # after mailer, which it dials
     call = run_mesh(
         "call", "signup", "email=ada@example.org", "password=s3cret-pw", "-c", mesh_dir.config,
         "--json",

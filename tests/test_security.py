@@ -1,6 +1,6 @@
 """Who may call a peer, over what: tokens, the flow file as access list, TLS and mutual TLS.
 
-Real peers in separate processes, certificates made in the test with ``mesh.certs``, and
+Real peers in separate processes, certificates made in the test with ``mesh.tools.certs``, and
 callers that are the real originator (``mesh.connect``) or a raw gRPC channel where the test
 needs to misbehave on purpose.
 """
@@ -17,12 +17,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import LOGIN_FLOW, MeshDir, Peer, Peers, mesh_env, password_of, run_mesh
+from support.cli import mesh_env, run_mesh
+from support.meshdir import LOGIN_FLOW, MeshDir, password_of
+from support.peers import Peer, Peers
 
 import mesh
-from mesh.certs import make_certs
+from mesh.addresses import is_loopback
 from mesh.config import load_config
-from mesh.transport import Transport, is_loopback
+from mesh.tools.certs import make_certs
+from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
 
@@ -114,8 +117,8 @@ def test_refusal_further_down_arrives_as_access_denied(
     mesh_dir.write_config(
         {"client": False, "server": True, "audit": True}, extra='token_file = "token"'
     )
-    peers.start(mesh_dir, "server")
     audit = peers.start(mesh_dir, "audit", env={"MESH_TOKEN": "another-token-" + "9" * 10})
+    peers.start(mesh_dir, "server")  # after audit, which it dials
     node = connect(mesh_dir.config, "client")
     with pytest.raises(mesh.AccessDenied) as info:
         node.start("login", username="ada", password="pw")
@@ -295,6 +298,7 @@ def test_mesh_call_and_mesh_up_over_mutual_tls(tls_mesh: MeshDir, tmp_path: Path
     client, and a flow that starts on server from outside, presenting mesh-call's
     certificate."""
     tls_mesh.flow(LOGIN_FLOW + "ping\tPinging for :who\tserver\n")
+    tls_mesh.fix_ports()  # mesh up binds the ports its config names
     env = mesh_env()
     up = subprocess.Popen(
         [sys.executable, "-m", "mesh", "up", "-c", str(tls_mesh.config)],
@@ -441,8 +445,8 @@ def test_secret_appears_in_no_output(
         {"client": False, "server": True, "audit": True}, extra='token_file = "token"'
     )
     audit_log = tmp_path / "audit-events.log"
-    server = peers.start(mesh_dir, "server")
     audit = peers.start(mesh_dir, "audit", args=["--log-file", str(audit_log)])
+    server = peers.start(mesh_dir, "server")  # after audit, which it dials
     cases = {
         "ok": ["username=ada", f"password={SECRET}"],
         "ok-json": ["username=ada", f"password={SECRET}", "--json"],

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import mesh_env
+import pytest
+from support.cli import mesh_env
 
 SOAK = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
 
 
+@pytest.mark.slow
 def test_short_soak_runs_every_step_exactly_once(tmp_path: Path) -> None:
     """1,000 flows at concurrency 32: no step recorded twice, none missing, none failed."""
     done = subprocess.run(

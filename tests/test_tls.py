@@ -8,7 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import LOGIN_FLOW, config_error, mesh_env
+from support.cli import mesh_env
+from support.meshdir import LOGIN_FLOW, config_error
 
 from mesh.config import load_config
 from mesh.errors import ConfigError

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshDir, Peer, Peers, as_login_mesh, password_of, run_mesh
+from support.cli import run_mesh
+from support.meshdir import MeshDir, as_login_mesh, password_of
+from support.peers import Peer, Peers
 
 Events = list[dict[str, Any]]
 
@@ -51,6 +53,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealRun]:
         yield RealRun(mesh_dir.config, client_log, server, ids)
     finally:
         started.stop_all()
+        mesh_dir.close()
 
 
 def _lines(path: Path) -> Events:
