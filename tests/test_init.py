@@ -23,7 +23,7 @@ def use_free_ports(config: Path) -> None:
     """Give stock and billing ports nothing listens on (as a user would edit them), so the
     test runs beside anything else on this machine."""
     text = config.read_text(encoding="utf-8")
-    for port in ("50151", "50152"):
+    for port in ("7401", "7402"):
         text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
     config.write_text(text, encoding="utf-8")
 

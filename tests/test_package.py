@@ -64,7 +64,7 @@ def test_the_wheel_installs_and_runs_a_flow(tmp_path: Path, up) -> None:
     shop = tmp_path / "shop"
     config = shop / "mesh.toml"
     text = config.read_text(encoding="utf-8")
-    for port in ("50151", "50152"):
+    for port in ("7401", "7402"):
         text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
     config.write_text(text, encoding="utf-8")
     assert "ok: 1 requests" in run(mesh, "check", cwd=shop).stdout

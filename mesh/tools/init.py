@@ -32,8 +32,8 @@ timeout = 10              # seconds an order may take, end to end
 
 [machines]
 client = ""                 # no address: it only starts flows (mesh call, node.start)
-stock = "127.0.0.1:50151"   # where the machine's peer listens, and is called
-billing = "127.0.0.1:50152"
+stock = "127.0.0.1:7401"   # where the machine's peer listens, and is called
+billing = "127.0.0.1:7402"
 """
 
 HANDLERS = '''\
