@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest protos protos-check bench clean
+.PHONY: demo test test-fast lint typecheck pytest protos protos-check bench docs clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -60,5 +60,9 @@ bench: $(BENCH_STAMP)
 		|| echo "redis-server could not be installed: the Celery chain will be left out"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) .mesh-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .mesh-data .pytest_cache .mypy_cache .ruff_cache site

@@ -66,7 +66,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     add("check", "validate flow files, config and services; print each request's plan")
 
     peer = add("peer", "serve one machine's lines")
-    peer.add_argument("machine", metavar="MACHINE")
+    peer.add_argument(
+        "machine", metavar="MACHINE", help="the machine to serve, as [machines] names it"
+    )
     peer.add_argument(
         "--listen", metavar="HOST:PORT", help="bind here instead of the config's listen"
     )
@@ -80,7 +82,12 @@ def make_argument_parser() -> argparse.ArgumentParser:
     peer.add_argument(
         "--log-file", metavar="PATH", help="append logs to this file instead of stdout"
     )
-    peer.add_argument("--log-level", default="info", metavar="LEVEL")
+    peer.add_argument(
+        "--log-level",
+        default="info",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default info)",
+    )
 
     up = add("up", "start a peer for every machine with an address; stop them on Ctrl-C")
     up.add_argument(
@@ -91,7 +98,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
 
     call = add("call", "start a flow and print its result and timeline")
-    call.add_argument("request", metavar="REQUEST")
+    call.add_argument(
+        "request", metavar="REQUEST", help="the request to start, as the flow file names it"
+    )
     call.add_argument("params", nargs="*", metavar="key=value|key:=json", help="initial context")
     call.add_argument("--as", dest="machine", metavar="MACHINE", help="originate as this machine")
     call.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
@@ -103,7 +112,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
         "--log-file", metavar="PATH", help="append JSON logs here (for mesh logs), not stderr"
     )
     health = add("health", "check that a machine's peer serves (gRPC health, with its own TLS)")
-    health.add_argument("machine", metavar="MACHINE")
+    health.add_argument("machine", metavar="MACHINE", help="the machine whose peer to ask")
     health.add_argument(
         "--address", metavar="HOST:PORT", help="the peer to ask (default: where MACHINE binds)"
     )
@@ -128,7 +137,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
         description="make a development CA and a certificate per machine"
         f" (needs {install_hint('tls')})",
     )
-    certs.add_argument("directory", metavar="DIR")
+    certs.add_argument(
+        "directory", metavar="DIR", help="where to write the files (made if missing)"
+    )
     certs.add_argument(
         "--machines", required=True, metavar="A,B,…", help="comma-separated machine names"
     )
@@ -442,7 +453,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _add_tool_commands(add: Any) -> None:
     stubs = add("scaffold", "write a services module with a handler for each line of a request")
-    stubs.add_argument("request", metavar="REQUEST")
+    stubs.add_argument("request", metavar="REQUEST", help="the request, as the flow file names it")
     stubs.add_argument("--out", metavar="PATH", help="default: services/REQUEST.py")
     stubs.add_argument("--missing", action="store_true", help="only lines that have no handler yet")
     stubs.add_argument("--force", action="store_true", help="overwrite an existing file")
