@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def _docs_cli():
-    spec = importlib.util.spec_from_file_location("docs_cli", ROOT / "scripts" / "docs_cli.py")
+def _docs_hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts" / "docs_hooks.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -31,10 +31,10 @@ def _every_flag(parser: argparse.ArgumentParser) -> list[str]:
 def test_cli_reference_names_every_command_and_flag() -> None:
     """The generated reference has a section per command, each with its usage and every
     flag and positional the parser has: a new flag cannot be left out of the docs."""
-    docs_cli = _docs_cli()
+    hooks = _docs_hooks()
     parser = make_argument_parser()
-    text = docs_cli.reference(parser)
-    commands = docs_cli.subcommands(parser)
+    text = hooks.reference(parser)
+    commands = hooks.subcommands(parser)
     assert {"check", "peer", "up", "call", "init", "deploy", "health", "logs"} <= set(commands)
     for flag in _every_flag(parser):
         assert f"`{flag}" in text, flag
@@ -67,6 +67,9 @@ def test_the_site_builds_strict(tmp_path: Path) -> None:
     for flag in ("--log-dir", "--namespace", "--force", "--address"):
         assert flag in page
     assert "cli-reference" not in page
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert '<svg class="mesh-diagram"' in home  # the login flow, drawn by mesh diagram
+    assert "<!-- diagram:" not in home
     pages = {p.relative_to(DOCS).with_suffix("").as_posix() for p in DOCS.rglob("*.md")}
     built = {
         p.parent.relative_to(site).as_posix() for p in site.rglob("index.html") if p.parent != site

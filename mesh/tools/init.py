@@ -31,7 +31,7 @@ services = ["handlers"]   # the modules every peer imports: their @mesh.handler 
 timeout = 10              # seconds an order may take, end to end
 
 [machines]
-client = ""                 # no address: it only starts flows (mesh call, node.start)
+client = ""                # no address: it only starts flows (mesh call, node.start)
 stock = "127.0.0.1:7401"   # where the machine's peer listens, and is called
 billing = "127.0.0.1:7402"
 """

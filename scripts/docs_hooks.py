@@ -1,17 +1,24 @@
-"""The CLI reference page, generated from ``mesh``'s own argument parser, so it cannot drift.
+"""MkDocs hooks (``mkdocs.yml``: ``hooks: [scripts/docs_hooks.py]``): the parts of the site
+generated from the mesh itself at build time, so they cannot drift from it.
 
-A MkDocs hook (``mkdocs.yml``: ``hooks: [scripts/docs_cli.py]``): on the page that holds
-the marker ``<!-- cli-reference -->`` the marker is replaced by :func:`reference`, a section
-per command with its usage and a table of its arguments. ``tests/test_docs.py`` checks that
-every command and flag the parser has appears in it.
+* ``<!-- cli-reference -->`` becomes :func:`reference`: a section per command of ``mesh``'s
+  own argument parser, with its usage and a table of its arguments. ``tests/test_docs.py``
+  checks that every command and flag the parser has appears in it.
+* ``<!-- diagram: REQUEST -->`` becomes the request's sequence diagram as an inline SVG,
+  drawn by ``mesh diagram`` (:mod:`mesh.tools.diagram`) from the repository's flow files,
+  or from the project ``mesh init`` writes: it renders offline, with no script.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 from typing import Any
 
 MARKER = "<!-- cli-reference -->"
+DIAGRAM = re.compile(r"<!-- diagram: (?P<request>[\w-]+) -->")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -68,8 +75,22 @@ def reference(parser: argparse.ArgumentParser | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+def diagram(request: str) -> str:
+    """The SVG of ``request``, from the repository's mesh.toml or the mesh init project."""
+    from mesh.config import load_config
+    from mesh.flowfile import parse_flows
+    from mesh.tools import diagram as drawing
+    from mesh.tools.init import FLOWS
+
+    flows = dict(load_config(ROOT / "mesh.toml").flows.flows)
+    flows.update(parse_flows(FLOWS, "flows.tsv").flows)
+    if request not in flows:
+        raise ValueError(f"<!-- diagram: {request} -->: no such request (known: {sorted(flows)})")
+    return drawing.to_svg(drawing.from_flow(flows[request]), standalone=False)
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """MkDocs hook: put the reference where the page has the marker."""
+    """MkDocs hook: put the generated parts where the page's markers are."""
     if MARKER in markdown:
-        return markdown.replace(MARKER, reference())
-    return markdown
+        markdown = markdown.replace(MARKER, reference())
+    return DIAGRAM.sub(lambda m: f"<div>{diagram(m['request'])}</div>", markdown)
