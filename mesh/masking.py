@@ -71,7 +71,7 @@ def _escaped(text: str) -> tuple[str, ...]:
     )
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _forms(values: tuple[str, ...]) -> Forms:
     found = {twice for value in values for once in _escaped(value) for twice in _escaped(once)}
     texts = tuple(sorted((t for t in found if len(t) >= SCRUB_MIN), key=len, reverse=True))
