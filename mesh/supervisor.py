@@ -56,8 +56,9 @@ class Child:
     def failure(self) -> MeshError:
         """Why it exited before it listened: its own error line, said once, in one line."""
         self.closed.wait(2.0)  # the relay reads its last lines
-        said = [ln for ln in self.tail if ln.startswith("mesh peer: ")]
-        reason = said[-1].removeprefix("mesh peer: ") if said else (self.tail or [""])[-1]
+        lines = list(self.tail) or [""]
+        said = [ln for ln in lines if ln.startswith("mesh peer: ")]
+        reason = said[-1].removeprefix("mesh peer: ") if said else lines[-1]
         code = self.proc.returncode
         message = f"peer {self.label} exited with code {code} before it listened"
         if reason:
