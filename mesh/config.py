@@ -41,6 +41,9 @@ from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 __all__ = ["Config", "MachineConfig", "find_config", "load_config"]
 
 _FILENAME = "mesh.toml"
+
+#: Bytes of replies a peer keeps for retries (dedup.py) unless ``dedup_bytes`` says otherwise.
+DEFAULT_DEDUP_BYTES = 64 * 1024 * 1024
 _ENV = "MESH_CONFIG"
 
 _TOP_KEYS = frozenset(
@@ -54,6 +57,7 @@ _TOP_KEYS = frozenset(
         "machines",
         "dedup_size",
         "dedup_age",
+        "dedup_bytes",
     }
     | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, token.py
 )
@@ -102,6 +106,7 @@ class Config:
     max_flow_file_bytes: int = DEFAULT_MAX_FLOW_FILE_BYTES
     dedup_size: int = 20_000
     dedup_age: float = 300.0
+    dedup_bytes: int = DEFAULT_DEDUP_BYTES
 
     @property
     def root(self) -> Path:
@@ -148,6 +153,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     workers = _positive_int(where, data, "workers", 256)
     dedup_size = _positive_int(where, data, "dedup_size", 20_000)
     dedup_age = _seconds(where, data, "dedup_age", 300.0)
+    dedup_bytes = _byte_budget(where, data, "dedup_bytes", DEFAULT_DEDUP_BYTES)
     strict = _strict(where, data)
     machines = _machines(where, data)
     max_message_bytes = _bytes(where, data, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
@@ -174,6 +180,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         max_flow_file_bytes=max_flow_file_bytes,
         dedup_size=dedup_size,
         dedup_age=dedup_age,
+        dedup_bytes=dedup_bytes,
     )
 
 
@@ -296,6 +303,15 @@ def _bytes(where: str, data: Mapping[str, object], key: str, default: int) -> in
     if isinstance(value, bool) or not isinstance(value, int) or not 64 * 1024 <= value <= 2**31 - 1:
         raise ConfigError(
             f"{where}: {key} must be a number of bytes from 65536 to 2147483647, not {_show(value)}"
+        )
+    return value
+
+
+def _byte_budget(where: str, data: Mapping[str, object], key: str, default: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 64 * 1024:
+        raise ConfigError(
+            f"{where}: {key} must be a number of bytes, at least 65536, not {_show(value)}"
         )
     return value
 

@@ -76,12 +76,29 @@ class FlowTimeout(MeshError):
 
 
 class PeerError(MeshError):
-    """Talking to another machine's peer went wrong."""
+    """Talking to another machine's peer went wrong.
 
-    def __init__(self, message: str, *, machine: str, address: str) -> None:
+    ``machine`` and ``address`` name the peer; ``request``, ``flow_id`` and ``line_index``
+    the flow and the line it was called for, where the error arose in a flow (``""`` and
+    None otherwise).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        machine: str,
+        address: str,
+        request: str = "",
+        flow_id: str = "",
+        line_index: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.machine = machine
         self.address = address
+        self.request = request
+        self.flow_id = flow_id
+        self.line_index = line_index
 
 
 class PeerUnavailable(PeerError):

@@ -7,12 +7,18 @@ service's handlers), in this order:
    ``authorization: Bearer <token>`` metadata, or with another token, is UNAUTHENTICATED.
 2. **Shape.** The raw bytes must be a ``ContinueRequest`` naming a flow this peer knows and
    a line it has, with a ``flow_id`` and a call chain (``via``) that could be real: no longer
-   than the flow has lines, no machine twice. Anything else is INVALID_ARGUMENT, NOT_FOUND
-   or OUT_OF_RANGE with a short message (a request's own strings are cut, never echoed whole).
+   than the flow has lines, no machine twice, not this machine (a flow never calls the
+   machine it is on). Anything else is INVALID_ARGUMENT, NOT_FOUND or OUT_OF_RANGE with a
+   short message (a request's own strings are cut, never echoed whole). An empty ``via`` is a
+   caller from outside the mesh that names no machine; it may start a flow like any other.
 3. **Access list.** Line 0 may come from any caller that got this far: it is a flow's entry.
    Line N > 0 only from the machine that owns line N-1, because that is the only machine that
    hands a flow on to line N (a hand-back travels in a reply, never as a call). Anything else
    is PERMISSION_DENIED, logged with the caller and the line; no handler runs.
+
+The servicer gets the call with its :func:`fingerprint` (a hash of its bytes and of the
+caller's certificate names), which the reply record keys retries by: only the very call
+that ran a step gets its reply again (mesh/dedup.py).
 
 Who the caller is: with mutual TLS, the machine names in its certificate (trusted: a CA
 signed them). Without client certificates, the machine the call names as the last of its
@@ -23,6 +29,7 @@ token holder). The health service is not guarded, so probes need no token.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
@@ -36,7 +43,7 @@ from mesh.token import Token
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.wire import step_error
 
-__all__ = ["CONTINUE", "ClientToken", "Guard"]
+__all__ = ["CONTINUE", "ClientToken", "Guard", "fingerprint"]
 
 _log = structlog.get_logger("mesh")
 
@@ -132,8 +139,10 @@ class Guard:
         def admit(raw: bytes, context: grpc.ServicerContext) -> Any:
             self._authenticated(context)
             request = self._decode(raw, context, deserialize)
-            self._check(request, context)
-            return self._bounded(request, inner(request, context))
+            # Without TLS there is no certificate to ask gRPC about.
+            certified = peer_machines(context) if self._tls else None
+            self._check(request, context, certified)
+            return self._bounded(request, inner(request, context, fingerprint(raw, certified)))
 
         # Raw bytes in: a message that does not decode is the guard's to refuse clearly,
         # instead of gRPC's own "Exception deserializing request!" (INTERNAL).
@@ -181,7 +190,12 @@ class Guard:
                 f" ({len(raw):,} bytes: {_cut(str(exc))})",
             )
 
-    def _check(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> None:
+    def _check(
+        self,
+        request: _pb2.ContinueRequest,
+        context: grpc.ServicerContext,
+        certified: frozenset[str] | None = None,
+    ) -> None:
         flow = self._flows.flows.get(request.request)
         index = request.line_index
         flow_id = request.flow_id
@@ -195,7 +209,13 @@ class Guard:
             or len(flow_id) > MAX_NAME
             or len(via) > len(flow.lines)
             or (
-                via and (len(set(via)) != len(via) or not all(via) or max(map(len, via)) > MAX_NAME)
+                via
+                and (
+                    len(set(via)) != len(via)
+                    or not all(via)
+                    or max(map(len, via)) > MAX_NAME
+                    or self._machine in via
+                )
             )
         ):
             self._malformed(request, context)
@@ -204,7 +224,7 @@ class Guard:
             return  # the servicer refuses another version of the flow, saying so
         if index == 0:
             return  # a flow's entry: any caller that passed the token may start one
-        self._entitled(flow, index, via, context)
+        self._entitled(flow, index, via, context, certified)
 
     def _malformed(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> NoReturn:
         """Refuse a call that is not one a peer makes, saying what is wrong with it."""
@@ -234,6 +254,13 @@ class Guard:
                 f"{me}: a call chain (via) of {len(via)} machines is longer than flow"
                 f" {flow.name} has lines ({len(flow.lines)})",
             )
+        if me in via:
+            self._refuse(
+                context,
+                invalid,
+                f"{me}: the call chain (via) {_cut(' → '.join(via))} names {me} itself; a flow"
+                f" never calls the machine it is on (it goes on there locally)",
+            )
         self._refuse(
             context,
             invalid,
@@ -242,13 +269,16 @@ class Guard:
         )
 
     def _entitled(
-        self, flow: Flow, index: int, via: Sequence[str], context: grpc.ServicerContext
+        self,
+        flow: Flow,
+        index: int,
+        via: Sequence[str],
+        context: grpc.ServicerContext,
+        certified: frozenset[str] | None,
     ) -> None:
         """Refuse line ``index`` unless the caller owns line ``index - 1`` (the access list)."""
         me = self._machine
         owner = flow.lines[index - 1].machine
-        # Without TLS there is no certificate to ask gRPC about.
-        certified = peer_machines(context) if self._tls else None
         caller = via[-1] if via else ""
         if certified is not None:
             allowed = owner in certified
@@ -317,6 +347,19 @@ class Guard:
         )
         context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
+
+
+def fingerprint(raw: bytes, certified: frozenset[str] | None) -> bytes:
+    """What identifies one call for the reply record (mesh/dedup.py): a hash of its bytes
+    (request, line, flow id, digest, the via chain and the context it carried) and, under
+    mutual TLS, of the names in the caller's certificate. gRPC's retries resend the very
+    same bytes from the same caller; anything else differs. Hashed once per call, here,
+    where the raw bytes are at hand: SHA-256, whose second preimages are out of reach (and
+    the fastest of hashlib's here, about a microsecond for a small call)."""
+    digest = hashlib.sha256(raw)
+    if certified:
+        digest.update(b"\0" + "\0".join(sorted(certified)).encode("utf-8", "replace"))
+    return digest.digest()
 
 
 def _name(text: str) -> str:

@@ -17,17 +17,17 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh import deadlines, tracing
-from mesh.dedup import Replies
-from mesh.errors import FlowTimeout, MeshError
+from mesh.dedup import Forgotten, Replayed, Replies
+from mesh.errors import ContextError, FlowTimeout, MeshError
 from mesh.health import SERVING, Health
-from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance
+from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance, fail_step
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
@@ -48,12 +48,22 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
         self._node = node
         # Steps run here, so a retried call gets the first reply instead of a second run.
         # Kept as the bytes sent: a reply is serialized once, for the record and the wire.
-        self.replies: Replies[bytes] = Replies(node.config.dedup_size, node.config.dedup_age)
+        config = node.config
+        self.replies: Replies[bytes] = Replies(
+            config.dedup_size, config.dedup_age, config.dedup_bytes
+        )
         self.calls = InFlight()
         # The inbound call of each step running here, so a retry can adopt the step.
         self._watches: dict[tuple[str, int], deadlines.Watch] = {}
 
-    def Continue(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> bytes:
+    def Continue(
+        self,
+        request: _pb2.ContinueRequest,
+        context: grpc.ServicerContext,
+        fingerprint: bytes = b"",
+    ) -> bytes:
+        """Serve one call. ``fingerprint`` identifies it (the guard hashes the request's bytes
+        and the caller's certificate names): only a call with the same one is a retry."""
         node = self._node
         me = node.machine
         # The guard (mesh/guard.py) runs before every call: the flow is known, the line in
@@ -89,15 +99,32 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
             ctx,
             time.monotonic() + remaining - deadlines.reply_reserve(remaining),
             tuple(request.via),
+            inbound=True,
         )
-        return self._once(context, state, index, remaining)
+        return self._once(context, state, index, remaining, fingerprint)
 
     def _once(
-        self, context: grpc.ServicerContext, state: FlowState, index: int, remaining: float
+        self,
+        context: grpc.ServicerContext,
+        state: FlowState,
+        index: int,
+        remaining: float,
+        fingerprint: bytes,
     ) -> bytes:
-        """Run the step unless this peer ran it already (a retry): then its first reply."""
-        key = (state.flow_id, index)
-        known = key in self.replies
+        """Run the step unless this peer ran it already (a retry): then its first reply.
+
+        A call that names a known step but is not a retry of it, or starts a flow (line 0)
+        with a flow id known here, is refused ALREADY_EXISTS: flow ids are in every log line,
+        so they must not open another flow's reply. A retry of a step whose reply the record
+        dropped (``dedup_bytes``) is refused FAILED_PRECONDITION, and the step not run again.
+        """
+        flow_id = state.flow_id
+        key = (flow_id, index)
+        fresh = index == 0
+        try:
+            known = self.replies.seen(flow_id, index, fingerprint, fresh=fresh)
+        except (Replayed, Forgotten) as exc:
+            _refuse_repeat(context, state, index, exc)
         if not self.calls.enter(known):
             # Draining: a new step goes to another replica (gRPC retries UNAVAILABLE);
             # a retry of a step this peer ran or is running is still answered below.
@@ -115,10 +142,15 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
         try:
             # A fresh context per call: pool threads are reused, flows must not share state.
             reply = self.replies.once(
-                key,
+                flow_id,
+                index,
+                fingerprint,
                 lambda: contextvars.Context().run(_run, state, index, context),
                 remaining,
+                fresh=fresh,
             )
+        except (Replayed, Forgotten) as exc:  # another call got in first
+            _refuse_repeat(context, state, index, exc)
         finally:
             self.calls.leave()
             if mine is not None:
@@ -133,6 +165,37 @@ class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
                 " from an earlier attempt",
             )
         return reply
+
+
+def _refuse_repeat(
+    context: grpc.ServicerContext, state: FlowState, index: int, exc: Replayed | Forgotten
+) -> NoReturn:
+    """Refuse a call the record says is not a new step: say why, and nothing of the step."""
+    me, flow_id = state.machine, _cut(state.flow_id)
+    if isinstance(exc, Replayed):
+        _abort(
+            context,
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"{me}: flow id {flow_id} is in use here by another call; a new flow needs a new"
+            " flow id, and a retry must repeat its call exactly",
+            flow_id=state.flow_id,
+            request=state.flow.name,
+            line_index=index,
+            caller=state.via[-1] if state.via else "",
+        )
+    _abort(
+        context,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"{me}: {state.flow.name} line {index} of flow {flow_id} ran here already, and its reply"
+        " is no longer kept (dedup_bytes, dedup_size in mesh.toml), so it is not run again",
+        flow_id=state.flow_id,
+        request=state.flow.name,
+        line_index=index,
+    )
+
+
+def _cut(text: str, shown: int = 60) -> str:
+    return text if len(text) <= shown and text.isprintable() else repr(text[:shown]) + "…"
 
 
 class InFlight:
@@ -184,7 +247,8 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
             _log.warning(
                 "mesh.flow_expired", cause=cause, reason=str(exc), **state.fields(exc.line_index)
             )
-        return encode_reply(_pb2.ContinueReply(failed=error_to_failure(exc)), state.steps)
+        failure = error_to_failure(exc, machine=state.machine, line_index=max(state.current, index))
+        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
     except BaseException as exc:  # a bug of ours: say so rather than hang the chain
         _log.exception("mesh.internal_error", **state.fields(index))
         failure = _pb2.Failure(
@@ -195,23 +259,35 @@ def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
             message=state.scrub(f"internal error on {state.machine}: {exc}"),
         )
         return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
+    if outcome is FINISHED and state.done_below:
+        return encode_reply(None, state.steps)  # the reply from below says so, context included
+    try:
+        context = dump_context(state.context)
+    except ContextError as exc:
+        # A handler put a value JSON cannot carry straight into the dict, behind "next"'s
+        # back: fail the last line run here, naming the key, rather than the whole call.
+        return encode_reply(_unsendable(state, index, exc), state.steps)
     if outcome is FINISHED:
-        if state.done_below:  # the reply from below says so, final context included
-            return encode_reply(None, state.steps)
-        done = _pb2.ContinueReply(done={"context": dump_context(state.context)})
-        return encode_reply(done, state.steps)
+        return encode_reply(_pb2.ContinueReply(done={"context": context}), state.steps)
     assert isinstance(outcome, HandOff)
-    hand_off = {
-        "machine": outcome.machine,
-        "line_index": outcome.index,
-        "context": dump_context(state.context),
-    }
+    hand_off = {"machine": outcome.machine, "line_index": outcome.index, "context": context}
     # Sub-messages as dicts: upb builds them faster than from message objects.
     return encode_reply(_pb2.ContinueReply(hand_off=hand_off), state.steps)
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    _log.warning("mesh.refused", code=code.name, reason=message)
+def _unsendable(state: FlowState, index: int, exc: ContextError) -> _pb2.ContinueReply:
+    """The reply for a flow whose context cannot travel on: its last step here failed."""
+    ran = [s for s in state.steps if type(s) is tuple]
+    line = ran[-1][0] if ran else index
+    error = fail_step(state, line, exc)
+    _log.error("mesh.step_failed", error=str(error), **state.fields(line))
+    return _pb2.ContinueReply(failed=error_to_failure(error))
+
+
+def _abort(
+    context: grpc.ServicerContext, code: grpc.StatusCode, message: str, **fields: Any
+) -> NoReturn:
+    _log.warning("mesh.refused", code=code.name, reason=message, **fields)
     context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
 
@@ -286,7 +362,12 @@ class Server:
         self.health.set("", SERVING)
         self.health.set(SERVICE_NAME, SERVING)
 
-    def _continue(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> bytes:
+    def _continue(
+        self,
+        request: _pb2.ContinueRequest,
+        context: grpc.ServicerContext,
+        fingerprint: bytes = b"",
+    ) -> bytes:
         """Peer.Continue, with the call on record while it runs."""
         running = self._running
         with self._running_lock:
@@ -294,7 +375,7 @@ class Server:
                 self._refuse_late(request, context)
             running[context] = request
         try:
-            return self.peer.Continue(request, context)
+            return self.peer.Continue(request, context, fingerprint)
         finally:
             del running[context]
 

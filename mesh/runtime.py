@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from mesh import tracing
-from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError, PeerRefused
+from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError
 from mesh.flowfile import Flow
 from mesh.loggers import BoundOnce
 from mesh.masking import scrub, secret_values
@@ -78,6 +78,9 @@ class FlowState:
     context: dict[str, Any]
     deadline: float  # time.monotonic()
     via: tuple[str, ...] = ()
+    # Serving a call (a peer), not originating the flow: replies from below then go up as
+    # bytes. Not the same as a non-empty ``via``: a caller from outside may name no machine.
+    inbound: bool = False
     # The timeline so far. Steps run here are LocalStep tuples (a frozen Step is
     # slow to build, and a peer only encodes it); on a peer, a call downstream adds
     # its reply's bytes, passed up as they came (wire.encode_reply); on the
@@ -289,16 +292,10 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
                 raise fail_step(state, index - 1, exc) from exc
             if back is None:
                 return FINISHED
+            # The dialer checked the hand-off: this machine's line or one upstream's.
             if back.machine == me:
                 index = back.index
                 continue
-            if back.machine not in state.via:
-                raise PeerRefused(
-                    f"{decision.machine} handed {flow.name} line {back.index} back to"
-                    f" {back.machine}, which is not upstream of it",
-                    machine=decision.machine,
-                    address=node.dialer.address(decision.machine),
-                )
             return back
         elif type(decision) is HandBack:
             return HandOff(decision.machine, decision.index)

@@ -8,6 +8,8 @@ same ``MeshError`` class at the originator, whichever machine raised them.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from mesh.errors import (
     FlowTimeout,
     FlowViolation,
     MeshError,
+    PeerError,
     PeerRefused,
     PeerUnavailable,
 )
@@ -40,75 +43,146 @@ def message_options(limit: int) -> tuple[tuple[str, int], ...]:
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-#: Types whose values always encode (a float may be NaN, which JSON lacks).
-_PLAIN: frozenset[type] = frozenset({str, int, bool, type(None)})
+#: Ints this small always print (Python refuses to print one of more than
+#: ``sys.get_int_max_str_digits()`` digits, 4,300 by default): only larger ones are encoded
+#: to be sure.
+_SAFE_INT = 2**63
+
+
+def _why(exc: BaseException) -> str:
+    """Why a value cannot travel, in words (Python's own message, clearer where it is cryptic)."""
+    if isinstance(exc, UnicodeEncodeError):
+        bad = exc.object[exc.start : exc.start + 1]
+        return f"it holds a lone surrogate {bad!r}, which UTF-8 cannot encode"
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    text = str(exc)
+    if "integer string conversion" in text:
+        return f"an int of more than {sys.get_int_max_str_digits():,} digits cannot be written"
+    return text
+
+
+def _travels(value: object) -> bool:
+    """True when ``value`` certainly encodes, decided without encoding it (the common case)."""
+    if type(value) is str:
+        return value.isascii()
+    if type(value) is int:
+        return -_SAFE_INT < value < _SAFE_INT
+    return type(value) is bool or value is None
 
 
 def check_value(key: str, value: object) -> None:
-    """Raise ContextError unless ``value`` can travel as JSON under ``key``."""
-    if type(value) in _PLAIN:  # every "next" checks its values: skip the encoder for these
+    """Raise ContextError unless ``value`` can travel as JSON under ``key``: encodable, and
+    as UTF-8 (no lone surrogate), with no NaN, infinity or int too long to print."""
+    if _travels(value):  # every "next" checks its values: skip the encoder for these
         return
     try:
-        _encoder.encode(value)
-    except (TypeError, ValueError) as exc:
+        _encoder.encode(value).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ContextError(
-            f"context key {key!r}: {type(value).__name__} value is not JSON-serializable ({exc})"
+            f"context key {key!r}: {type(value).__name__} value is not JSON-serializable"
+            f" ({_why(exc)})"
         ) from None
 
 
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise ContextError(f"context key {key!r} is not a string")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ContextError(f"context key {key!r} cannot travel as JSON ({_why(exc)})") from None
+
+
 def check_values(updates: Mapping[str, Any]) -> None:
-    """Check every value of ``updates`` (keys must be strings too)."""
+    """Check every key and value of ``updates``, as :func:`check_value` does."""
     plain = True
     for key, value in updates.items():
-        if not isinstance(key, str):
-            raise ContextError(f"context key {key!r} is not a string")
-        if type(value) not in _PLAIN:
+        if type(key) is not str or not key.isascii():
+            _check_key(key)
+        if plain and not _travels(value):
             plain = False
     if plain:
         return
     try:  # one encoding of the whole, not one per list or dict in it
-        _encoder.encode(dict(updates))
-    except (TypeError, ValueError) as exc:
+        _encoder.encode(dict(updates)).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         for key, value in updates.items():
             check_value(key, value)  # names the key
-        raise ContextError(f"the context is not JSON-serializable ({exc})") from None
+        raise ContextError(f"the context is not JSON-serializable ({_why(exc)})") from None
 
 
 def dump_context(context: Mapping[str, Any]) -> bytes:
-    """Encode the context for the wire, naming the bad key if one cannot travel."""
+    """Encode the context for the wire; ContextError naming the key if one cannot travel."""
     try:
         return _encoder.encode(context).encode()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError) as exc:
         check_values(context)
-        raise
+        raise ContextError(f"the context is not JSON-serializable ({_why(exc)})") from None
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (the mesh never sends it)")
 
 
+class _Overflow(ValueError):
+    """A JSON number too large for a float: it would decode as infinity."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise _Overflow(f"the number {text[:20]} is too large for a float")
+    return value
+
+
 #: One decoder for every context: json.loads builds a new one per call when given options.
-_decoder = json.JSONDecoder(parse_constant=_no_constant)
+_decoder = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
 def load_context(data: bytes) -> dict[str, Any]:
-    """Decode a context from the wire; ValueError unless it is a JSON object.
+    """Decode a context from the wire; ValueError unless it is a JSON object the mesh could
+    send on as it is.
 
-    Stricter than ``json.loads``: NaN and Infinity, which the mesh never sends and could not
-    send on, and nesting too deep to decode are ValueErrors too, not a crash later.
+    Stricter than ``json.loads``: NaN and Infinity, numbers too large for a float, lone
+    surrogates (escaped, or as bytes that are not UTF-8), and nesting too deep to decode are
+    ValueErrors too, not a crash later when the context is encoded again.
     """
+    text = ""
     try:
         if not data:
             value = {}
         elif data[:1] == b"{":  # what dump_context sends: UTF-8 without a BOM
-            value = _decoder.decode(data.decode("utf-8", "surrogatepass"))
+            text = data.decode("utf-8")
+            value = _decoder.decode(text)
         else:  # json.loads works out other encodings, and says what else is wrong
-            value = json.loads(data, parse_constant=_no_constant)
+            value = json.loads(data, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise ValueError("context is nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"context is not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    except _Overflow as exc:
+        if text:  # name the key: decode again letting the number be infinity, then check
+            _check_loaded(json.loads(text, parse_constant=_no_constant))
+        raise ValueError(str(exc)) from None
     if not isinstance(value, dict):
         raise ValueError(f"context is a JSON {type(value).__name__}, not an object")
+    # A lone surrogate can only arrive escaped (\ud800-\udfff) or through json.loads'
+    # own decoding of other encodings: look only then.
+    if not text or b"\\ud" in data or b"\\uD" in data:
+        _check_loaded(value)
     return value
+
+
+def _check_loaded(value: Any) -> None:
+    """ValueError naming the key of a decoded context that could not be encoded again."""
+    if not isinstance(value, dict):
+        return
+    try:
+        check_values(value)
+    except ContextError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def encode_reply(outcome: _pb2.ContinueReply | None, steps: Sequence[Any]) -> bytes:
@@ -210,8 +284,14 @@ def step_error(
     )
 
 
-def error_to_failure(exc: MeshError) -> _pb2.Failure:
-    """Encode an error raised in this peer so the originator can raise it again."""
+def error_to_failure(exc: MeshError, *, machine: str = "", line_index: int = 0) -> _pb2.Failure:
+    """Encode an error raised in this peer so the originator can raise it again.
+
+    Every field is filled for every kind: the machine, the line and the error's type name
+    (the handler's exception's for a step; the mesh's own error class otherwise).
+    ``machine`` and ``line_index`` stand in where the error does not say (an error of this
+    peer's own, not a peer's further down).
+    """
     F = _pb2.Failure
     if isinstance(exc, FlowError):
         return F(
@@ -222,18 +302,29 @@ def error_to_failure(exc: MeshError) -> _pb2.Failure:
             message=str(exc),
         )
     if isinstance(exc, FlowTimeout):
-        return F(kind=F.TIMEOUT, machine=exc.machine, line_index=exc.line_index, message=str(exc))
-    if isinstance(exc, PeerUnavailable):
-        return F(kind=F.UNAVAILABLE, machine=exc.machine, address=exc.address, message=str(exc))
-    if isinstance(exc, PeerRefused):
         return F(
-            kind=F.REFUSED,
+            kind=F.TIMEOUT,
+            machine=exc.machine,
+            line_index=exc.line_index,
+            error_type="FlowTimeout",
+            message=str(exc),
+        )
+    if isinstance(exc, PeerError):
+        return F(
+            kind=F.UNAVAILABLE if isinstance(exc, PeerUnavailable) else F.REFUSED,
             machine=exc.machine,
             address=exc.address,
+            line_index=line_index if exc.line_index is None else exc.line_index,
             error_type=type(exc).__name__,
             message=str(exc),
         )
-    return F(kind=F.REFUSED, error_type=type(exc).__name__, message=str(exc))
+    return F(
+        kind=F.REFUSED,
+        machine=machine,
+        line_index=line_index,
+        error_type=type(exc).__name__,
+        message=str(exc),
+    )
 
 
 def failure_to_error(
@@ -263,6 +354,14 @@ def failure_to_error(
             line_index=index,
         )
     if failure.kind == F.UNAVAILABLE:
-        return PeerUnavailable(failure.message, machine=failure.machine, address=failure.address)
-    refused = AccessDenied if failure.error_type == "AccessDenied" else PeerRefused
-    return refused(failure.message, machine=failure.machine, address=failure.address)
+        cls: type[PeerError] = PeerUnavailable
+    else:
+        cls = AccessDenied if failure.error_type == "AccessDenied" else PeerRefused
+    return cls(
+        failure.message,
+        machine=failure.machine,
+        address=failure.address,
+        request=request,
+        flow_id=flow_id,
+        line_index=index,
+    )

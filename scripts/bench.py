@@ -759,6 +759,7 @@ def role_hop(calls: str, rounds: str) -> int:
             load_context(request.context),
             time.monotonic() + 30,
             tuple(request.via),
+            inbound=True,
         )
         return contextvars.Context().run(peer_run, state, 1, None)  # no call: tracing is off
 

@@ -291,7 +291,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     path = mesh_toml(tmp_path, 'flow = "flow.tsv"\ntimout = 5\n' + MACHINES)
     assert config_error(path) == (
         f"{path}: unknown key 'timout' "
-        "(known: dedup_age, dedup_size, flow, grace, machines, max_flow_file_bytes,"
+        "(known: dedup_age, dedup_bytes, dedup_size, flow, grace, machines, max_flow_file_bytes,"
         " max_message_bytes, services, strict, timeout, tls, token_file, workers)"
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -340,3 +341,139 @@ def test_config_repr_hides_the_token(login_mesh: MeshDir, monkeypatch) -> None:
     assert config.token is not None
     assert "do-not-print" not in repr(config)
     assert isinstance(mesh.MeshError(), Exception)
+
+
+# --- the call chain (via) at the door ---------------------------------------------------------
+
+CHAIN_FLOW = (
+    "Request\tLog\tMachine\n"
+    "chain\tChain started for :n\tserver\n"
+    "chain\tChain audited for :n\taudit\n"
+    "chain\tChain done for :n\tserver\n"
+)
+
+CHAIN_SERVICE = """
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("chain", "Chain started for :n")
+def started(ctx):
+    with open(ctx["ledger"], "a", encoding="utf-8") as ledger:
+        ledger.write(f"started {ctx['n']}\\n")
+    log.info("next", started=True)
+
+
+@mesh.handler("chain", "Chain audited for :n")
+def audited(ctx):
+    with open(ctx["ledger"], "a", encoding="utf-8") as ledger:
+        ledger.write(f"audited {ctx['n']}\\n")
+    log.info("next", audited=True)
+"""
+
+
+@pytest.fixture
+def chain(mesh_dir: MeshDir, peers: Peers) -> Iterator[tuple[Peer, Peer, Any]]:
+    """server → audit → back to server, both real peers; (server, audit, raw Continue)."""
+    mesh_dir.flow(CHAIN_FLOW)
+    mesh_dir.service(CHAIN_SERVICE)
+    mesh_dir.write_config({"server": True, "audit": True})
+    audit = peers.start(mesh_dir, "audit")  # first: server's config needs its port
+    server = peers.start(mesh_dir, "server")
+    with grpc.insecure_channel(server.address) as channel:
+        yield (
+            server,
+            audit,
+            channel.unary_unary(CONTINUE, request_serializer=None, response_deserializer=None),
+        )
+
+
+def chain_call(mesh_dir: MeshDir, ledger: Path, **fields: object) -> bytes:
+    values: dict[str, object] = {
+        "request": "chain",
+        "line_index": 0,
+        "context": json.dumps({"n": 1, "ledger": str(ledger)}).encode(),
+        "flow_id": "c" * 32,
+        "digest": load_config(mesh_dir.config).flows["chain"].digest,
+        "via": [],
+    }
+    values.update(fields)
+    return bytes(_pb2.ContinueRequest(**values).SerializeToString())  # type: ignore[arg-type]
+
+
+def test_a_call_with_no_via_is_a_caller_from_outside(
+    chain, mesh_dir: MeshDir, tmp_path: Path
+) -> None:
+    """Line 0 with an empty via (a hand-written client that names no machine) runs the flow
+    and gets its reply, like ``mesh call``; a retry gets the same reply and runs nothing again
+    (before: every line ran, then the call failed UNKNOWN "Exception calling application",
+    nothing in the peer's log, and a retry ran the lines again)."""
+    server, audit, raw = chain
+    ledger = tmp_path / "ledger.txt"
+    data = chain_call(mesh_dir, ledger)
+    first = _pb2.ContinueReply.FromString(raw(data, timeout=30))
+    again = _pb2.ContinueReply.FromString(raw(data, timeout=30))
+    assert first.WhichOneof("outcome") == "done", first
+    assert json.loads(first.done.context)["audited"] is True
+    assert [(s.line_index, s.machine) for s in first.steps] == [
+        (0, "server"),
+        (1, "audit"),
+        (2, "server"),
+    ]
+    assert again == first
+    assert ledger.read_text(encoding="utf-8").splitlines() == ["started 1", "audited 1"]
+    assert server.alive() and audit.alive()
+
+
+@pytest.mark.parametrize(
+    "via", [["server"], ["client", "server"]], ids=["itself", "itself-after-another"]
+)
+def test_a_via_naming_the_receiver_is_refused_at_the_door(
+    chain, mesh_dir: MeshDir, tmp_path: Path, via: list[str]
+) -> None:
+    """A call whose via names the machine it is sent to cannot come from a flow: refused
+    INVALID_ARGUMENT, saying so, before any line runs (before: lines ran, and the flow failed
+    two hops later with a confusing message)."""
+    server, _, raw = chain
+    ledger = tmp_path / "ledger.txt"
+    got, details = status_of(raw, chain_call(mesh_dir, ledger, via=via))
+    assert got == Status.INVALID_ARGUMENT, details
+    assert "names server itself" in details
+    assert not ledger.exists()
+    assert [e["code"] for e in server.events() if e.get("event") == "mesh.refused"] == [
+        "INVALID_ARGUMENT"
+    ]
+
+
+# --- values JSON cannot carry -----------------------------------------------------------------
+
+UNENCODABLE = [
+    pytest.param(b'{"n": 1, "bad": "\\ud83d"}', "'bad'", id="lone-surrogate-escaped"),
+    pytest.param(b'{"n": 1, "bad": "\xed\xa0\xbd"}', "UTF-8", id="lone-surrogate-bytes"),
+    pytest.param(b'{"n": 1, "bad": 1e400}', "'bad'", id="float-overflow"),
+    pytest.param(b'{"n": 1, "bad": ' + b"7" * 5000 + b"}", "digits", id="int-of-5000-digits"),
+    pytest.param(b'{"n": 1, "bad": [{"deep": "\\udead"}]}', "'bad'", id="nested-surrogate"),
+    pytest.param(b'{"n": 1, "\\ud83d": 1}', "\\ud83d", id="surrogate-key"),
+]
+
+
+@pytest.mark.parametrize(("context", "fragment"), UNENCODABLE)
+def test_a_context_json_cannot_carry_on_is_refused_at_the_door(
+    chain, mesh_dir: MeshDir, tmp_path: Path, context: bytes, fragment: str
+) -> None:
+    """A context with a value that could not be sent on (a lone surrogate, a float that
+    overflows to infinity, an int too long to print): INVALID_ARGUMENT naming the key before
+    any handler runs (before: the handler ran, and the reply failed as UNKNOWN "Exception
+    calling application", with nothing in the peer's log)."""
+    server, audit, raw = chain
+    ledger = tmp_path / "ledger.txt"
+    context = context.replace(b'"n": 1', b'"n": 1, "ledger": ' + json.dumps(str(ledger)).encode())
+    got, details = status_of(raw, chain_call(mesh_dir, ledger, context=context, via=["outside"]))
+    assert got == Status.INVALID_ARGUMENT, details
+    assert "bad context" in details
+    assert fragment in details
+    assert not ledger.exists()
+    assert server.alive() and audit.alive()

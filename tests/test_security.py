@@ -270,26 +270,26 @@ def test_server_certificate_from_another_ca_is_refused(
 
 
 def test_certificate_decides_who_calls(tls_mesh: MeshDir, peers: Peers) -> None:
-    """Under mTLS the certificate names the caller: client's certificate claiming to be
-    server (via) for line 3 is refused, and the refusal names the certificate."""
+    """Under mTLS the certificate names the caller: mesh-call's certificate claiming to be
+    client (via) for line 1 is refused, and the refusal names the certificate."""
     server = peers.start(tls_mesh, "server", tls=True)
     config = load_config(tls_mesh.config)
     flow = config.flows["login"]
-    channel = Transport.of(config, "client").open_channel("server", server.address)
+    channel = Transport.of(config, "mesh-call").open_channel("server", server.address)
     with channel:
         stub = _pb2_grpc.MeshStub(channel)
         request = _pb2.ContinueRequest(
             request="login",
-            line_index=3,
+            line_index=1,
             context=json.dumps({"username": "ada", "password": "x" * 8}).encode(),
             flow_id="a" * 32,
             digest=flow.digest,
-            via=["server"],
+            via=["client"],
         )
         with pytest.raises(grpc.RpcError) as info:
             stub.Continue(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "certificate for client may not send login line 3" in info.value.details()
+    assert "certificate for mesh-call may not send login line 1" in info.value.details()
     assert not session_steps(server)
 
 
@@ -636,3 +636,43 @@ def test_secret_in_every_form_appears_in_no_output(
     assert any("Traceback" in str(e.get("exception", "")) for e in events)
     leaks = {where: _leaks(data) for where, data in outputs.items()}
     assert not any(leaks.values()), {where: found for where, found in leaks.items() if found}
+
+
+# --- replayed flow ids under mutual TLS ------------------------------------------------------
+
+
+def test_the_same_bytes_from_another_certificate_are_not_a_retry(
+    tls_mesh: MeshDir, peers: Peers, connect
+) -> None:
+    """Under mTLS a retry is the same call from the same certificate. mesh-call's certificate
+    sending the very bytes of client's finished ping (line 0, any caller may send it) is
+    refused ALREADY_EXISTS, and gets nothing of client's reply (before: client's reply);
+    client's own certificate sending them again gets the recorded reply, as gRPC's retry
+    would."""
+    from mesh.wire import dump_context
+
+    tls_mesh.flow(LOGIN_FLOW + "ping\tPinging for :who\tserver\n")
+    server = peers.start(tls_mesh, "server", tls=True)
+    config = load_config(tls_mesh.config)
+    result = connect(tls_mesh.config, "client").start("ping", who="ada-the-victim")
+    request = _pb2.ContinueRequest(
+        request="ping",
+        line_index=0,
+        context=dump_context({"who": "ada-the-victim"}),
+        flow_id=result.flow_id,
+        digest=config.flows["ping"].digest,
+        via=["client"],
+    )
+    replies = {}
+    for who in ("mesh-call", "client"):
+        with Transport.of(config, who).open_channel("server", server.address) as channel:
+            try:
+                reply = _pb2_grpc.MeshStub(channel).Continue(request, timeout=30)
+                replies[who] = ("OK", reply.WhichOneof("outcome"))
+            except grpc.RpcError as exc:
+                replies[who] = (exc.code().name, exc.details())
+    assert replies["mesh-call"][0] == "ALREADY_EXISTS", replies
+    assert "ada-the-victim" not in replies["mesh-call"][1]
+    assert replies["client"] == ("OK", "done")
+    pinged = [e for e in server.events() if e.get("event") == "Pinging for ada-the-victim"]
+    assert len(pinged) == 1

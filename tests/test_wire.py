@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from mesh.errors import ContextError
 from mesh.v1 import mesh_pb2 as pb
-from mesh.wire import as_steps, encode_reply, steps_only
+from mesh.wire import as_steps, check_values, dump_context, encode_reply, load_context, steps_only
 
 
 def step(index: int, machine: str) -> tuple[int, str, str, float, float]:
@@ -76,3 +79,52 @@ def test_the_originator_reads_steps_from_any_of_the_shapes() -> None:
         (2, "m2", "line 2"),
     ]
     assert steps[2].duration == 0.003
+
+
+# -- values JSON cannot carry ------------------------------------------------------------------
+
+
+CANNOT_TRAVEL = [
+    pytest.param("\ud83d", id="lone-surrogate"),
+    pytest.param(["ok", {"deep": "\udead"}], id="nested-lone-surrogate"),
+    pytest.param(10**5000, id="int-of-5001-digits"),
+    pytest.param(-(10**4400), id="negative-int-of-4401-digits"),
+    pytest.param(float("inf"), id="infinity"),
+    pytest.param(float("nan"), id="nan"),
+]
+
+
+@pytest.mark.parametrize("value", CANNOT_TRAVEL)
+def test_a_value_json_cannot_carry_is_a_context_error_naming_the_key(value: object) -> None:
+    """check_values (what node.start and every "next" call) and dump_context (every hop)
+    raise ContextError naming the key, never a bare UnicodeEncodeError or ValueError."""
+    for check in (check_values, dump_context):
+        with pytest.raises(ContextError, match=r"context key 'bad'"):
+            check({"fine": "héllo", "n": 10**100, "bad": value})
+
+
+def test_a_key_json_cannot_carry_is_a_context_error() -> None:
+    """A lone surrogate in a key is named as well."""
+    for check in (check_values, dump_context):
+        with pytest.raises(ContextError, match=r"context key '\\ud83d'"):
+            check({"\ud83d": 1})
+
+
+def test_values_that_travel_pass_and_round_trip() -> None:
+    """The strict checks keep everything JSON can carry: non-ASCII text, emoji (a surrogate
+    pair escaped by another encoder), long ints up to the limit, nested values."""
+    context = {"text": "héllo 😀", "big": 10**4000, "nested": [{"a": 1.5}, None, True]}
+    check_values(context)
+    assert load_context(dump_context(context)) == context
+    assert load_context(b'{"e": "\\ud83d\\ude00"}') == {"e": "😀"}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"a": "\\ud83d"}', b'{"a": "\xed\xa0\xbd"}', b'{"a": 1e400}', b'{"a": -1e999}'],
+    ids=["escaped-surrogate", "surrogate-bytes", "overflow", "negative-overflow"],
+)
+def test_load_context_refuses_what_it_could_not_send_on(data: bytes) -> None:
+    """A peer refuses, as it decodes it, a context it could not send on."""
+    with pytest.raises(ValueError, match=r"'a'|UTF-8"):
+        load_context(data)
