@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mesh.errors import FlowViolation, MeshError
-from mesh.masking import MASK, scrub_any, secret_values
+from mesh.masking import MASK, scrub_fields, secret_values
 from mesh.registry import describe
 from mesh.runtime import (
     FINISHED,
@@ -315,9 +315,5 @@ def mask_secrets(logger: Any, method_name: str, event_dict: EventDict) -> EventD
             event_dict[key] = MASK
     values = secret_values(state.context, state.flow.secrets)  # once per event, not per field
     if values:
-        for key, value in event_dict.items():
-            # Containers and objects too: a renderer prints what is inside them.
-            scrubbed = scrub_any(value, values)
-            if scrubbed is not value:
-                event_dict[key] = scrubbed
+        scrub_fields(event_dict, values)  # keys and values, in every form they are shown
     return event_dict

@@ -4,11 +4,17 @@
 emailservice), then, as the client, logs in as ada, fetches the feed, loads the index with the
 new session, and tries one wrong password, which must fail with a one-line error. The peers'
 own log lines are shown after each call, marked ``|``. Data goes to a fresh temporary folder
-unless ``$MESH_DATA_DIR`` is set. Exits 0 only when every call did what it should.
+unless ``$MESH_DATA_DIR`` is set. ``--config PATH`` runs the same against another copy of the
+example mesh (the tests do). Exits 0 only when every call did what it should and ``mesh up``
+ran throughout: when it fails (a port held by a peer left from an earlier run), when it or
+one of its peers exits while the calls run, or when it does not stop cleanly, the demo fails,
+since its calls may then have been answered by someone else's peers.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 import queue
 import re
@@ -41,12 +47,12 @@ class DemoError(Exception):
 class Up:
     """``mesh up`` as a child process, its output (and its peers') read on a thread."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], config: Path) -> None:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh", "up", "-c", str(CONFIG)],
-            cwd=ROOT,
+            [sys.executable, "-m", "mesh", "up", "-c", str(config)],
+            cwd=config.parent,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -85,9 +91,10 @@ class Up:
                     code = self.proc.wait(STOP_SECONDS)
                 except subprocess.TimeoutExpired:
                     raise DemoError("mesh up closed its output but did not exit") from None
+                said = [line for line in self.seen if line.startswith("mesh up: ")]
                 raise DemoError(
                     f"mesh up exited with code {code} before its peers were healthy"
-                    " (see its output above; are ports 50052 and 50053 free?)"
+                    + (f": {said[-1].removeprefix('mesh up: ')}" if said else "")
                 )
             if time.monotonic() > deadline:
                 raise DemoError(f"mesh up did not report {READY!r} in {START_SECONDS:.0f} s")
@@ -107,15 +114,25 @@ class Up:
         self.show()
         return self.proc.returncode
 
+    def troubles(self) -> list[str]:
+        """What ``mesh up`` said went wrong while it ran: a peer of its own that exited."""
+        return [
+            line.removeprefix("mesh up: ")
+            for line in self.seen
+            if re.match(r"mesh up: (peer \S+ .*exited|every peer has exited)", line)
+        ]
 
-def call(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+
+def call_as_client(
+    env: dict[str, str], config: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
     """``mesh call ARGS``, its output captured and then printed as it was."""
-    command = [sys.executable, "-m", "mesh", "call", *args, "-c", str(CONFIG)]
+    command = [sys.executable, "-m", "mesh", "call", *args, "-c", str(config)]
     print(f"\n$ mesh call {' '.join(args)}", flush=True)
     try:
         done = subprocess.run(
             command,
-            cwd=ROOT,
+            cwd=config.parent,
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -132,9 +149,10 @@ def call(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def run(env: dict[str, str], up: Up) -> list[str]:
+def run(env: dict[str, str], up: Up, config: Path) -> list[str]:
     """The calls; returns what went wrong (empty when all is well)."""
     problems: list[str] = []
+    call = functools.partial(call_as_client, env, config)
 
     def expect_ok(done: subprocess.CompletedProcess[str], what: str) -> bool:
         up.show(wait=0.3)  # the peers' lines for this call
@@ -143,7 +161,7 @@ def run(env: dict[str, str], up: Up) -> list[str]:
             return False
         return True
 
-    login = call(env, "login", "username=ada", f"password={PASSWORD}")
+    login = call("login", "username=ada", f"password={PASSWORD}")
     session = ""
     if expect_ok(login, "login"):
         match = re.search(r'^\s*session = "([^"]+)"$', login.stdout, re.MULTILINE)
@@ -152,14 +170,14 @@ def run(env: dict[str, str], up: Up) -> list[str]:
         else:
             session = match.group(1)
 
-    expect_ok(call(env, "feed"), "feed")
+    expect_ok(call("feed"), "feed")
 
     index_args = ["index", "username=ada"] + ([f"session={session}"] if session else [])
-    index = call(env, *index_args)
+    index = call(*index_args)
     if expect_ok(index, "index") and "signed_in = true" not in index.stdout:
         problems.append("index did not find ada's session")
 
-    wrong = call(env, "login", "username=ada", f"password={WRONG_PASSWORD}")
+    wrong = call("login", "username=ada", f"password={WRONG_PASSWORD}")
     up.show(wait=0.3)
     error = wrong.stderr.strip().splitlines()[-1:] or [""]
     if wrong.returncode == 0:
@@ -177,7 +195,10 @@ def run(env: dict[str, str], up: Up) -> list[str]:
     return problems
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the example mesh end to end.")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="default: the repo's mesh.toml")
+    config = parser.parse_args(argv).config.resolve()
     env = dict(os.environ)
     made_dir = not env.get("MESH_DATA_DIR")
     data = tempfile.mkdtemp(prefix="mesh-demo-") if made_dir else env["MESH_DATA_DIR"]
@@ -186,23 +207,27 @@ def main() -> int:
     # Unbuffered, print() writes a log line and its newline separately, so the two peers'
     # lines in mesh up's one stdout could interleave mid-line. Buffered, each is one write.
     env.pop("PYTHONUNBUFFERED", None)
-    print(f"demo: config {CONFIG}, data in {data}")
-    print(f"$ mesh up -c {CONFIG}", flush=True)
+    print(f"demo: config {config}, data in {data}")
+    print(f"$ mesh up -c {config}", flush=True)
     up: Up | None = None
     problems: list[str] = []
     try:
-        up = Up(env)
+        up = Up(env, config)
         up.wait_healthy()
-        problems = run(env, up)
+        problems = run(env, up, config)
+        if up.proc.poll() is not None:
+            problems.append(f"mesh up exited with code {up.proc.returncode} while the calls ran")
     except DemoError as exc:
         problems = [str(exc)]
     except KeyboardInterrupt:
         problems = ["interrupted"]
     finally:
         if up is not None:
+            running = up.proc.poll() is None
             code = up.stop()
-            if code != 0:
-                print(f"demo: note: mesh up exited with code {code}")
+            problems += [t for t in up.troubles() if not any(t in p for p in problems)]
+            if running and code != 0:
+                problems.append(f"mesh up exited with code {code} when stopped")
         if made_dir:
             shutil.rmtree(data, ignore_errors=True)
     if problems:

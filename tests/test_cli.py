@@ -473,6 +473,26 @@ def test_up_reports_a_peer_that_dies(cli_mesh: MeshDir, up) -> None:
     assert not alive(running.peer_pids["server"])
 
 
+def test_up_fails_at_once_when_a_port_is_taken(cli_mesh: MeshDir, peers: Peers) -> None:
+    """A peer left from an earlier run still holds server's port: `mesh up` exits 1 with one
+    line naming the taken port, never says its peers are healthy, and leaves none of its own
+    running. Before, the leftover answered the health probe, `mesh up` reported "2 peers
+    healthy" and its own server died with "address in use" behind it."""
+    leftover = peers.start(cli_mesh, "server")  # its port goes into the config
+    cli_mesh.fix_ports("emailservice")
+    port = cli_mesh.addresses["server"]
+
+    done = mesh_cmd("up", "-c", cli_mesh.config)
+
+    line = one_line_error(done)
+    assert port in line and "in use" in line, line
+    assert "server" in line
+    assert "peers healthy" not in done.stdout
+    for pid in re.findall(r"\(pid (\d+)\)", done.stdout):
+        assert int(pid) == leftover.pid or not alive(int(pid)), done.stdout
+    assert leftover.alive()  # the process that held the port is not ours to stop
+
+
 def test_check_warns_when_only_an_address_less_starter_reaches_a_line(mesh_dir: MeshDir) -> None:
     """A flow that comes back to an address-less client works when the client starts it."""
     mesh_dir.flow("Request\tLog\tMachine\nping\tPinging\tserver\nping\tPonged\tclient\n")

@@ -6,6 +6,8 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from support.chromium import ARTIFACTS, Chromium
 from support.cli import run_mesh
 from support.meshdir import LOGIN_FLOW, MeshDir, password_of
@@ -212,3 +214,84 @@ def test_call_draws_the_run(login_mesh: MeshDir, peers: Peers, tmp_path: Path) -
     text = mermaid.read_text(encoding="utf-8")
     assert text.startswith("sequenceDiagram\n    title login ")
     assert "client->>server: 1. Received request to login as ada (" in text
+
+
+# -- any text makes a well-formed picture -----------------------------------------------------
+
+#: Every code point, surrogates and noncharacters included: what a context value may hold
+#: (a surrogate is what Python makes of bytes in argv that are not UTF-8).
+ANY_CHAR = st.characters(codec=None, categories=None)
+#: Text both XML 1.0 and HTML carry as it is: no control characters but tab and newline
+#: (``\r`` a parser reads as ``\n``), no surrogates or noncharacters (``Cn``). It must read
+#: back unchanged.
+XML_CHAR = st.characters(exclude_categories=("Cc", "Cs", "Cn"), include_characters="\t\n")
+
+
+def _run_picture(label: str, machine: str, title: str) -> diagram.Diagram:
+    steps = [
+        Step(0, label, machine, 100.0, 0.001),
+        Step(1, "second " + label, "other", 100.002, 0.001),
+    ]
+    flow = parse_flows("r,first,a\nr,second,b\n")["r"]
+    picture = diagram.from_run(flow, steps, "f1")
+    return diagram.Diagram(title, picture.participants, picture.events)
+
+
+def _svg_and_html(picture: diagram.Diagram) -> list[tuple[str, ET.Element]]:
+    """The SVG file and the HTML page of ``picture``, each written as UTF-8 and parsed as XML."""
+    out = []
+    for fmt in ("svg", "html"):
+        data = diagram.render([picture, picture], fmt, title=picture.title).encode("utf-8")
+        out.append((fmt, ET.fromstring(data)))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(label=st.text(ANY_CHAR), machine=st.text(ANY_CHAR, min_size=1), title=st.text(ANY_CHAR))
+def test_any_text_gives_well_formed_svg_and_html(label: str, machine: str, title: str) -> None:
+    """A context value, a machine name or a title holding any character (a control character
+    such as U+0001 or U+0000, a lone surrogate, a noncharacter) still makes an SVG and an HTML
+    page that encode as UTF-8 and parse as XML: before, U+0001 in a value broke `--diagram`."""
+    assume(machine != "other")
+    for _, root in _svg_and_html(_run_picture(label, machine, title)):
+        texts = "".join(root.itertext()) + "".join(
+            v for el in root.iter() for v in el.attrib.values()
+        )
+        assert not any(
+            (ord(c) < 0x20 and c not in "\t\n\r") or 0x7F <= ord(c) <= 0x9F for c in texts
+        ), texts
+
+
+@settings(max_examples=200, deadline=None)
+@given(label=st.text(XML_CHAR, min_size=1))
+def test_text_xml_can_carry_reads_back_unchanged(label: str) -> None:
+    """Text XML can carry as it is reads back from the SVG and the page exactly as given."""
+    for fmt, root in _svg_and_html(_run_picture(label, "a", label)):
+        rows = [
+            "".join(g.itertext())
+            for g in root.iter()
+            if g.tag.endswith("g") and g.get("data-line") == "0" and g.get("data-machine")
+        ]
+        assert rows and all(row.startswith(f"0. {label} (") for row in rows), (fmt, rows)
+
+
+def test_call_diagram_with_control_characters_parses(
+    login_mesh: MeshDir, peers: Peers, tmp_path: Path
+) -> None:
+    """mesh call --diagram of a run whose context holds U+0001 and U+0000 writes an SVG and an
+    HTML page that parse; the characters show as visible escapes."""
+    peers.start(login_mesh, "server")
+    username = "ada\u0001x\u0000y"
+    for name in ("run.svg", "run.html"):
+        out = tmp_path / name
+        done = run_mesh(
+            "call", "login", f"username:={json.dumps(username)}",
+            f"password:={json.dumps(password_of(username))}",
+            "-c", login_mesh.config, "--diagram", out,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        root = ET.parse(out).getroot()
+        labels = ["".join(g.itertext()) for g in root.iter() if g.get("data-line") == "1"]
+        assert labels and labels[0].startswith(
+            "1. Received request to login as ada\\x01x\\x00y ("
+        ), labels

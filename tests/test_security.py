@@ -488,6 +488,156 @@ def test_secret_appears_in_no_output(
         assert TOKEN.encode() not in data, f"the token leaked into {where}"
 
 
+# --- secrets in every form a value takes ---------------------------------------------------
+
+#: A password with backslashes: its repr and its JSON double them.
+BACKSLASH_SECRET = r"C:\Users\ada\pw-2024"
+PIN = 4829135071  # given as pin:=4829135071, a number
+SESSION_TOKEN = "sess-9f8e7d6c5b4a"
+
+FORMS_FLOW = (
+    "Request\tLog\tMachine\n"
+    "login\tUser attempted login as :username with #password, #pin and #token\tclient\n"
+    "login\tReceived request to login as :username\tserver\n"
+    "login\tAuditing login of :username\taudit\n"
+    "login\tSetting session for :username\tserver\n"
+    "login\tLogin successful\tclient\n"
+)
+
+FORMS_SERVICE = """
+import json
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("login", "Auditing login of :username")
+def audit(ctx):
+    password, pin, token = ctx["password"], ctx["pin"], ctx["token"]
+    sessions = {token: ctx["username"]}
+    log.info(f"password is {password!r}")
+    log.info(
+        "audit",
+        shown=repr(password),
+        dump=json.dumps({"pw": password, "pin": pin}),
+        code=pin,
+        codes=[pin, {"pin": pin}, (pin,)],
+        sessions=sessions,
+        nested={"by": {token: [password]}},
+    )
+    log.info("by token", **{token: ctx["username"]})
+    try:
+        {}[password]
+    except KeyError:
+        log.exception("lookup failed")
+    if ctx["username"] == "mallory":
+        {}[password]
+    if ctx["username"] == "eve":
+        raise KeyError(pin)
+    if ctx["username"] == "trudy":
+        raise ValueError(sessions)
+    log.info(
+        "next",
+        sessions=sessions,
+        pin_copy=pin,
+        pins=[pin],
+        dumped=json.dumps([password]),
+        shown=f"{password!r}",
+    )
+
+
+@mesh.handler("login", "Setting session for :username")
+def set_session(ctx):
+    log.info("sessions", sessions={ctx["token"]: ctx["username"]}, pin=str(ctx["pin"]))
+    log.info("next", session=ctx["token"])
+"""
+
+
+def _leaks(data: bytes) -> list[str]:
+    """Which secret shows in ``data`` in any form: the password with its backslashes escaped
+    any number of times (repr, JSON, JSON of a repr), the pin's digits, the token."""
+    found = []
+    if BACKSLASH_SECRET.replace("\\", "").encode() in data.replace(b"\\", b""):
+        found.append("password")
+    if str(PIN).encode() in data:
+        found.append("pin")
+    if SESSION_TOKEN.encode() in data:
+        found.append("token")
+    return found
+
+
+def test_secret_in_every_form_appears_in_no_output(
+    mesh_dir: MeshDir, peers: Peers, tmp_path: Path
+) -> None:
+    """login across three machines with three secrets a careless handler shows in every form
+    a value takes: a password with backslashes in repr (``{x!r}``, a KeyError's message, a
+    traceback) and JSON (``json.dumps``, the JSON log), a token as a dict key (logged,
+    returned in the context, an event key, an exception), a number (``pin:=…``) under other
+    keys and inside lists. None of them appears in any stdout, stderr or log file of the
+    peers and of ``mesh call`` (text, ``--json``, ``--log-file``); before, each of these
+    forms leaked."""
+    mesh_dir.flow(FORMS_FLOW)
+    mesh_dir.service(FORMS_SERVICE)
+    mesh_dir.write_config({"client": False, "server": True, "audit": True})
+    audit_log = tmp_path / "audit-events.log"
+    audit = peers.start(mesh_dir, "audit", args=["--log-file", str(audit_log)])
+    server = peers.start(mesh_dir, "server")  # after audit, which it dials
+    secrets = [f"password={BACKSLASH_SECRET}", f"pin:={PIN}", f"token={SESSION_TOKEN}"]
+    call_log = tmp_path / "call.log"
+    cases = {
+        "ok": ["username=ada", *secrets],
+        "ok-json": ["username=ada", *secrets, "--json", "--log-file", str(call_log)],
+        "mallory": ["username=mallory", *secrets],  # KeyError(password) on audit
+        "eve": ["username=eve", *secrets, "--json"],  # KeyError(pin) on audit
+        "trudy": ["username=trudy", *secrets],  # ValueError({token: ...}) on audit
+    }
+    outputs: dict[str, bytes] = {}
+    codes = {}
+    for name, args in cases.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "mesh", "call", "login", *args, "-c", str(mesh_dir.config)],
+            capture_output=True,
+            env=mesh_env(),
+            timeout=60,
+            check=False,
+        )
+        codes[name] = done.returncode
+        outputs[f"{name} stdout"] = done.stdout
+        outputs[f"{name} stderr"] = done.stderr
+    audit.stop()
+    server.stop()
+    outputs["server output"] = server.log_path.read_bytes()
+    outputs["audit output"] = audit.log_path.read_bytes()
+    outputs["audit log file"] = audit_log.read_bytes()
+    outputs["call log file"] = call_log.read_bytes()
+
+    assert codes == {"ok": 0, "ok-json": 0, "mallory": 1, "eve": 1, "trudy": 1}, outputs
+    text = outputs["ok stdout"].decode()
+    assert 'sessions = {"***": "ada"}' in text
+    assert 'pin_copy = "***"' in text
+    assert 'pins = ["***"]' in text
+    context = json.loads(outputs["ok-json stdout"])["context"]
+    assert context["sessions"] == {"***": "ada"}
+    assert context["session"] == "***"
+    assert context["shown"] == "'***'"
+    assert json.loads(context["dumped"]) == ["***"]
+    assert b"KeyError: '***'" in outputs["mallory stderr"]
+    assert b"KeyError: ***\n" in outputs["eve stderr"]
+    assert b"ValueError: {'***': 'trudy'}" in outputs["trudy stderr"]
+    events = [json.loads(line) for line in outputs["audit log file"].splitlines()]
+    audits = [e for e in events if e.get("event") == "audit"]
+    assert len(audits) == 5
+    assert all(
+        e["code"] == "***" and e["sessions"] == {"***": e["sessions"].get("***")} for e in audits
+    )
+    assert any("Traceback" in str(e.get("exception", "")) for e in events)
+    leaks = {where: _leaks(data) for where, data in outputs.items()}
+    assert not any(leaks.values()), {where: found for where, found in leaks.items() if found}
+
+
 # --- replayed flow ids under mutual TLS ------------------------------------------------------
 
 

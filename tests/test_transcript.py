@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,43 @@ def test_bad_input_is_one_line(real_run: RealRun, tmp_path: Path) -> None:
     none = run_mesh("logs", empty, "-c", real_run.config, "--flow", "abc")
     assert none.returncode == 1
     assert none.stderr.strip().splitlines() == [f"mesh logs: no flow abc in {empty}"]
+
+
+def _shifted(events: Events, seconds: float) -> Events:
+    """``events`` as a machine whose clock is ``seconds`` ahead (negative: behind) logs them."""
+    out = []
+    for event in events:
+        stamp = datetime.fromisoformat(event["timestamp"]) + timedelta(seconds=seconds)
+        out.append({**event, "timestamp": stamp.isoformat()})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("server_clock", "behind", "ahead"),
+    [(-0.2, "server", "client"), (0.2, "client", "server")],
+    ids=["server-behind", "server-ahead"],
+)
+def test_clock_skew_is_a_note_not_a_problem(
+    real_run: RealRun, tmp_path: Path, server_clock: float, behind: str, ahead: str
+) -> None:
+    """The real run's logs, the server's stamped by a clock 200 ms off the client's (two
+    machines whose clocks differ): the transcript is still in flow order and ok, exit 0, with a
+    note naming the clock that is behind. Before, sorting by wall clock reported lines that
+    "ran after" the lines they follow, and mesh logs exited 1."""
+    server = _write(tmp_path / "server.log", _shifted(real_run.server.events(), server_clock))
+    done = run_mesh(
+        "logs", real_run.client_log, server, "-c", real_run.config, "--flow", real_run.ids[0]
+    )
+    assert done.returncode == 0, done.stdout
+    out = done.stdout.splitlines()
+    assert out[0] == f"login  flow {real_run.ids[0]}  6 of 6 lines  ok"
+    assert [re.split(r"\s{2,}", row.strip())[0] for row in out[2:8]] == list("012345")
+    notes = [line.strip() for line in out if line.strip().startswith("note:")]
+    assert len(notes) == 1, done.stdout
+    found = re.fullmatch(
+        rf"note: clock skew: {behind}'s clock is at least ([\d.]+) ms behind {ahead}'s \(line .*",
+        notes[0],
+    )
+    assert found, notes[0]
+    assert 150 < float(found.group(1)) <= 200
+    assert "problem" not in done.stdout

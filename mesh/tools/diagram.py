@@ -235,8 +235,34 @@ def _layout(diagram: Diagram) -> tuple[dict[str, float], float, float]:
     return xs, left, right
 
 
+#: What neither XML 1.0 nor HTML may carry, even as a character reference: C0 controls but
+#: tab, newline and carriage return; DEL and the C1 controls; surrogates (never valid UTF-8);
+#: noncharacters. A context value may hold any of them (``"\u0001"`` from JSON, a
+#: surrogate from bytes in argv that are not UTF-8), so they are drawn as visible escapes.
+_NOT_MARKUP = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(
+        f"{chr(plane | 0xFFFE)}{chr(plane | 0xFFFF)}" for plane in range(0, 0x110000, 0x10000)
+    )
+    + "]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
 def _attr(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    """``value`` as text for an SVG or HTML attribute or element: markup escaped, and what
+    markup cannot carry at all written as a visible escape, so the file is well-formed."""
+    return html.escape(_NOT_MARKUP.sub(_escape, str(value)), quote=True)
 
 
 def _fmt(x: float) -> str:
@@ -374,7 +400,7 @@ def to_html(diagrams: Sequence[Diagram], title: str = "mesh flows") -> str:
     )
     return (
         "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<html lang="en">\n<head>\n<meta charset="utf-8"/>\n'
         f"<title>{_attr(title)}</title>\n"
         "<style>body{font-family:Helvetica,Arial,sans-serif;margin:24px;color:#222}"
         "h2{font-size:16px;margin:24px 0 8px}svg{max-width:100%;height:auto}</style>\n"

@@ -8,6 +8,13 @@ file promised, against what really ran. Whatever differs is a problem: a line
 that is missing, that ran on another machine than the flow file says, that ran
 before a line it should follow, or that ran twice.
 
+The transcript is in flow order, which is the order things happened: a line runs
+only after the line before it said ``"next"``, by a call or a reply down the call
+chain. Wall clocks are compared only where one clock stamped both lines (one
+machine's lines in one file); two machines' clocks may differ, so a line stamped
+before the line it follows on another machine is clock skew, reported as a note
+with the least skew that explains it, never as a problem.
+
 A flow line is told apart from a handler's own events (which carry the same
 fields) by its text: it is its line's template, rendered. A step's duration is
 the time from its line to the next line of the flow, so it includes the hop and
@@ -21,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from mesh.errors import MeshError
@@ -45,6 +52,13 @@ class Entry:
     time: float | None  # epoch seconds
     where: str  # FILE:LINE
     failed: str = ""  # a mesh.step_failed event: the error
+    path: str = ""  # the file it was read from
+    row: int = 0  # its line number in that file
+
+    @property
+    def clock(self) -> tuple[str, str]:
+        """Whose clock stamped it: one machine writing one file."""
+        return self.path, self.machine
 
 
 @dataclass(slots=True)
@@ -65,6 +79,7 @@ class Transcript:
     failures: list[Entry]
     problems: list[str]
     lines: int  # how many lines the flow file gives the request (0: unknown request)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong: clock skew
 
 
 def _time(value: object) -> float | None:
@@ -127,6 +142,8 @@ def read_logs(paths: Sequence[str]) -> Logs:
                     _time(event.get("timestamp")),
                     f"{path}:{number}",
                     failed,
+                    path,
+                    number,
                 )
             )
     return logs
@@ -191,12 +208,10 @@ def _check(
                 f"{entry.where}: {entry.text!r} is line {index} of {flow.name},"
                 f" but was logged as line {entry.index}"
             )
-        ran.append(entry if index == entry.index else _reindexed(entry, index))
-    # What happened, in time order (a stable sort keeps each file's own order).
-    in_time = sorted(ran, key=lambda e: e.time if e.time is not None else float("inf"))
+        ran.append(entry if index == entry.index else replace(entry, index=index))
+    # Flow order; a line's repeats after its first (by its own clock, else as read).
     seen: dict[int, Entry] = {}
-    latest = -1
-    for entry in in_time:
+    for entry in sorted(ran, key=lambda e: (e.index, _stamp(e))):
         line = flow.lines[entry.index]
         if entry.index in seen:
             problems.append(
@@ -210,12 +225,7 @@ def _check(
                 f"{entry.where}: line {entry.index} {line.text!r} ran on {entry.machine};"
                 f" the flow file says {line.machine}"
             )
-        if entry.index < latest:
-            problems.append(
-                f"{entry.where}: line {entry.index} {line.text!r} ran after line {latest}"
-                f" {flow.lines[latest].text!r}; the flow file has it before"
-            )
-        latest = max(latest, entry.index)
+    problems += _out_of_order(flow, seen)
     failed_at = min((f.index for f in failures), default=None)
     for failure in failures:
         problems.append(
@@ -243,20 +253,59 @@ def _check(
         if after is not None and after.time is not None and entry.time is not None:
             duration = after.time - entry.time
         steps.append((entry, duration))
-    return Transcript(fid, flow.name, steps, failures, problems, len(flow.lines))
+    notes = _skew(ordered)
+    return Transcript(fid, flow.name, steps, failures, problems, len(flow.lines), notes)
 
 
-def _reindexed(entry: Entry, index: int) -> Entry:
-    return Entry(
-        entry.flow_id,
-        entry.request,
-        index,
-        entry.machine,
-        entry.text,
-        entry.time,
-        entry.where,
-        entry.failed,
-    )
+def _stamp(entry: Entry) -> tuple[float, str, int]:
+    return (entry.time if entry.time is not None else float("inf"), entry.path, entry.row)
+
+
+def _out_of_order(flow: Flow, seen: dict[int, Entry]) -> list[str]:
+    """Lines one clock saw in another order than the flow file's: each machine's lines in
+    each file, by their stamps (a stable sort keeps the file's order for equal ones)."""
+    by_clock: dict[tuple[str, str], list[Entry]] = {}
+    for entry in seen.values():
+        by_clock.setdefault(entry.clock, []).append(entry)
+    problems = []
+    for entries in by_clock.values():
+        latest = -1
+        for entry in sorted(entries, key=_stamp):
+            if entry.index < latest:
+                problems.append(
+                    f"{entry.where}: line {entry.index} {flow.lines[entry.index].text!r} ran"
+                    f" after line {latest} {flow.lines[latest].text!r}; the flow file has it"
+                    " before"
+                )
+            latest = max(latest, entry.index)
+    return problems
+
+
+def _skew(ordered: list[Entry]) -> list[str]:
+    """A note for each clock stamped behind another's: the largest amount by which a line
+    on it is stamped before an earlier line of the flow on the other, the least skew that
+    explains what the stamps say."""
+    worst: dict[tuple[tuple[str, str], tuple[str, str]], tuple[float, Entry, Entry]] = {}
+    for n, first in enumerate(ordered):
+        for later in ordered[n + 1 :]:
+            if first.clock == later.clock or first.time is None or later.time is None:
+                continue
+            gap = first.time - later.time
+            key = (later.clock, first.clock)
+            if gap > 0 and gap > worst.get(key, (0.0,))[0]:
+                worst[key] = (gap, first, later)
+    notes = []
+    for (behind, ahead), (gap, first, later) in worst.items():
+        if behind[1] == ahead[1]:  # one machine's lines in two files
+            slow, fast = f"{behind[1]} ({behind[0]})", f"{ahead[1]} ({ahead[0]})"
+        else:
+            slow, fast = behind[1], ahead[1]
+        notes.append(
+            f"clock skew: {slow}'s clock is at least {gap * 1000:.3f} ms behind {fast}'s"
+            f" (line {later.index} is stamped before line {first.index}, which runs first);"
+            " times across them are off by as much"
+        )
+    return notes
 
 
 def _clock(t: float | None) -> str:
@@ -277,6 +326,7 @@ def format_transcript(t: Transcript) -> str:
     if t.steps:
         out += _table(rows, "  ")
     out += [f"  problem: {p}" for p in t.problems]
+    out += [f"  note: {n}" for n in t.notes]
     return "\n".join(out) + "\n"
 
 
