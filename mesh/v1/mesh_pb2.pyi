@@ -90,3 +90,43 @@ class ContinueReply(_message.Message):
     failed: Failure
     steps: _containers.RepeatedCompositeFieldContainer[Step]
     def __init__(self, done: _Optional[_Union[Done, _Mapping]] = ..., hand_off: _Optional[_Union[HandOff, _Mapping]] = ..., failed: _Optional[_Union[Failure, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("call", "request", "reply", "refused", "cancel", "going_away", "timeout", "traceparent", "received")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    GOING_AWAY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    request: ContinueRequest
+    reply: ContinueReply
+    refused: Refusal
+    cancel: Cancel
+    going_away: GoingAway
+    timeout: float
+    traceparent: str
+    received: int
+    def __init__(self, call: _Optional[int] = ..., request: _Optional[_Union[ContinueRequest, _Mapping]] = ..., reply: _Optional[_Union[ContinueReply, _Mapping]] = ..., refused: _Optional[_Union[Refusal, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., going_away: _Optional[_Union[GoingAway, _Mapping]] = ..., timeout: _Optional[float] = ..., traceparent: _Optional[str] = ..., received: _Optional[int] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GoingAway(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,11 @@ class MeshStub:
                 request_serializer=mesh_dot_v1_dot_mesh__pb2.ContinueRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_mesh__pb2.ContinueReply.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/mesh.v1.Mesh/Link',
+                request_serializer=mesh_dot_v1_dot_mesh__pb2.Frame.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_mesh__pb2.Frame.FromString,
+                _registered_method=True)
 
 
 class MeshServicer:
@@ -52,6 +57,16 @@ class MeshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Link(self, request_iterator, context):
+        """A persistent link from a caller to this peer: every call the caller makes
+        to this peer travels over it as `Frame`s, multiplexed by call id, so a hop
+        costs a message each way instead of a unary call. The token and the
+        caller's certificate are checked once, when the link opens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +74,11 @@ def add_MeshServicer_to_server(servicer, server):
                     servicer.Continue,
                     request_deserializer=mesh_dot_v1_dot_mesh__pb2.ContinueRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_mesh__pb2.ContinueReply.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=mesh_dot_v1_dot_mesh__pb2.Frame.FromString,
+                    response_serializer=mesh_dot_v1_dot_mesh__pb2.Frame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +108,33 @@ class Mesh:
             '/mesh.v1.Mesh/Continue',
             mesh_dot_v1_dot_mesh__pb2.ContinueRequest.SerializeToString,
             mesh_dot_v1_dot_mesh__pb2.ContinueReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mesh.v1.Mesh/Link',
+            mesh_dot_v1_dot_mesh__pb2.Frame.SerializeToString,
+            mesh_dot_v1_dot_mesh__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,
