@@ -59,6 +59,8 @@ _TOP_KEYS = frozenset(
         "dedup_size",
         "dedup_age",
         "dedup_bytes",
+        "max_calls",
+        "link_window",
     }
     | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, token.py
 )
@@ -100,7 +102,13 @@ class Config:
     machines: Mapping[str, MachineConfig]
     timeout: float = 30.0
     strict: bool = True
-    workers: int = 256
+    workers: int = 256  # threads for synchronous handlers, per peer
+    # Steps a peer runs at once (a flow waiting for another machine does not count);
+    # beyond it a call is refused as busy.
+    max_calls: int = 20_000
+    # Calls a node has in flight on one link to one replica; beyond it, on every link of
+    # a machine, a call is refused as busy.
+    link_window: int = 20_000
     grace: float = 10.0
     tls: TLSConfig = field(default_factory=TLSConfig)
     token: Token | None = field(default=None, repr=False)
@@ -152,6 +160,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     timeout = _seconds(where, data, "timeout", 30.0)
     grace = _seconds(where, data, "grace", 10.0)
     workers = _positive_int(where, data, "workers", 256)
+    max_calls = _positive_int(where, data, "max_calls", 20_000)
+    link_window = _positive_int(where, data, "link_window", 20_000)
     dedup_size = _positive_int(where, data, "dedup_size", 20_000)
     dedup_age = _seconds(where, data, "dedup_age", 300.0)
     dedup_bytes = _byte_budget(where, data, "dedup_bytes", DEFAULT_DEDUP_BYTES)
@@ -174,6 +184,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         timeout=timeout,
         strict=strict,
         workers=workers,
+        max_calls=max_calls,
+        link_window=link_window,
         grace=grace,
         tls=tls,
         token=token,

@@ -1,7 +1,8 @@
 """Exactly-once steps: the replies a peer gave, by (flow_id, line_index), for a while.
 
-gRPC retries a ``Continue`` whose reply was lost (the connection broke after the
-request went out), so a peer can receive the same step twice. Running it twice
+A caller sends a call again when its reply was lost (a link that broke after the call
+went out is dialled again and its calls resent; gRPC retries a unary ``Continue``), so
+a peer can receive the same step twice. Running it twice
 would charge a card twice; so the first call runs the step, and a duplicate
 
 * of a step still running waits for it and gets the same reply;
@@ -27,11 +28,11 @@ deadline.
 
 from __future__ import annotations
 
+import asyncio
 import math
-import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sized
+from collections.abc import Awaitable, Callable, Sized
 from typing import Generic, TypeVar
 
 __all__ = ["Forgotten", "Replayed", "Replies"]
@@ -51,10 +52,9 @@ class Forgotten(Exception):
 
 
 class _Running:
-    """A step still running: each duplicate waits on an event of its own, then reads ``reply``.
+    """A step still running: each duplicate waits on a future of its own.
 
-    The events are made only for duplicates (rare): a ``threading.Event`` per step
-    cost every hop a Condition and its locks.
+    The futures are made only for duplicates (rare), not for every step.
     """
 
     __slots__ = ("fingerprint", "reply", "waiters")
@@ -62,7 +62,7 @@ class _Running:
     def __init__(self, fingerprint: bytes) -> None:
         self.fingerprint = fingerprint
         self.reply: object = None
-        self.waiters: list[threading.Event] = []
+        self.waiters: list[asyncio.Future[None]] = []
 
 
 class _Done:
@@ -78,7 +78,10 @@ class _Done:
 
 
 class Replies(Generic[T]):
-    """The record of steps run here; :meth:`once` runs each step at most once."""
+    """The record of steps run here; :meth:`once` runs each step at most once.
+
+    It lives on the peer's event loop, which serves every call: no locks.
+    """
 
     def __init__(
         self,
@@ -95,7 +98,6 @@ class Replies(Generic[T]):
         self.age = age
         self.max_bytes = max_bytes
         self._clock = clock
-        self._lock = threading.Lock()
         self._running: dict[Key, _Running] = {}
         # Finished steps in the order they finished; the eviction queue.
         self._finished: OrderedDict[Key, _Done] = OrderedDict()
@@ -109,37 +111,35 @@ class Replies(Generic[T]):
 
     def __len__(self) -> int:
         """Steps known: running, or finished within ``age`` (their reply kept or not)."""
-        with self._lock:
-            self._evict(self._clock())
-            return len(self._running) + len(self._finished)
+        self._evict(self._clock())
+        return len(self._running) + len(self._finished)
 
     def __contains__(self, key: Key) -> bool:
-        with self._lock:
-            if key in self._running:
-                return True
-            done = self._finished.get(key)
-            return done is not None and done.at >= self._clock() - self.age
+        if key in self._running:
+            return True
+        done = self._finished.get(key)
+        return done is not None and done.at >= self._clock() - self.age
 
     def seen(self, flow_id: str, line: int, fingerprint: bytes, *, fresh: bool) -> bool:
         """True when the call is a duplicate of a step known here (answered by :meth:`once`
         without running anything); False when it is new. Raises :class:`Replayed` or
         :class:`Forgotten` as :meth:`once` would, so a caller can refuse before doing more."""
-        with self._lock:
-            return self._known((flow_id, line), fingerprint, fresh, self._clock()) is not None
+        return self._known((flow_id, line), fingerprint, fresh, self._clock()) is not None
 
-    def once(
+    async def once(
         self,
         flow_id: str,
         line: int,
         fingerprint: bytes,
-        run: Callable[[], T],
+        run: Callable[[], Awaitable[T]],
         wait: float,
         *,
         fresh: bool = False,
     ) -> T | None:
-        """``run()``'s reply for step (``flow_id``, ``line``), running it only if no call did.
+        """``await run()``'s reply for step (``flow_id``, ``line``), running it only if no
+        call did.
 
-        ``fingerprint`` identifies the call (the same bytes from the same caller: a retry).
+        ``fingerprint`` identifies the call (the same bytes from the same caller: a resend).
         ``fresh``: the call starts a flow, so its flow id must be new here.
         A duplicate waits at most ``wait`` seconds for a running step (its own
         deadline) and gets None if the step is still running then, or if the
@@ -150,32 +150,43 @@ class Replies(Generic[T]):
         dropped.
         """
         key = (flow_id, line)
-        waiter = None
-        with self._lock:
-            known = self._known(key, fingerprint, fresh, self._clock())
-            if known is None:
-                running = self._running[key] = _Running(fingerprint)
-                self._flows[flow_id] = self._flows.get(flow_id, 0) + 1
-            else:
-                self.duplicates += 1
-                if type(known) is _Done:
-                    reply: T = known.reply  # type: ignore[assignment]
-                    return reply
-                assert isinstance(known, _Running)
-                running = known
-                waiter = threading.Event()
-                running.waiters.append(waiter)
-        if waiter is not None:
-            waiter.wait(max(wait, 0.0))
-            done: T | None = running.reply  # type: ignore[assignment]
+        known = self._known(key, fingerprint, fresh, self._clock())
+        if known is not None:
+            self.duplicates += 1
+            if type(known) is _Done:
+                reply: T = known.reply  # type: ignore[assignment]
+                return reply
+            assert isinstance(known, _Running)
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            known.waiters.append(waiter)
+            try:
+                await asyncio.wait((waiter,), timeout=max(wait, 0.0))
+            finally:
+                if not waiter.done():
+                    known.waiters.remove(waiter)
+            done: T | None = known.reply  # type: ignore[assignment]
             return done
+        running = self.start(flow_id, line, fingerprint)
         try:
-            result = run()
+            result = await run()
         except BaseException:
-            self._finish(key, running, None)
+            self.finish(key, running, None)
             raise
-        self._finish(key, running, (result,))
+        self.finish(key, running, (result,))
         return result
+
+    def start(self, flow_id: str, line: int, fingerprint: bytes) -> _Running:
+        """Record step (``flow_id``, ``line``) as running (the caller found it new)."""
+        running = self._running[flow_id, line] = _Running(fingerprint)
+        self._flows[flow_id] = self._flows.get(flow_id, 0) + 1
+        return running
+
+    def lookup(
+        self, flow_id: str, line: int, fingerprint: bytes, *, fresh: bool
+    ) -> _Running | _Done | None:
+        """The record of the step this call repeats, None for a new step; raises
+        :class:`Replayed` or :class:`Forgotten` as :meth:`once` does."""
+        return self._known((flow_id, line), fingerprint, fresh, self._clock())
 
     def _known(
         self, key: Key, fingerprint: bytes, fresh: bool, now: float
@@ -199,34 +210,33 @@ class Replies(Generic[T]):
             raise Replayed(key)
         return None
 
-    def _finish(self, key: Key, running: _Running, ran: tuple[T] | None) -> None:
+    def finish(self, key: Key, running: _Running, ran: tuple[T] | None) -> None:
         """Record the reply in ``ran`` (None: the run raised, nothing to repeat); wake
         the duplicates."""
-        with self._lock:
-            del self._running[key]
-            if ran is None:
-                self._forget_flow(key[0])
-            else:
-                reply = running.reply = ran[0]
-                now = self._clock()
-                finished = self._finished
-                if not finished:
-                    self._oldest = now
-                done = finished[key] = _Done(now, running.fingerprint, reply, len(reply))
-                self._kept.append(done)
-                self.bytes += done.size
-                if self._oldest < now - self.age:
-                    self._evict(now)
-                elif len(finished) > self.size:  # the common case once full: one step goes
-                    self._drop(*finished.popitem(last=False))
-                while self.bytes > self.max_bytes:  # drop the oldest replies, keep their steps
-                    dropped = self._kept.popleft()
-                    if dropped.reply is not None:
-                        dropped.reply = None
-                        self.bytes -= dropped.size
-            waiters = running.waiters
-        for waiter in waiters:
-            waiter.set()
+        del self._running[key]
+        if ran is None:
+            self._forget_flow(key[0])
+        else:
+            reply = running.reply = ran[0]
+            now = self._clock()
+            finished = self._finished
+            if not finished:
+                self._oldest = now
+            done = finished[key] = _Done(now, running.fingerprint, reply, len(reply))
+            self._kept.append(done)
+            self.bytes += done.size
+            if self._oldest < now - self.age:
+                self._evict(now)
+            elif len(finished) > self.size:  # the common case once full: one step goes
+                self._drop(*finished.popitem(last=False))
+            while self.bytes > self.max_bytes:  # drop the oldest replies, keep their steps
+                dropped = self._kept.popleft()
+                if dropped.reply is not None:
+                    dropped.reply = None
+                    self.bytes -= dropped.size
+        for waiter in running.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _forget_flow(self, flow_id: str) -> None:
         left = self._flows[flow_id] - 1

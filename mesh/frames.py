@@ -88,7 +88,13 @@ def refused(call: int, code: int, message: str, received: int) -> bytes:
     """Call ``call`` was not admitted: the gRPC status code unary Continue would end with."""
     body = bytes((0x08,)) + _varint(code) + _field(2, message.encode())
     return b"".join(
-        (bytes((_CALL,)), _varint(call), _field(REFUSED, body), bytes((_RECEIVED,)), _varint(received))
+        (
+            bytes((_CALL,)),
+            _varint(call),
+            _field(REFUSED, body),
+            bytes((_RECEIVED,)),
+            _varint(received),
+        )
     )
 
 

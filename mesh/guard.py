@@ -1,49 +1,56 @@
-"""Who may call a peer: the shared token, and the flow file as the access list.
+"""Who may call a peer, and what: every admission check, for unary calls and link frames alike.
 
-Every ``Continue`` passes here before the servicer sees it (:class:`Guard` wraps the
-service's handlers), in this order:
+Every call a peer serves passes here before anything runs, whether it came as a unary
+``Continue`` or as a request frame on a ``Link``, in this order:
 
-1. **Token.** With a token configured (``token_file`` or ``$MESH_TOKEN``), a call without
-   ``authorization: Bearer <token>`` metadata, or with another token, is UNAUTHENTICATED.
-2. **Shape.** The raw bytes must be a ``ContinueRequest`` naming a flow this peer knows and
-   a line it has, with a ``flow_id`` and a call chain (``via``) that could be real: no longer
+1. **Token.** With a token configured (``token_file`` or ``$MESH_TOKEN``), a unary call,
+   or the opening of a link, without ``authorization: Bearer <token>`` metadata, or with
+   another token, is UNAUTHENTICATED.
+2. **Shape.** The bytes must be a ``ContinueRequest`` naming a flow this peer knows and a
+   line it has, with a ``flow_id`` and a call chain (``via``) that could be real: no longer
    than the flow has lines, no machine twice, not this machine (a flow never calls the
    machine it is on). Anything else is INVALID_ARGUMENT, NOT_FOUND or OUT_OF_RANGE with a
-   short message (a request's own strings are cut, never echoed whole). An empty ``via`` is a
-   caller from outside the mesh that names no machine; it may start a flow like any other.
-3. **Access list.** Line 0 may come from any caller that got this far: it is a flow's entry.
+   short message (a request's own strings are cut, never echoed whole). An empty ``via`` is
+   a caller from outside the mesh that names no machine; it may start a flow like any other.
+3. **Version.** The call's ``digest`` must be this peer's digest of the request's rows:
+   another version of the flow is FAILED_PRECONDITION, naming both digests.
+4. **Access list.** Line 0 may come from any caller that got this far: it is a flow's entry.
    Line N > 0 only from the machine that owns line N-1, because that is the only machine that
    hands a flow on to line N (a hand-back travels in a reply, never as a call). Anything else
    is PERMISSION_DENIED, logged with the caller and the line; no handler runs.
+5. **Owner.** The line must be this machine's: FAILED_PRECONDITION, naming its owner.
+6. **Context.** A JSON object the mesh could send on as it is (no NaN, no lone surrogate,
+   no number too large for a float): INVALID_ARGUMENT otherwise.
 
-The servicer gets the call with its :func:`fingerprint` (a hash of its bytes and of the
-caller's certificate names), which the reply record keys retries by: only the very call
-that ran a step gets its reply again (mesh/dedup.py).
+An admitted call comes with its :func:`fingerprint` (a hash of its bytes and of the caller's
+certificate names), which the reply record keys retries by: only the very call that ran a
+step gets its reply again (mesh/dedup.py).
 
 Who the caller is: with mutual TLS, the machine names in its certificate (trusted: a CA
-signed them). Without client certificates, the machine the call names as the last of its
-``via`` chain (trusted as far as the token is: a token holder can claim any machine, so the
-access list then guards against mistakes and stale flow files more than against a hostile
-token holder). The health service is not guarded, so probes need no token.
+signed them), read once per unary call or per link. Without client certificates, the
+machine the call names as the last of its ``via`` chain (trusted as far as the token is: a
+token holder can claim any machine, so the access list then guards against mistakes and
+stale flow files more than against a hostile token holder). The health service is not
+guarded, so probes need no token.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, NoReturn
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from mesh.credentials import peer_machines
 from mesh.flowfile import Flow, FlowSet
 from mesh.token import Token
 from mesh.v1 import mesh_pb2 as _pb2
-from mesh.wire import step_error
+from mesh.wire import load_context, step_error
 
-__all__ = ["CONTINUE", "ClientToken", "Guard", "fingerprint"]
+__all__ = ["CONTINUE", "Admitted", "Guard", "Refusal", "fingerprint"]
 
 _log = structlog.get_logger("mesh")
 
@@ -55,49 +62,30 @@ _SHOWN = 60
 MAX_NAME = 256
 
 
-class _Details(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Sequence[tuple[str, str]] | None
-    credentials: grpc.CallCredentials | None
-    wait_for_ready: bool | None
-    compression: Any
+class Refusal(Exception):
+    """A call the guard does not admit: the status it ends with, and why.
+
+    ``fields`` go into the peer's ``mesh.refused`` log line (the caller, the line).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fields = fields
 
 
-class _CallDetails(_Details, grpc.ClientCallDetails):  # type: ignore[misc]
-    pass
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A call that passed every check: what the peer needs to serve it."""
 
-
-class ClientToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Adds the token to every call a channel makes (call credentials would need TLS)."""
-
-    def __init__(self, token: Token) -> None:
-        self._pair = token.header()
-
-    def intercept_unary_unary(
-        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
-    ) -> Any:
-        metadata = [*(details.metadata or ()), self._pair]
-        new = _CallDetails(
-            details.method,
-            details.timeout,
-            metadata,
-            details.credentials,
-            getattr(details, "wait_for_ready", None),
-            getattr(details, "compression", None),
-        )
-        return continuation(new, request)
+    request: _pb2.ContinueRequest
+    context: dict[str, Any]
+    fingerprint: bytes
 
 
 class Guard:
-    """Admits or refuses each call of the mesh service (see the module docstring).
-
-    It wraps the service's method handlers where they are registered
-    (:meth:`method_handlers`) rather than intercepting the server: a server
-    interceptor runs gRPC's interceptor pipeline and builds a new handler on
-    every call, a tenth of the Python a hop costs (scripts/bench.py); the
-    health service, registered apart, stays open either way.
-    """
+    """Admits or refuses each call of the mesh service (see the module docstring)."""
 
     def __init__(
         self,
@@ -108,94 +96,41 @@ class Guard:
         *,
         tls: bool = False,
     ) -> None:
-        self._machine = machine
+        self.machine = machine
         self._tls = tls  # this peer serves TLS, so callers may present certificates
         self._flows = flows
         self._token = token
-        self._limit = max_message_bytes
+        self.limit = max_message_bytes
 
-    def method_handlers(
-        self, handlers: Mapping[str, grpc.RpcMethodHandler]
-    ) -> dict[str, grpc.RpcMethodHandler]:
-        """``handlers`` (method name -> handler of mesh.v1.Mesh), each behind the guard.
+    # -- once per unary call or link -------------------------------------------------
 
-        ``Continue`` gets every check; any other method of the service, the token check.
-        """
-        return {
-            name: self._continue(handler) if name == "Continue" else self._token_only(handler)
-            for name, handler in handlers.items()
-        }
-
-    def _authenticated(self, context: grpc.ServicerContext) -> None:
-        if self._token is not None and not self._token.matches(context.invocation_metadata()):
-            self._refuse(
-                context, grpc.StatusCode.UNAUTHENTICATED, f"{self._machine}: missing or wrong token"
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
+        """Refuse a caller without the token (when one is configured)."""
+        if self._token is not None and not self._token.matches(metadata):
+            raise Refusal(
+                grpc.StatusCode.UNAUTHENTICATED, f"{self.machine}: missing or wrong token"
             )
 
-    def _continue(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        inner = handler.unary_unary
-        deserialize = handler.request_deserializer
+    def certified(self, context: Any) -> frozenset[str] | None:
+        """The machine names in the caller's certificate; None when it presented none (or
+        this peer serves no TLS, so there is nothing to ask gRPC about)."""
+        if not self._tls:
+            return None
+        from mesh.credentials import peer_machines  # noqa: PLC0415 - only with TLS
 
-        def admit(raw: bytes, context: grpc.ServicerContext) -> Any:
-            self._authenticated(context)
-            request = self._decode(raw, context, deserialize)
-            # Without TLS there is no certificate to ask gRPC about.
-            certified = peer_machines(context) if self._tls else None
-            self._check(request, context, certified)
-            return self._bounded(request, inner(request, context, fingerprint(raw, certified)))
+        return peer_machines(context)
 
-        # Raw bytes in: a message that does not decode is the guard's to refuse clearly,
-        # instead of gRPC's own "Exception deserializing request!" (INTERNAL).
-        return grpc.unary_unary_rpc_method_handler(
-            admit, request_deserializer=None, response_serializer=handler.response_serializer
-        )
+    # -- once per call ---------------------------------------------------------------
 
-    def _token_only(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """``handler`` with the token checked before it runs (any kind of method)."""
-        kinds = {
-            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        }
-        attr, make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        inner = getattr(handler, attr)
-
-        def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            self._authenticated(context)
-            return inner(request, context)
-
-        return make(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    # -- the checks --------------------------------------------------------------------
-
-    def _decode(
-        self,
-        raw: bytes,
-        context: grpc.ServicerContext,
-        deserialize: Callable[[bytes], Any] | None = None,
-    ) -> _pb2.ContinueRequest:
-        try:
-            request: _pb2.ContinueRequest = (deserialize or _pb2.ContinueRequest.FromString)(raw)
-            return request
-        except (DecodeError, ValueError, TypeError) as exc:
-            self._refuse(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self._machine}: the call is not a mesh.v1.ContinueRequest"
-                f" ({len(raw):,} bytes: {_cut(str(exc))})",
+    def admit(self, raw: bytes, certified: frozenset[str] | None) -> Admitted:
+        """Every check of one call's bytes; its :class:`Admitted` form, or a :class:`Refusal`."""
+        if len(raw) > self.limit:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.machine}: the call is {len(raw):,} bytes, larger than max"
+                f" ({len(raw)} vs. {self.limit}) (max_message_bytes in its mesh.toml)",
             )
-
-    def _check(
-        self,
-        request: _pb2.ContinueRequest,
-        context: grpc.ServicerContext,
-        certified: frozenset[str] | None = None,
-    ) -> None:
+        request = self._decode(raw)
         flow = self._flows.flows.get(request.request)
         index = request.line_index
         flow_id = request.flow_id
@@ -214,70 +149,86 @@ class Guard:
                     len(set(via)) != len(via)
                     or not all(via)
                     or max(map(len, via)) > MAX_NAME
-                    or self._machine in via
+                    or self.machine in via
                 )
             )
         ):
-            self._malformed(request, context)
+            raise self._malformed(request)
         assert flow is not None
+        me = self.machine
         if request.digest != flow.digest:
-            return  # the servicer refuses another version of the flow, saying so
-        if index == 0:
-            return  # a flow's entry: any caller that passed the token may start one
-        self._entitled(flow, index, via, context, certified)
+            caller = via[-1] if via else "caller"
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{me} runs a different version of flow {flow.name} than {_name(caller)}:"
+                f" {me} has digest {flow.digest}, the call {_cut(request.digest)}",
+            )
+        if index:  # line 0 is a flow's entry: any caller that passed the token may start one
+            self._entitled(flow, index, via, certified)
+        owner = flow.lines[index].machine
+        if owner != me:
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{me} does not run {flow.name} line {index} {flow.lines[index].text!r};"
+                f" {owner} does",
+            )
+        try:
+            context = load_context(request.context)
+        except ValueError as exc:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{me}: bad context: {exc}") from None
+        return Admitted(request, context, fingerprint(raw, certified))
 
-    def _malformed(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> NoReturn:
-        """Refuse a call that is not one a peer makes, saying what is wrong with it."""
-        me = self._machine
+    def _decode(self, raw: bytes) -> _pb2.ContinueRequest:
+        try:
+            request: _pb2.ContinueRequest = _pb2.ContinueRequest.FromString(raw)
+            return request
+        except (DecodeError, ValueError, TypeError) as exc:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.machine}: the call is not a mesh.v1.ContinueRequest"
+                f" ({len(raw):,} bytes: {_cut(str(exc))})",
+            ) from None
+
+    def _malformed(self, request: _pb2.ContinueRequest) -> Refusal:
+        """The refusal of a call that is not one a peer makes, saying what is wrong with it."""
+        me = self.machine
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         flow = self._flows.flows.get(request.request)
         if flow is None:
-            self._refuse(
-                context, grpc.StatusCode.NOT_FOUND, f"{me} has no flow {_cut(request.request)}"
-            )
+            return Refusal(grpc.StatusCode.NOT_FOUND, f"{me} has no flow {_cut(request.request)}")
         index = request.line_index
         if index >= len(flow.lines):
-            self._refuse(
-                context,
+            return Refusal(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"{me}: flow {flow.name} has {len(flow.lines)} lines, no line {index}",
             )
         if not request.flow_id:
-            self._refuse(context, invalid, f"{me}: the call has no flow_id")
+            return Refusal(invalid, f"{me}: the call has no flow_id")
         if len(request.flow_id) > MAX_NAME:
-            self._refuse(context, invalid, f"{me}: flow_id of {len(request.flow_id):,} characters")
+            return Refusal(invalid, f"{me}: flow_id of {len(request.flow_id):,} characters")
         via = request.via
         if len(via) > len(flow.lines):
-            self._refuse(
-                context,
+            return Refusal(
                 invalid,
                 f"{me}: a call chain (via) of {len(via)} machines is longer than flow"
                 f" {flow.name} has lines ({len(flow.lines)})",
             )
         if me in via:
-            self._refuse(
-                context,
+            return Refusal(
                 invalid,
                 f"{me}: the call chain (via) {_cut(' → '.join(via))} names {me} itself; a flow"
                 f" never calls the machine it is on (it goes on there locally)",
             )
-        self._refuse(
-            context,
+        return Refusal(
             invalid,
             f"{me}: the call chain (via) {_cut(' → '.join(via))} is not one a flow makes"
             " (a machine twice, or an empty or overlong name)",
         )
 
     def _entitled(
-        self,
-        flow: Flow,
-        index: int,
-        via: Sequence[str],
-        context: grpc.ServicerContext,
-        certified: frozenset[str] | None,
+        self, flow: Flow, index: int, via: Sequence[str], certified: frozenset[str] | None
     ) -> None:
         """Refuse line ``index`` unless the caller owns line ``index - 1`` (the access list)."""
-        me = self._machine
         owner = flow.lines[index - 1].machine
         caller = via[-1] if via else ""
         if certified is not None:
@@ -287,10 +238,9 @@ class Guard:
             allowed = caller == owner
             who = caller or "a caller that names no machine"
         if not allowed:
-            self._refuse(
-                context,
+            raise Refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{me}: {_name(who)} may not send {flow.name} line {index}"
+                f"{self.machine}: {_name(who)} may not send {flow.name} line {index}"
                 f" {flow.lines[index].text!r}: only {owner}, which runs line {index - 1},"
                 " hands the flow on to it",
                 caller=who,
@@ -298,12 +248,15 @@ class Guard:
                 line_index=index,
             )
 
-    def _bounded(self, request: _pb2.ContinueRequest, reply: bytes) -> bytes:
-        """The (serialized) reply, or a step failure when it would not fit in a message: gRPC
-        would otherwise fail the call with RESOURCE_EXHAUSTED, which the caller reads as
-        "busy"."""
+    # -- what leaves ---------------------------------------------------------------------
+
+    def bounded(self, request: _pb2.ContinueRequest, reply: bytes, limit: int = 0) -> bytes:
+        """The (serialized) reply, or a step failure when it would not fit in a message for
+        the caller (``limit``, the caller's own when it said, else this peer's): sent, it
+        would fail the call, or break the link, as over the limit."""
+        limit = min(limit or self.limit, self.limit)
         size = len(reply)
-        if size <= self._limit:
+        if size <= limit:
             return reply
         steps = _pb2.ContinueReply.FromString(reply).steps
         last = steps[-1].line_index if steps else request.line_index
@@ -312,50 +265,43 @@ class Guard:
             step_error(
                 request=flow.name,
                 flow_id=request.flow_id,
-                machine=self._machine,
+                machine=self.machine,
                 line=flow.lines[last].text,
                 line_index=last,
                 error_type="ContextError",
-                detail=f"the context grew to a {size:,}-byte reply, over the {self._limit:,}-byte"
+                detail=f"the context grew to a {size:,}-byte reply, over the {limit:,}-byte"
                 " limit (max_message_bytes in mesh.toml)",
             )
         )
-        _log.error("mesh.reply_too_large", size=size, limit=self._limit, request=request.request)
+        _log.error("mesh.reply_too_large", size=size, limit=limit, request=request.request)
         failure = _pb2.Failure(
             kind=_pb2.Failure.STEP,
-            machine=self._machine,
+            machine=self.machine,
             line_index=last,
             error_type="ContextError",
             message=message,
         )
         return _pb2.ContinueReply(failed=failure).SerializeToString()  # type: ignore[no-any-return]
 
-    def _refuse(
-        self,
-        context: grpc.ServicerContext,
-        code: grpc.StatusCode,
-        message: str,
-        **fields: Any,
-    ) -> NoReturn:
+    def log(self, refusal: Refusal, peer: str) -> None:
+        """Say on this peer what it refused, to whom."""
         _log.warning(
             "mesh.refused",
-            code=code.name,
-            reason=message,
-            peer=context.peer(),
-            machine=self._machine,
-            **fields,
+            code=refusal.code.name,
+            reason=refusal.message,
+            peer=peer,
+            machine=self.machine,
+            **refusal.fields,
         )
-        context.abort(code, message)
-        raise AssertionError("unreachable: abort raises")
 
 
 def fingerprint(raw: bytes, certified: frozenset[str] | None) -> bytes:
     """What identifies one call for the reply record (mesh/dedup.py): a hash of its bytes
     (request, line, flow id, digest, the via chain and the context it carried) and, under
-    mutual TLS, of the names in the caller's certificate. gRPC's retries resend the very
-    same bytes from the same caller; anything else differs. Hashed once per call, here,
-    where the raw bytes are at hand: SHA-256, whose second preimages are out of reach (and
-    the fastest of hashlib's here, about a microsecond for a small call)."""
+    mutual TLS, of the names in the caller's certificate. A resend is the very same bytes
+    from the same caller; anything else differs. Hashed once per call, here, where the raw
+    bytes are at hand: SHA-256, whose second preimages are out of reach (and the fastest of
+    hashlib's here, about a microsecond for a small call)."""
     digest = hashlib.sha256(raw)
     if certified:
         digest.update(b"\0" + "\0".join(sorted(certified)).encode("utf-8", "replace"))

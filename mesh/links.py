@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -196,29 +197,26 @@ class _Link:
     def _on_frame(self, data: bytes) -> None:
         parts = frames.split(data)
         self.last_heard = time.monotonic()
-        if parts.received > self.received:
-            self.received = parts.received
-            for call, pending in self.pending.items():
-                if call > parts.received:
-                    break
-                pending.begun = True
+        self.received = max(self.received, parts.received)
         if not self.opened:
             self.opened = True
             self.replica.reached()
         kind = parts.kind
         if kind == frames.REPLY:
-            pending = self.pending.pop(parts.call, None)
-            if pending is not None:
-                pending.finish(Answer(parts.body, OK, "", self.address))
+            answered = self.pending.pop(parts.call, None)
+            if answered is not None:
+                answered.finish(Answer(parts.body, OK, "", self.address))
         elif kind == frames.REFUSED:
-            pending = self.pending.pop(parts.call, None)
-            if pending is not None:
+            refused = self.pending.pop(parts.call, None)
+            if refused is not None:
                 code, message = frames.refusal(parts.body)
-                answer = Answer(b"", _STATUS.get(code, grpc.StatusCode.UNKNOWN), message, self.address)
+                answer = Answer(
+                    b"", _STATUS.get(code, grpc.StatusCode.UNKNOWN), message, self.address
+                )
                 if answer.code is UNAVAILABLE:
                     # Refused because the peer is stopping: it never ran it.
                     answer = _RESEND
-                pending.finish(answer)
+                refused.finish(answer)
         elif kind == frames.GOING_AWAY:
             self.going_away = True
 
@@ -324,7 +322,9 @@ class _Machine:
         self.address = address
         self.replicas: list[_Replica] = []
         self._resolved_at = -RESOLVE_EVERY
-        self._turn = itertools.count()
+        # Where the rotation among equally loaded replicas starts: anywhere, so that many
+        # short-lived callers (each `mesh call` a process) do not all pick the first.
+        self._turn = itertools.count(random.randrange(1 << 16))
 
     async def resolve(self) -> None:
         now = time.monotonic()
@@ -339,7 +339,7 @@ class _Machine:
         for gone in set(known) - set(addresses):
             await known[gone].close()
 
-    def pick(self, window: int) -> _Link | None | float:
+    def pick(self, window: int) -> _Link | float | None:
         """The link for a new call: the usable one with the fewest calls in flight. None
         when every link is full (busy); else the monotonic time to try again at."""
         best: _Link | None = None

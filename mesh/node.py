@@ -3,35 +3,47 @@
 ``mesh.connect()`` builds the :class:`Node` every other entry point uses: it
 loads the config and the flow files, imports the services (which register
 handlers), checks the handlers against the flows, and makes the structlog
-processor route for this machine. ``node.start`` originates flows;
-``node.serve`` / ``node.stop`` embed this machine's peer in the process.
+processor route for this machine. ``node.start`` (or ``await node.start_async``)
+originates flows; ``node.serve`` / ``node.stop`` embed this machine's peer in the
+process.
+
+A node's network work happens on an event loop of its own, in a thread it starts
+when it first needs it: its links to other machines (mesh/links.py), its server
+(mesh/peer.py) and ``async def`` handlers. Synchronous handlers run on its worker
+threads (mesh/workers.py); ``node.start`` and inline code run in the caller's
+thread and wait for the loop when the flow leaves this machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
+import threading
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import structlog
 
-from mesh import deadlines
+from mesh import deadlines, tracing
 from mesh import processors as _processors
 from mesh.config import Config, find_config, load_config
-from mesh.dialer import Dialer
 from mesh.errors import ConfigError, MeshError
 from mesh.flowfile import Flow, FlowSet
+from mesh.links import Answer, Links
 from mesh.logconfig import chain_problem, configure_logging
 from mesh.peer import Abandoned, Server
 from mesh.registry import Handler, Registry, default_registry, import_services
 from mesh.result import FlowResult
-from mesh.runtime import FlowState, activate, advance, current, finish
+from mesh.runtime import FlowState, current, finish, originate, originate_async
 from mesh.transport import Transport
-from mesh.wire import as_steps, check_values
+from mesh.wire import check_values
+from mesh.workers import LoopThread, Workers
+
+T = TypeVar("T")
 
 
 class Node:
@@ -59,13 +71,40 @@ class Node:
             config.flows
         )
         self.transport = Transport.of(config, machine)
-        self.dialer = Dialer(config.machines, self.transport)
+        self._addresses = {name: m.address for name, m in config.machines.items()}
         self._server: Server | None = None
+        self._loop: LoopThread | None = None
+        self._links: Links | None = None
+        self._workers: Workers | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        # Calls this node's flows are waiting on below, now: a peer's limit on the steps it
+        # runs (max_calls) does not count a flow that waits for another machine.
+        self.waiting_below = 0
 
     def __repr__(self) -> str:
         return f"<mesh.Node {self.machine} of {self.config.path}>"
 
-    # -- originating flows -------------------------------------------------
+    # -- what a flow needs of its machine (runtime.Place) ---------------------------
+
+    @property
+    def strict(self) -> bool:
+        return self.config.strict
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.config.max_message_bytes
+
+    @property
+    def address(self) -> str:
+        """This machine's own address (where others dial it)."""
+        return self._addresses.get(self.machine, "")
+
+    def address_of(self, machine: str) -> str:
+        return self._addresses.get(machine, "")
+
+    def unavailable_hint(self, machine: str, details: str) -> str:
+        return self.transport.unavailable_hint(machine, details)
 
     def new_state(
         self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
@@ -73,8 +112,81 @@ class Node:
         """A fresh flow, originated here."""
         seconds = self.config.timeout if timeout is None else deadlines.seconds(timeout)
         return FlowState(
-            self, flow, uuid.uuid4().hex, dict(context), time.monotonic() + seconds, ()
+            self,
+            flow,
+            uuid.uuid4().hex,
+            dict(context),
+            time.monotonic() + seconds,
+            (),
+            trace=tracing.started_here(),
         )
+
+    def call(self, machine: str, payload: bytes, deadline: float, traceparent: str) -> Answer:
+        # The link's own timer answers by the deadline; the wait here is a safety net.
+        wait = max(deadline - time.monotonic(), 0.0) + 10.0
+        return self.run_on_loop(self.call_async(machine, payload, deadline, traceparent), wait)
+
+    async def call_async(
+        self, machine: str, payload: bytes, deadline: float, traceparent: str
+    ) -> Answer:
+        links = self._links
+        if links is None:
+            links = self._links = Links(
+                self._addresses,
+                self.transport.link_channel,
+                self.transport.link_metadata(),
+                window=self.config.link_window,
+            )
+        self.waiting_below += 1
+        try:
+            return await links.call(machine, payload, deadline, traceparent)
+        finally:
+            self.waiting_below -= 1
+
+    def run_on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        loop = self.loop()
+        if threading.current_thread() is loop.thread:
+            coro.close()
+            raise MeshError(
+                f"{self.machine}: blocking mesh call on the node's own event loop (an async"
+                " handler logging a flow's lines itself, or calling node.start?); use"
+                " await node.start_async(...) there"
+            )
+        return loop.call(coro, timeout)
+
+    def run_in_worker(
+        self, context: contextvars.Context, fn: Callable[..., T], *args: Any
+    ) -> Awaitable[T]:
+        workers = self._workers
+        if workers is None:
+            workers = self._workers = Workers(
+                self.loop().loop, self.config.workers, f"mesh-{self.machine}"
+            )
+        return workers.run(context, fn, *args)
+
+    def loop(self) -> LoopThread:
+        """The node's event loop thread, started on first use."""
+        loop = self._loop
+        if loop is None:
+            with self._lock:
+                if self._closed:
+                    raise MeshError(f"{self!r} is closed")
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = LoopThread(f"mesh-{self.machine}-loop")
+        return loop
+
+    # -- originating flows -------------------------------------------------------------
+
+    def _state(self, request: str, context: Mapping[str, Any], timeout: float | None) -> FlowState:
+        flow = self.flows.flows.get(request)
+        if flow is None:
+            known = ", ".join(self.flows) or "none"
+            raise ConfigError(f"no flow {request!r} in the flow files (known: {known})")
+        if timeout is not None:
+            timeout = deadlines.seconds(timeout)  # refused before anything runs
+        check_values(context)
+        return self.new_state(flow, context, timeout)
 
     def start(self, request: str, /, *, timeout: float | None = None, **context: Any) -> FlowResult:
         """Run flow ``request`` from its line 0 until it is done; return its result.
@@ -85,51 +197,33 @@ class Node:
         """
         return self.start_with(request, context, timeout=timeout)
 
-    async def start_async(
-        self, request: str, /, *, timeout: float | None = None, **context: Any
-    ) -> FlowResult:
-        """:meth:`start` for async code (a FastAPI endpoint): awaits the flow's result.
-
-        For now the flow runs in a worker thread (``asyncio.to_thread``), so the event
-        loop goes on serving while it waits; same arguments, result and errors as
-        :meth:`start`.
-        """
-        return await asyncio.to_thread(self.start_with, request, context, timeout=timeout)
-
     def start_with(
         self, request: str, context: Mapping[str, Any], *, timeout: float | None = None
     ) -> FlowResult:
         """:meth:`start` with the context as a mapping, for keys that are not
         identifiers or clash with ``timeout`` (``mesh call`` uses it)."""
-        flow = self.flows.flows.get(request)
-        if flow is None:
-            known = ", ".join(self.flows) or "none"
-            raise ConfigError(f"no flow {request!r} in the flow files (known: {known})")
-        if timeout is not None:
-            timeout = deadlines.seconds(timeout)  # refused before anything runs
-        check_values(context)
-        state = self.new_state(flow, context, timeout)
-        return contextvars.copy_context().run(self._run, state)
+        state = self._state(request, context, timeout)
+        return contextvars.copy_context().run(originate, state)
 
-    def _run(self, state: FlowState) -> FlowResult:
-        activate(state)
-        try:
-            advance(state, 0)
-        finally:
-            finish(state)
-        return FlowResult(
-            state.flow.name,
-            state.flow_id,
-            state.context,
-            as_steps(state.steps),
-            state.flow.secrets,
-        )
+    async def start_async(
+        self, request: str, /, *, timeout: float | None = None, **context: Any
+    ) -> FlowResult:
+        """:meth:`start` for asyncio code (FastAPI and friends): the flow runs on the node's
+        event loop, and the calling task waits without holding a thread."""
+        return await self.start_async_with(request, context, timeout=timeout)
 
-    # -- serving -------------------------------------------------------------
+    async def start_async_with(
+        self, request: str, context: Mapping[str, Any], *, timeout: float | None = None
+    ) -> FlowResult:
+        """:meth:`start_async` with the context as a mapping (see :meth:`start_with`)."""
+        state = self._state(request, context, timeout)
+        loop = self.loop()
+        coro = originate_async(state)
+        if asyncio.get_running_loop() is loop.loop:
+            return await asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        return await asyncio.wrap_future(loop.submit(coro))
 
-    @property
-    def address(self) -> str:
-        return self.config.machines[self.machine].address
+    # -- serving -------------------------------------------------------------------------
 
     def serve(self, listen: str | None = None) -> int:
         """Start this machine's peer in the background; returns the bound port."""
@@ -158,14 +252,32 @@ class Node:
         return True if self._server is None else bool(self._server.wait(timeout))
 
     def close(self) -> None:
-        """Stop serving, close channels, and stop routing this process's logs."""
+        """Stop serving, close links, and stop routing this process's logs."""
         self.stop(0)
-        self.dialer.close()
+        with self._lock:
+            self._closed = True
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            links, self._links = self._links, None
+            if links is not None:
+                with contextlib.suppress(Exception):  # the loop is going away either way
+                    loop.call(links.close(), 5.0)
+            if self._workers is not None:
+                self._workers.stop()
+            loop.stop()
         _processors.uninstall(self)
         state = current.get()
-        if state is not None and state.node is self:  # an inline flow left unfinished here
+        if state is not None and state.place is self:  # an inline flow left unfinished here
             finish(state)
             current.set(None)
+
+
+async def _in_context(state: FlowState) -> FlowResult:
+    """``originate_async(state)`` in a task of a fresh context (from another thread,
+    run_coroutine_threadsafe makes the outer task in a copy of that thread's)."""
+    return await asyncio.get_running_loop().create_task(
+        originate_async(state), context=contextvars.Context()
+    )
 
 
 def connect(

@@ -1,37 +1,46 @@
 """The gRPC servicer of one machine, and its server's lifecycle.
 
-A peer serves only the lines its machine owns: anything else is refused with a
-status and a message that say what is wrong, so a flow file edited on one
-machine only is caught at the first hop instead of running half of each version.
-No Python exception crosses the wire: refusals ``abort``, step failures travel
-as a ``Failure`` in the reply.
+A peer serves the mesh service on the node's event loop: the unary ``Continue``, for
+callers outside the mesh, and ``Link`` streams, over which other peers multiplex
+their calls. Both go through the same door: the guard admits a call (mesh/guard.py),
+the reply record answers a resend (mesh/dedup.py), and the runtime serves it
+(``mesh.runtime.serve``) as a task of its own. A flow waiting for a reply from below
+is that task, suspended: it holds no thread.
+
+No Python exception crosses the wire: a refusal is a status (unary) or a ``refused``
+frame (link), a step's failure a ``Failure`` in the reply.
+
+Callers that go away. A call's task belongs to whoever waits for it: the caller
+that sent it, and any resend of it (a link that broke and was dialled again). When
+the last of them goes away (a unary call cancelled, a link broken), the step keeps
+going for ``deadlines.ADOPT_WINDOW`` seconds, for a resend to adopt it; then it is
+stopped, its next ``"next"`` fails, and nothing further runs for it. A ``cancel``
+frame stops it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import errno
 import socket
-import threading
 import time
-from collections.abc import Callable
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mesh import deadlines, tracing
-from mesh.dedup import Forgotten, Replayed, Replies
-from mesh.errors import ContextError, FlowTimeout, MeshError
-from mesh.health import SERVING, Health
-from mesh.runtime import FINISHED, FlowState, HandOff, activate, advance, fail_step
-from mesh.transport import Transport
-from mesh.v1 import mesh_pb2 as _pb2
-from mesh.v1 import mesh_pb2_grpc as _pb2_grpc
-from mesh.wire import dump_context, encode_reply, error_to_failure, load_context
+from mesh import deadlines, frames, runtime
+from mesh.dedup import Forgotten, Replayed, Replies, _Done, _Running
+from mesh.errors import MeshError
+from mesh.guard import Admitted, Guard, Refusal
+from mesh.links import LINK_METHOD
+from mesh.transport import LIMIT_KEY, Transport
 
 if TYPE_CHECKING:
     from mesh.node import Node
@@ -39,265 +48,16 @@ if TYPE_CHECKING:
 _log = structlog.get_logger("mesh")
 
 SERVICE_NAME = "mesh.v1.Mesh"
+CONTINUE_METHOD = f"/{SERVICE_NAME}/Continue"
 
-
-class Peer(_pb2_grpc.MeshServicer):  # type: ignore[misc]
-    """Serves ``Continue`` for one machine of a node."""
-
-    def __init__(self, node: Node) -> None:
-        self._node = node
-        # Steps run here, so a retried call gets the first reply instead of a second run.
-        # Kept as the bytes sent: a reply is serialized once, for the record and the wire.
-        config = node.config
-        self.replies: Replies[bytes] = Replies(
-            config.dedup_size, config.dedup_age, config.dedup_bytes
-        )
-        self.calls = InFlight()
-        # The inbound call of each step running here, so a retry can adopt the step.
-        self._watches: dict[tuple[str, int], deadlines.Watch] = {}
-
-    def Continue(
-        self,
-        request: _pb2.ContinueRequest,
-        context: grpc.ServicerContext,
-        fingerprint: bytes = b"",
-    ) -> bytes:
-        """Serve one call. ``fingerprint`` identifies it (the guard hashes the request's bytes
-        and the caller's certificate names): only a call with the same one is a retry."""
-        node = self._node
-        me = node.machine
-        # The guard (mesh/guard.py) runs before every call: the flow is known, the line in
-        # range, the flow_id present and the caller entitled to this line.
-        flow = node.flows.flows[request.request]
-        index = request.line_index
-        if request.digest != flow.digest:
-            caller = request.via[-1] if request.via else "caller"
-            _abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{me} runs a different version of flow {flow.name} than {caller}",
-            )
-        owner = flow.lines[index].machine
-        if owner != me:
-            _abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{me} does not run {flow.name} line {index} {flow.lines[index].text!r};"
-                f" {owner} does",
-            )
-        try:
-            ctx = load_context(request.context)
-        except ValueError as exc:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{me}: bad context: {exc}")
-        remaining = context.time_remaining()
-        if remaining is None:
-            remaining = node.config.timeout
-        state = FlowState(
-            node,
-            flow,
-            request.flow_id,
-            ctx,
-            time.monotonic() + remaining - deadlines.reply_reserve(remaining),
-            tuple(request.via),
-            inbound=True,
-        )
-        return self._once(context, state, index, remaining, fingerprint)
-
-    def _once(
-        self,
-        context: grpc.ServicerContext,
-        state: FlowState,
-        index: int,
-        remaining: float,
-        fingerprint: bytes,
-    ) -> bytes:
-        """Run the step unless this peer ran it already (a retry): then its first reply.
-
-        A call that names a known step but is not a retry of it, or starts a flow (line 0)
-        with a flow id known here, is refused ALREADY_EXISTS: flow ids are in every log line,
-        so they must not open another flow's reply. A retry of a step whose reply the record
-        dropped (``dedup_bytes``) is refused FAILED_PRECONDITION, and the step not run again.
-        """
-        flow_id = state.flow_id
-        key = (flow_id, index)
-        fresh = index == 0
-        try:
-            known = self.replies.seen(flow_id, index, fingerprint, fresh=fresh)
-        except (Replayed, Forgotten) as exc:
-            _refuse_repeat(context, state, index, exc)
-        if not self.calls.enter(known):
-            # Draining: a new step goes to another replica (gRPC retries UNAVAILABLE);
-            # a retry of a step this peer ran or is running is still answered below.
-            _abort(context, grpc.StatusCode.UNAVAILABLE, f"{state.machine} is stopping")
-        watches = self._watches
-        mine = None
-        if known:
-            caller = state.via[-1] if state.via else "caller"
-            _log.info("mesh.step_repeated", caller=caller, **state.fields(index))
-            running = watches.get(key)
-            if running is not None:
-                running.adopt()
-        else:
-            mine = watches[key] = deadlines.watch(context, state)
-        try:
-            # A fresh context per call: pool threads are reused, flows must not share state.
-            reply = self.replies.once(
-                flow_id,
-                index,
-                fingerprint,
-                lambda: contextvars.Context().run(_run, state, index, context),
-                remaining,
-                fresh=fresh,
-            )
-        except (Replayed, Forgotten) as exc:  # another call got in first
-            _refuse_repeat(context, state, index, exc)
-        finally:
-            self.calls.leave()
-            if mine is not None:
-                mine.finished()
-                if watches.get(key) is mine:
-                    del watches[key]
-        if reply is None:
-            _abort(
-                context,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"{state.machine}: {state.flow.name} line {index} is still running"
-                " from an earlier attempt",
-            )
-        return reply
-
-
-def _refuse_repeat(
-    context: grpc.ServicerContext, state: FlowState, index: int, exc: Replayed | Forgotten
-) -> NoReturn:
-    """Refuse a call the record says is not a new step: say why, and nothing of the step."""
-    me, flow_id = state.machine, _cut(state.flow_id)
-    if isinstance(exc, Replayed):
-        _abort(
-            context,
-            grpc.StatusCode.ALREADY_EXISTS,
-            f"{me}: flow id {flow_id} is in use here by another call; a new flow needs a new"
-            " flow id, and a retry must repeat its call exactly",
-            flow_id=state.flow_id,
-            request=state.flow.name,
-            line_index=index,
-            caller=state.via[-1] if state.via else "",
-        )
-    _abort(
-        context,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        f"{me}: {state.flow.name} line {index} of flow {flow_id} ran here already, and its reply"
-        " is no longer kept (dedup_bytes, dedup_size in mesh.toml), so it is not run again",
-        flow_id=state.flow_id,
-        request=state.flow.name,
-        line_index=index,
-    )
-
-
-def _cut(text: str, shown: int = 60) -> str:
-    return text if len(text) <= shown and text.isprintable() else repr(text[:shown]) + "…"
-
-
-class InFlight:
-    """Counts the calls being served, so a stopping peer knows when they are done.
-
-    A plain lock, not a Condition: every call enters and leaves, and a Condition's
-    Python-level locking cost each hop more than the count is worth.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-        self._idle = threading.Event()  # set once draining and no call is left
-        self.draining = False
-
-    def enter(self, known: bool) -> bool:
-        """Count a call in; False when draining and the step is not one run here."""
-        with self._lock:
-            if self.draining and not known:
-                return False
-            self._count += 1
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self._count -= 1
-            if self.draining and not self._count:
-                self._idle.set()
-
-    def drain(self, timeout: float | None) -> bool:
-        """Refuse new steps from now on; wait for calls in progress (True: all done)."""
-        with self._lock:
-            self.draining = True
-            if not self._count:
-                self._idle.set()
-        return self._idle.wait(timeout)
-
-
-def _run(state: FlowState, index: int, call: grpc.ServicerContext) -> bytes:
-    tracing.adopt(state, call)
-    activate(state, index)
-    try:
-        outcome = advance(state, index)
-    except MeshError as exc:
-        if isinstance(exc, FlowTimeout) and exc.machine == state.machine:
-            # The flow stops here: say so where it happened, not only at the originator.
-            # deadlines.expire sets the deadline to exactly 0.0: the caller went away.
-            cause = "caller gone" if state.deadline == 0.0 else "deadline passed"
-            _log.warning(
-                "mesh.flow_expired", cause=cause, reason=str(exc), **state.fields(exc.line_index)
-            )
-        failure = error_to_failure(exc, machine=state.machine, line_index=max(state.current, index))
-        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
-    except BaseException as exc:  # a bug of ours: say so rather than hang the chain
-        _log.exception("mesh.internal_error", **state.fields(index))
-        failure = _pb2.Failure(
-            kind=_pb2.Failure.STEP,
-            machine=state.machine,
-            line_index=max(state.current, index),
-            error_type=type(exc).__name__,
-            message=state.scrub(f"internal error on {state.machine}: {exc}"),
-        )
-        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
-    if outcome is FINISHED and state.done_below:
-        return encode_reply(None, state.steps)  # the reply from below says so, context included
-    try:
-        context = dump_context(state.context)
-    except ContextError as exc:
-        # A handler put a value JSON cannot carry straight into the dict, behind "next"'s
-        # back: fail the last line run here, naming the key, rather than the whole call.
-        return encode_reply(_unsendable(state, index, exc), state.steps)
-    if outcome is FINISHED:
-        return encode_reply(_pb2.ContinueReply(done={"context": context}), state.steps)
-    assert isinstance(outcome, HandOff)
-    hand_off = {"machine": outcome.machine, "line_index": outcome.index, "context": context}
-    # Sub-messages as dicts: upb builds them faster than from message objects.
-    return encode_reply(_pb2.ContinueReply(hand_off=hand_off), state.steps)
-
-
-def _unsendable(state: FlowState, index: int, exc: ContextError) -> _pb2.ContinueReply:
-    """The reply for a flow whose context cannot travel on: its last step here failed."""
-    ran = [s for s in state.steps if type(s) is tuple]
-    line = ran[-1][0] if ran else index
-    error = fail_step(state, line, exc)
-    _log.error("mesh.step_failed", error=str(error), **state.fields(line))
-    return _pb2.ContinueReply(failed=error_to_failure(error))
-
-
-def _abort(
-    context: grpc.ServicerContext, code: grpc.StatusCode, message: str, **fields: Any
-) -> NoReturn:
-    _log.warning("mesh.refused", code=code.name, reason=message, **fields)
-    context.abort(code, message)
-    raise AssertionError("unreachable: abort raises")
-
-
-#: Seconds a stopping server gives replies already computed to leave, once no step
-#: runs: cut off, gRPC would report them UNAVAILABLE and retry a finished step elsewhere.
+#: Seconds a stopping server gives replies already computed to leave, once no step runs.
 LAST_REPLIES = 1.0
 
-#: Seconds the health service gets to tell watchers NOT_SERVING before stopping goes on.
-HEALTH_BOUND = 2.0
+#: Seconds a link's peer waits, after reading calls, before acknowledging them in a frame
+#: of its own, when no reply has carried the acknowledgement by then.
+ACK_DELAY = 0.005
+
+_Key = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,134 +72,479 @@ class Abandoned:
         return f"{self.request} line {self.line_index} of flow {self.flow_id}"
 
 
-class Server:
-    """A running gRPC server for one machine: the mesh service and health."""
+class _Serving:
+    """A step being served here: its task, its answer, and how many callers wait for it."""
 
-    def __init__(self, node: Node, listen: str) -> None:
-        workers = node.config.workers
-        transport = node.transport  # TLS, the token and the access list: mesh/transport.py
-        self.listen = listen
-        self.machine = node.machine
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=workers, thread_name_prefix=f"mesh-{node.machine}"
-            ),
-            # A flow holds a worker on every machine of its call chain while it
-            # waits; queueing calls beyond the pool could deadlock flows that cross
-            # machines in opposite orders, so refuse them at once instead.
-            maximum_concurrent_rpcs=workers,
-            # Without this, two peers started on one port share it silently.
-            options=[("grpc.so_reuseport", 0), *transport.server_options()],
-        )
-        self.peer = Peer(node)
-        # Every Continue call in this server, so a stop can end the ones still running
-        # when grace is over with a status no caller retries (see stop()).
-        self._running: dict[grpc.ServicerContext, _pb2.ContinueRequest] = {}
-        self._running_lock = threading.Lock()
-        self._abandoning = False
-        # Replies leave Peer.Continue serialized already (response_serializer=None).
-        handlers = transport.guard(node.flows).method_handlers(
-            {
-                "Continue": grpc.unary_unary_rpc_method_handler(
-                    self._continue, request_deserializer=_pb2.ContinueRequest.FromString
-                )
-            }
-        )
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
-        self.health = Health()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        problem = _bind_problem(listen)
-        if problem:
-            raise MeshError(f"{node.machine} cannot listen on {listen}: {problem}")
-        port = transport.add_port(self._server, listen)
-        if not port:
-            raise MeshError(f"{node.machine} cannot listen on {listen}: address in use")
-        self.port = port
-        self._server.start()
-        self.health.set("", SERVING)
-        self.health.set(SERVICE_NAME, SERVING)
+    __slots__ = (
+        "abandoned",
+        "answer",
+        "callers",
+        "expiry",
+        "key",
+        "request",
+        "running",
+        "state",
+        "task",
+    )
 
-    def _continue(
-        self,
-        request: _pb2.ContinueRequest,
-        context: grpc.ServicerContext,
-        fingerprint: bytes = b"",
-    ) -> bytes:
-        """Peer.Continue, with the call on record while it runs."""
-        running = self._running
-        with self._running_lock:
-            if self._abandoning:
-                self._refuse_late(request, context)
-            running[context] = request
+    def __init__(self, key: _Key, request: Any, running: _Running) -> None:
+        self.key = key
+        self.request = request
+        self.running = running
+        self.callers = 0
+        self.expiry: asyncio.TimerHandle | None = None
+        # The reply its callers get: the task's, or a failure if the peer abandons the step
+        # (cancelled when the step was stopped with nobody waiting: there is none).
+        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.state: runtime.FlowState | None = None  # the flow, once its task began
+        self.task: asyncio.Task[bytes] | None = None
+        self.abandoned = False
+
+    def began(self, state: runtime.FlowState) -> None:
+        self.state = state
+
+    def join(self) -> None:
+        self.callers += 1
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+
+    def stop(self, why: str) -> None:
+        """Nobody waits for this step any more: its flow stops here (runtime.stop)."""
+        if self.state is not None:
+            runtime.stop(self.state, why)
+        assert self.task is not None
+        self.task.cancel(why)
+
+
+class Peer:
+    """Serves the mesh service for one machine of a node, on the node's event loop."""
+
+    def __init__(self, node: Node, guard: Guard) -> None:
+        self._node = node
+        self.guard = guard
+        config = node.config
+        # Steps run here, so a resend gets the first reply instead of a second run.
+        # Kept as the bytes sent: a reply is serialized once, for the record and the wire.
+        self.replies: Replies[bytes] = Replies(
+            config.dedup_size, config.dedup_age, config.dedup_bytes
+        )
+        self.serving: dict[_Key, _Serving] = {}
+        self.links: set[_Inbound] = set()
+        self.draining = False
+        self._idle: asyncio.Event | None = None
+        self._max_calls = config.max_calls
+
+    # -- the door, for both kinds of call ---------------------------------------------
+
+    def begin(self, admitted: Admitted, timeout: float, traceparent: str) -> bytes | _Serving:
+        """Start serving an admitted call, or join the step it repeats: the recorded reply
+        (bytes), or the step being served (the caller :meth:`_Serving.join` s it).
+        Raises :class:`Refusal` for a call the record refuses, or a peer stopping or busy."""
+        request = admitted.request
+        key = (request.flow_id, request.line_index)
         try:
-            return self.peer.Continue(request, context, fingerprint)
-        finally:
-            del running[context]
-
-    def _refuse_late(self, request: _pb2.ContinueRequest, context: grpc.ServicerContext) -> None:
-        """A call arriving while the steps past grace are being abandoned."""
-        if (request.flow_id, request.line_index) in self.peer.replies:
-            # A retry of a step this peer ran or is running: CANCELLED, which no caller
-            # retries, so no other replica runs it a second time.
-            _abort(
-                context,
-                grpc.StatusCode.CANCELLED,
-                f"{self.machine} stopped while running {request.request} line"
-                f" {request.line_index}; the step may have run, so it was not retried",
+            known = self.replies.lookup(
+                request.flow_id, request.line_index, admitted.fingerprint, fresh=not key[1]
             )
-        _abort(context, grpc.StatusCode.UNAVAILABLE, f"{self.machine} is stopping")
-
-    def stop(self, grace: float) -> list[Abandoned]:
-        """Stop: NOT_SERVING, refuse new steps, give steps in progress ``grace`` seconds.
-
-        Clients that watch health (the dialer does) stop picking this peer; one
-        that picked it already gets UNAVAILABLE, which gRPC retries on another
-        replica (the step never ran here). A step still running when ``grace`` is
-        over is abandoned, not handed on: its call ends CANCELLED, which gRPC does
-        not retry, so no other replica runs it too, and the caller hears that this
-        machine stopped while running it (dialer.py). Returns the steps abandoned,
-        each logged as ``mesh.step_abandoned``; their handlers may still be running
-        in this process (Python cannot stop a thread): ``mesh peer`` exits anyway.
-        """
-        began = time.monotonic()
-        # Bounded: a watcher that never reads its stream must not keep a peer from stopping.
-        telling = threading.Thread(
-            target=self.health.enter_graceful_shutdown, name="mesh-health-stop", daemon=True
+        except (Replayed, Forgotten) as exc:
+            raise _repeat_refusal(self._node.machine, request, exc) from None
+        if known is not None:
+            _log.info(
+                "mesh.step_repeated",
+                caller=request.via[-1] if request.via else "caller",
+                flow_id=request.flow_id,
+                request=request.request,
+                line_index=request.line_index,
+                machine=self._node.machine,
+            )
+            if type(known) is _Done:
+                return known.reply  # type: ignore[return-value]
+            return self.serving[key]
+        me = self._node.machine
+        if self.draining:
+            # A new step goes to another replica (the caller sends it again there); a
+            # resend of a step this peer ran or is running was answered above.
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"{me} is stopping")
+        busy = len(self.serving) - self._node.waiting_below
+        if busy >= self._max_calls:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{me} is running {busy:,} steps, its limit (max_calls in mesh.toml)",
+            )
+        running = self.replies.start(request.flow_id, request.line_index, admitted.fingerprint)
+        deadline = deadlines.local_deadline(time.monotonic(), timeout)
+        serving = self.serving[key] = _Serving(key, request, running)
+        coro = runtime.serve(
+            self._node, request, admitted.context, deadline, traceparent, started=serving.began
         )
-        telling.start()
-        telling.join(min(HEALTH_BOUND, grace))
-        left = max(grace - (time.monotonic() - began), 0.0)
-        abandoned = [] if self.peer.calls.drain(left) else self._abandon(grace)
-        # Replies computed by now still leave; nothing else runs, so this is quick.
-        self._server.stop(LAST_REPLIES).wait(LAST_REPLIES + 1.0)
-        return abandoned
+        # A fresh context per call: nothing of one flow may leak into another.
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        serving.task = task
+        task.add_done_callback(partial(self._served, serving))
+        return serving
 
-    def _abandon(self, grace: float) -> list[Abandoned]:
-        with self._running_lock:
-            self._abandoning = True
-            calls = list(self._running.items())
-        steps: dict[tuple[str, int], Abandoned] = {}
-        for context, request in calls:
-            context.cancel()  # CANCELLED: not in the retry policy's retryable codes
-            key = (request.flow_id, request.line_index)
-            steps.setdefault(key, Abandoned(request.request, request.line_index, request.flow_id))
-        for step in steps.values():
+    def _served(self, serving: _Serving, task: asyncio.Task[bytes]) -> None:
+        """A step's task is done: record its reply and give it to the callers; a step
+        stopped for nobody leaves no reply (a resend would run it afresh)."""
+        del self.serving[serving.key]
+        if self._idle is not None and not self.serving:
+            self._idle.set()
+        if serving.abandoned:
+            return  # answered, and recorded, when it was abandoned
+        reply = None
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is None:
+                reply = self.guard.bounded(serving.request, task.result())
+            else:  # serve() answers every failure with a reply: this is a bug of ours
+                _log.error("mesh.internal_error", error=repr(exc), exc_info=exc)
+        self.replies.finish(serving.key, serving.running, None if reply is None else (reply,))
+        if reply is None:
+            serving.answer.cancel()
+        else:
+            serving.answer.set_result(reply)
+
+    def leave(self, serving: _Serving, *, cancel: str = "") -> None:
+        """A caller of ``serving`` stops waiting (``cancel``: it said so, with this reason)."""
+        serving.callers -= 1
+        if serving.callers > 0 or serving.answer.done():
+            return
+        if cancel:
+            serving.stop(cancel)
+        elif serving.expiry is None:
+            serving.expiry = asyncio.get_running_loop().call_later(
+                deadlines.ADOPT_WINDOW, self._orphaned, serving
+            )
+
+    def _orphaned(self, serving: _Serving) -> None:
+        serving.expiry = None
+        if serving.callers == 0 and not serving.answer.done():
+            serving.stop("caller gone")
+
+    # -- unary Continue ---------------------------------------------------------------
+
+    async def Continue(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        guard = self.guard
+        try:
+            guard.authenticate(context.invocation_metadata())
+            admitted = guard.admit(raw, guard.certified(context))
+            remaining = context.time_remaining()
+            traceparent = _metadata(context, "traceparent")
+            began = self.begin(
+                admitted,
+                self._node.config.timeout if remaining is None else remaining,
+                traceparent,
+            )
+        except Refusal as refusal:
+            guard.log(refusal, context.peer())
+            await context.abort(refusal.code, refusal.message)
+            raise AssertionError("unreachable: abort raises") from None
+        if isinstance(began, bytes):
+            return began
+        serving = began
+        serving.join()
+        try:
+            return await asyncio.shield(serving.answer)
+        except asyncio.CancelledError:
+            if not serving.answer.cancelled():
+                raise  # this call was cancelled (its caller went away), not the step
+        finally:
+            self.leave(serving)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"{self._node.machine}: {serving.request.request} line"
+            f" {serving.request.line_index} was stopped: its caller gave up on it",
+        )
+        raise AssertionError("unreachable: abort raises")
+
+    # -- Link -------------------------------------------------------------------------
+
+    async def Link(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        guard = self.guard
+        metadata = context.invocation_metadata()
+        try:
+            guard.authenticate(metadata)
+        except Refusal as refusal:
+            guard.log(refusal, context.peer())
+            await context.abort(refusal.code, refusal.message)
+        limit = guard.limit
+        theirs = _metadata(context, LIMIT_KEY)
+        if theirs.isdigit():
+            limit = min(limit, int(theirs))
+        await context.send_initial_metadata(((LIMIT_KEY, str(guard.limit)),))
+        link = _Inbound(self, context.peer(), guard.certified(context), limit)
+        self.links.add(link)
+        reader = asyncio.get_running_loop().create_task(link.read(requests))
+        try:
+            yield frames.ack(0)  # the link is admitted
+            if self.draining:
+                link.going_away("stopping")
+            out = link.out
+            while True:
+                frame = await out.get()
+                if frame is None:
+                    return
+                yield frame
+        finally:
+            reader.cancel()
+            self.links.discard(link)
+            link.closed()
+
+    # -- stopping ---------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> list[Abandoned]:
+        """Admit no new step; tell every link; give steps in progress ``grace`` seconds.
+
+        A step still running then is abandoned, not handed on: its callers get a failure
+        saying this machine stopped while running it (which no caller sends anywhere
+        else), and its reply record says so to a resend. Returns the steps abandoned.
+        """
+        self.draining = True
+        for link in list(self.links):
+            link.going_away("stopping")
+        if self.serving:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        abandoned: list[Abandoned] = []
+        for serving in list(self.serving.values()):
+            request = serving.request
+            step = Abandoned(request.request, request.line_index, request.flow_id)
+            abandoned.append(step)
             _log.warning(
                 "mesh.step_abandoned",
                 flow_id=step.flow_id,
                 request=step.request,
                 line_index=step.line_index,
-                machine=self.machine,
+                machine=self._node.machine,
                 reason=f"still running {grace:g} s after the stop began (grace); its caller"
                 " was told it may have run, and it was not handed to another replica",
             )
-        return list(steps.values())
+            reply = runtime.stopped_reply(self._node, request, "grace ran out")
+            serving.abandoned = True
+            self.replies.finish(serving.key, serving.running, (reply,))
+            if not serving.answer.done():
+                serving.answer.set_result(reply)
+            serving.stop("the peer stopped")
+        if abandoned:
+            await asyncio.sleep(0)  # their callers are answered
+        for link in list(self.links):
+            link.end()
+        return abandoned
+
+
+class _Inbound:
+    """One link served here: its calls by id, and the frames to send back."""
+
+    def __init__(self, peer: Peer, who: str, certified: frozenset[str] | None, limit: int) -> None:
+        self._peer = peer
+        self.who = who
+        self._certified = certified
+        self._limit = limit  # the largest reply the caller takes
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.calls: dict[int, _Serving] = {}
+        self.received = 0  # every call up to this id has been read (and admitted or refused)
+        self._acked = 0  # what the last frame sent told the caller
+        self._ack: asyncio.TimerHandle | None = None
+        self._eof = False
+        self._ended = False
+
+    async def read(self, requests: AsyncIterator[bytes]) -> None:
+        try:
+            async for data in requests:
+                try:
+                    parts = frames.split(data)
+                except ValueError as exc:
+                    self._peer.guard.log(
+                        Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable frame: {exc}"),
+                        self.who,
+                    )
+                    continue
+                if parts.kind == frames.REQUEST:
+                    self._request(parts)
+                elif parts.kind == frames.CANCEL:
+                    serving = self.calls.pop(parts.call, None)
+                    if serving is not None:
+                        self._peer.leave(serving, cancel="cancelled by its caller")
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the stream broke: closed() releases its calls
+            return
+        self._eof = True  # the caller sends nothing more: answer what it sent, then end
+        if not self.calls:
+            self.end()
+
+    def _request(self, parts: frames.Parts) -> None:
+        call = parts.call
+        self.received = max(self.received, call)
+        peer = self._peer
+        try:
+            admitted = peer.guard.admit(parts.body, self._certified)
+            began = peer.begin(admitted, parts.timeout, parts.traceparent)
+        except Refusal as refusal:
+            peer.guard.log(refusal, self.who)
+            self._send(frames.refused(call, refusal.code.value[0], refusal.message, self.received))
+            return
+        if isinstance(began, bytes):
+            self._send(frames.reply(call, self._fit(admitted, began), self.received))
+            return
+        began.join()
+        self.calls[call] = began
+        began.answer.add_done_callback(partial(self._answered, call, began))
+        if self._ack is None:
+            self._ack = asyncio.get_running_loop().call_later(ACK_DELAY, self._acknowledge)
+
+    def _answered(self, call: int, serving: _Serving, answer: asyncio.Future[bytes]) -> None:
+        if self.calls.pop(call, None) is None:
+            return  # cancelled by the caller, or the link is gone
+        serving.callers -= 1
+        if answer.cancelled():
+            self._send(
+                frames.refused(
+                    call,
+                    grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+                    f"{serving.request.request} line {serving.request.line_index} was stopped"
+                    " on this peer: its caller gave up on it",
+                    self.received,
+                )
+            )
+        else:
+            reply = self._peer.guard.bounded(serving.request, answer.result(), self._limit)
+            self._send(frames.reply(call, reply, self.received))
+        if self._eof and not self.calls:
+            self.end()
+
+    def _fit(self, admitted: Admitted, reply: bytes) -> bytes:
+        return self._peer.guard.bounded(admitted.request, reply, self._limit)
+
+    def _send(self, frame: bytes) -> None:
+        if not self._ended:
+            self._acked = self.received
+            self.out.put_nowait(frame)
+
+    def _acknowledge(self) -> None:
+        self._ack = None
+        if self.received > self._acked:
+            self._send(frames.ack(self.received))
+
+    def going_away(self, reason: str) -> None:
+        self._send(frames.going_away(reason, self.received))
+
+    def end(self) -> None:
+        """Close the stream from this side, after the frames queued so far."""
+        if not self._ended:
+            self._ended = True
+            self.out.put_nowait(None)
+
+    def closed(self) -> None:
+        """The stream is over: its calls lose this caller (a resend may adopt them)."""
+        self._ended = True
+        if self._ack is not None:
+            self._ack.cancel()
+        calls, self.calls = self.calls, {}
+        for serving in calls.values():
+            self._peer.leave(serving)
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, value in context.invocation_metadata() or ():
+        if k == key:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""
+
+
+def _repeat_refusal(machine: str, request: Any, exc: Replayed | Forgotten) -> Refusal:
+    """Refuse a call the record says is not a new step: say why, and nothing of the step."""
+    flow_id = _cut(request.flow_id)
+    fields = {
+        "flow_id": request.flow_id,
+        "request": request.request,
+        "line_index": request.line_index,
+    }
+    if isinstance(exc, Replayed):
+        return Refusal(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"{machine}: flow id {flow_id} is in use here by another call; a new flow needs a"
+            " new flow id, and a retry must repeat its call exactly",
+            caller=request.via[-1] if request.via else "",
+            **fields,
+        )
+    return Refusal(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"{machine}: {request.request} line {request.line_index} of flow {flow_id} ran here"
+        " already, and its reply is no longer kept (dedup_bytes, dedup_size in mesh.toml),"
+        " so it is not run again",
+        **fields,
+    )
+
+
+def _cut(text: str, shown: int = 60) -> str:
+    return text if len(text) <= shown and text.isprintable() else repr(text[:shown]) + "…"
+
+
+class Server:
+    """A running gRPC server for one machine, on its node's event loop: the mesh service
+    and health. Built and stopped from any thread; everything it does happens on the loop."""
+
+    def __init__(self, node: Node, listen: str) -> None:
+        self.listen = listen
+        self.machine = node.machine
+        self._node = node
+        problem = _bind_problem(listen)
+        if problem:
+            raise MeshError(f"{node.machine} cannot listen on {listen}: {problem}")
+        self.port: int = node.run_on_loop(self._start())
+
+    async def _start(self) -> int:
+        node = self._node
+        transport = node.transport  # TLS, the token and the limits: mesh/transport.py
+        self._server = grpc.aio.server(options=transport.server_options())
+        self.peer = Peer(node, transport.guard(node.flows))
+        handlers = {
+            "Continue": grpc.unary_unary_rpc_method_handler(
+                self.peer.Continue, request_deserializer=None, response_serializer=None
+            ),
+            "Link": grpc.stream_stream_rpc_method_handler(
+                self.peer.Link, request_deserializer=None, response_serializer=None
+            ),
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        port = transport.add_port(self._server, self.listen)
+        if not port:
+            raise MeshError(f"{node.machine} cannot listen on {self.listen}: address in use")
+        await self._server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+    def stop(self, grace: float) -> list[Abandoned]:
+        """Stop: NOT_SERVING, refuse new steps, give steps in progress ``grace`` seconds.
+
+        Callers stop picking this peer (its links say it is going away; a unary caller gets
+        UNAVAILABLE, which gRPC retries on another replica: the step never ran here). A
+        step still running when ``grace`` is over is abandoned (see :meth:`Peer.drain`).
+        Returns the steps abandoned, each logged as ``mesh.step_abandoned``; a synchronous
+        handler among them may still be running in this process (Python cannot stop a
+        thread): ``mesh peer`` exits anyway.
+        """
+        return self._node.run_on_loop(self._stop(grace))
+
+    async def _stop(self, grace: float) -> list[Abandoned]:
+        await self.health.enter_graceful_shutdown()
+        abandoned = await self.peer.drain(grace)
+        # Replies computed by now still leave; nothing else runs, so this is quick.
+        await self._server.stop(LAST_REPLIES)
+        return abandoned
 
     def wait(self, timeout: float | None = None) -> bool:
-        return bool(self._server.wait_for_termination(timeout))
+        return bool(self._node.run_on_loop(self._server.wait_for_termination(timeout)))
 
 
 def _bind_problem(listen: str) -> str | None:
@@ -496,3 +601,6 @@ def wait_serving(
                 return False
             time.sleep(0.05)
     return False
+
+
+__all__ = ["CONTINUE_METHOD", "LINK_METHOD", "Abandoned", "Peer", "Server", "wait_serving"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -20,18 +20,24 @@ from mesh.registry import describe
 from mesh.runtime import (
     FINISHED,
     FlowState,
+    Place,
     Rendered,
     activate,
     advance,
     close_line,
     current,
     finish,
+    inline_next,
+    merge,
+    note_inline_line,
+    note_next,
     open_line,
 )
 from mesh.wire import check_values
 
-if TYPE_CHECKING:
-    from mesh.node import Node
+# The processor routes for "places": a machine of a mesh in this process, which is
+# what a mesh.node.Node is (a protocol in mesh/runtime.py, so no import of the node).
+Node = Place
 
 EventDict = MutableMapping[str, Any]
 
@@ -109,15 +115,14 @@ def processor(logger: Any, method_name: str, event_dict: EventDict) -> EventDict
         state = current.get()
         if state is not None and state.in_handler and not state.nexted and not state.done:
             # The common case, once per hop: a handler hands its line on.
-            state.context.update(_updates(event_dict))
-            state.nexted = True
+            note_next(state, _updates(event_dict))
             raise structlog.DropEvent
     return _flow_event(str(event), event_dict)
 
 
 def _flow_event(event: str, event_dict: EventDict) -> EventDict:
     state = current.get()
-    node = state.node if state is not None else _node_for(event)
+    node = state.place if state is not None else _node_for(event)
     if node is None:
         return event_dict
     if event == NEXT:
@@ -128,7 +133,7 @@ def _flow_event(event: str, event_dict: EventDict) -> EventDict:
 
 def _violation(node: Node, message: str, event_dict: EventDict) -> EventDict:
     """Raise FlowViolation, or (``strict = false``) warn and let the event through."""
-    if node.config.strict:
+    if node.strict:
         raise FlowViolation(message)
     _log.warning("mesh.flow_violation", problem=message)
     return event_dict
@@ -164,9 +169,7 @@ def _on_next(state: FlowState | None, node: Node, event_dict: EventDict) -> None
         return
     # Inline code at top level: carry out the hand-off now, until the flow
     # comes back to a line this code logs itself, or is done.
-    state.context.update(_updates(event_dict))
-    following = state.current + 1
-    close_line(state)
+    following = inline_next(state, _updates(event_dict))
     try:
         outcome = advance(state, following, inline=True)
     except MeshError:
@@ -233,13 +236,11 @@ def _on_line(state: FlowState | None, node: Node, text: str, event_dict: EventDi
             and lines[following].machine == node.machine
             and node.handlers[flow.name][following] is None
         ):
-            state.context.update(_updates(event_dict))
-            close_line(state)
-            state.nexted = False
+            note_inline_line(state, _updates(event_dict))
             return _open(state, following, event_dict)
         return _violation(node, _in_handler_problem(state, node, text), event_dict)
     if state.awaiting >= 0 and lines[state.awaiting].text == text:
-        state.context.update(_updates(event_dict))
+        merge(state, _updates(event_dict))
         return _open(state, state.awaiting, event_dict)
     openers = flows.openers(text)
     if len(openers) == 1:

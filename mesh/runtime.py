@@ -1,36 +1,90 @@
-"""Runs a flow's lines on this machine: emit each line, call its handler, route on.
+"""A flow's state on this machine, and the loop that carries it from line to line.
 
-One :class:`FlowState` per flow per call chain hop, held in a context variable:
-the peer runs every ``Continue`` in a fresh ``contextvars.Context`` (gRPC reuses
-pool threads, so nothing may leak from one call to the next), ``node.start``
-in a copy of the caller's, and inline code in its own thread's context.
+One :class:`FlowState` per flow per stay on a machine: a peer makes one for each
+call it serves, ``node.start`` and inline code one for each flow they start. This
+module is the only one that changes it: the structlog processor reports what code
+logged (:func:`note_next`, :func:`open_line`, ...), the transport returns answers
+as values (``mesh.links.Answer``) that :func:`absorb` turns into the flow's next
+move, and routing stays a pure function (``mesh.routing.route``).
 
-The loop in :func:`advance` is the only place that decides what happens after a
-line; the structlog processor and the peer both call into it.
+The loop that decides what happens after a line has two faces over the same
+steps, as httpx has a sync and an async client over one model:
+
+* :func:`advance` blocks its thread: ``node.start`` and inline code, whose callers
+  wait anyway. A call to another machine waits for the node's event loop.
+* :func:`advance_async` runs on the node's event loop: every call a peer serves,
+  and ``node.start_async``. A flow waiting for a reply from below is a suspended
+  coroutine, not a blocked thread; a synchronous handler runs on a worker thread
+  (it may block), an ``async def`` handler on the loop itself.
+
+The flow active in a context is :data:`current`, so that code a handler calls, and
+the structlog processor, find it: a peer serves each call in a fresh
+``contextvars.Context``, a worker thread runs a step in a copy of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import inspect
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
+import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from mesh import tracing
-from mesh.errors import ContextError, FlowError, FlowTimeout, FlowViolation, MeshError
-from mesh.flowfile import Flow
+from mesh.errors import (
+    AccessDenied,
+    ContextError,
+    FlowError,
+    FlowTimeout,
+    FlowViolation,
+    MeshError,
+    PeerRefused,
+    PeerUnavailable,
+)
+from mesh.flowfile import Flow, FlowSet
+from mesh.links import Answer
 from mesh.loggers import BoundOnce
 from mesh.masking import scrub, secret_values
 from mesh.registry import Handler, describe
-from mesh.routing import DONE, Call, HandBack, RunHere, route
-from mesh.wire import step_error
+from mesh.result import FlowResult
+from mesh.routing import DONE, Call, Decision, HandBack, RunHere, route
+from mesh.v1 import mesh_pb2 as _pb2
+from mesh.wire import (
+    as_steps,
+    dump_context,
+    encode_reply,
+    error_to_failure,
+    failure_to_error,
+    load_context,
+    step_error,
+    steps_only,
+)
 
-if TYPE_CHECKING:
-    from mesh.node import Node
+__all__ = [
+    "FINISHED",
+    "WAITING",
+    "FlowState",
+    "HandOff",
+    "Place",
+    "Rendered",
+    "advance",
+    "advance_async",
+    "current",
+    "originate",
+    "originate_async",
+    "serve",
+]
+
+T = TypeVar("T")
 
 _log = BoundOnce("mesh")
 
@@ -68,11 +122,58 @@ FINISHED: Final = _Finished()
 Outcome = HandOff | _Waiting | _Finished
 
 
+class Place(Protocol):
+    """What a flow needs of the machine it is on: mesh.node.Node is the one there is.
+
+    A protocol rather than the class, so that this module, which the node imports,
+    does not import the node back.
+    """
+
+    @property
+    def machine(self) -> str: ...
+
+    @property
+    def flows(self) -> FlowSet: ...
+
+    @property
+    def handlers(self) -> Mapping[str, tuple[Handler | None, ...]]: ...
+
+    @property
+    def strict(self) -> bool: ...
+
+    @property
+    def max_message_bytes(self) -> int: ...
+
+    def address_of(self, machine: str) -> str: ...
+
+    def unavailable_hint(self, machine: str, details: str) -> str: ...
+
+    def new_state(
+        self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
+    ) -> FlowState: ...
+
+    def call(self, machine: str, payload: bytes, deadline: float, traceparent: str) -> Answer:
+        """Send a call over the node's links and wait for its answer (a blocking thread)."""
+
+    async def call_async(
+        self, machine: str, payload: bytes, deadline: float, traceparent: str
+    ) -> Answer:
+        """The same, on the node's event loop."""
+
+    def run_on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the node's event loop, waiting for it in this thread."""
+
+    def run_in_worker(
+        self, context: contextvars.Context, fn: Callable[..., T], *args: Any
+    ) -> Awaitable[T]:
+        """Run ``fn(*args)`` on a worker thread, in ``context``; await its result."""
+
+
 @dataclass(slots=True, eq=False)
 class FlowState:
     """One flow as this machine sees it, for the length of its stay here."""
 
-    node: Node
+    place: Place
     flow: Flow
     flow_id: str
     context: dict[str, Any]
@@ -97,6 +198,11 @@ class FlowState:
     # said so, outcome and final context included, passed up the chain as it came
     # (``context`` is then stale; nothing runs here after the flow is done).
     done_below: bool = False
+    # Why the flow was stopped here before its deadline (its caller gave up or went
+    # away): from then on it is as late as a flow past its deadline.
+    stopped: str = ""
+    # The tracing parent of this flow's next line here (mesh/tracing.py), if tracing.
+    trace: Any = None
     _bound: int = -1  # the line_index bound in the log context
     _wall: float = 0.0
     _t0: float = 0.0
@@ -104,9 +210,11 @@ class FlowState:
 
     @property
     def machine(self) -> str:
-        return self.node.machine
+        return self.place.machine
 
     def remaining(self) -> float:
+        if self.stopped:
+            return -1.0
         return self.deadline - time.monotonic()
 
     def fields(self, index: int) -> dict[str, Any]:
@@ -115,7 +223,7 @@ class FlowState:
             "flow_id": self.flow_id,
             "request": self.flow.name,
             "line_index": index,
-            "machine": self.node.machine,
+            "machine": self.place.machine,
         }
 
     def scrub(self, text: str) -> str:
@@ -123,6 +231,9 @@ class FlowState:
         if not self.flow.secrets:
             return text
         return scrub(text, secret_values(self.context, self.flow.secrets))
+
+
+# -- the state's changes: lines, "next", stopping -------------------------------------------
 
 
 def activate(state: FlowState, index: int = 0) -> None:
@@ -136,7 +247,7 @@ def activate(state: FlowState, index: int = 0) -> None:
     state.tokens = bind_contextvars(
         flow_id=state.flow_id,
         request=state.flow.name,
-        machine=state.node.machine,
+        machine=state.place.machine,
         line_index=index,
     )
 
@@ -150,6 +261,12 @@ def finish(state: FlowState) -> None:
         with contextlib.suppress(ValueError):
             reset_contextvars(**state.tokens)
         state.tokens = None
+
+
+def stop(state: FlowState, why: str) -> None:
+    """Nobody waits for this flow here any more (``why``): its next move fails fast."""
+    if not state.stopped:
+        state.stopped = why
 
 
 def open_line(state: FlowState, index: int) -> str:
@@ -168,16 +285,41 @@ def open_line(state: FlowState, index: int) -> str:
 
 def close_line(state: FlowState) -> None:
     """Record the open line as a step of the timeline."""
-    step: LocalStep = (
-        state.current,
-        state._rendered,
-        state.node.machine,
-        state._wall,
-        time.perf_counter() - state._t0,
-    )
-    state.steps.append(step)
-    tracing.step(state, step)
+    index = state.current
+    duration = time.perf_counter() - state._t0
+    state.steps.append((index, state._rendered, state.place.machine, state._wall, duration))
+    if tracing.enabled():
+        state.trace = tracing.record(
+            state.trace, state.flow.lines[index].text, state.fields(index), state._wall, duration
+        )
     state.current = -1
+
+
+def merge(state: FlowState, updates: Mapping[str, Any]) -> None:
+    """Inline code logged the line the flow waits for here, with ``updates``."""
+    state.context.update(updates)
+
+
+def inline_next(state: FlowState, updates: Mapping[str, Any]) -> int:
+    """Inline code (not a handler) logged ``"next"``: merge ``updates``, end the open line;
+    returns the line that follows, which the caller carries the flow on to at once."""
+    state.context.update(updates)
+    following = state.current + 1
+    close_line(state)
+    return following
+
+
+def note_next(state: FlowState, updates: Mapping[str, Any]) -> None:
+    """A handler logged ``"next"``: merge ``updates``; the hand-off is when it returns."""
+    state.context.update(updates)
+    state.nexted = True
+
+
+def note_inline_line(state: FlowState, updates: Mapping[str, Any]) -> None:
+    """A handler, having logged ``"next"``, logged the following line itself."""
+    state.context.update(updates)
+    close_line(state)
+    state.nexted = False
 
 
 def emit(state: FlowState, index: int) -> None:
@@ -188,7 +330,7 @@ def emit(state: FlowState, index: int) -> None:
         flow_id=state.flow_id,
         request=state.flow.name,
         line_index=index,
-        machine=state.node.machine,
+        machine=state.place.machine,
     )
 
 
@@ -205,7 +347,7 @@ def fail_step(state: FlowState, index: int, exc: BaseException) -> MeshError:
     return step_error(
         request=state.flow.name,
         flow_id=state.flow_id,
-        machine=state.node.machine,
+        machine=state.place.machine,
         line=state.flow.lines[index].text,
         line_index=index,
         error_type=error_type,
@@ -213,62 +355,175 @@ def fail_step(state: FlowState, index: int, exc: BaseException) -> MeshError:
     )
 
 
-def run_handler(state: FlowState, index: int, fn: Handler) -> None:
-    """Run a line's handler; its "next" (and any inline lines after it) end the step."""
+def _timeout(state: FlowState, index: int) -> FlowTimeout:
+    flow = state.flow
+    me = state.place.machine
+    if state.stopped:
+        why = f"was stopped on {me} before line {index} {flow.lines[index].text!r}: {state.stopped}"
+    else:
+        why = f"passed its deadline on {me} before line {index} {flow.lines[index].text!r}"
+    return FlowTimeout(
+        f"{flow.name} {why}",
+        request=flow.name,
+        flow_id=state.flow_id,
+        machine=me,
+        line_index=index,
+    )
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+_async_handlers: dict[Handler, bool] = {}
+
+
+def is_async(fn: Handler) -> bool:
+    """Whether ``fn`` is an ``async def`` handler (asked once per handler)."""
+    known = _async_handlers.get(fn)
+    if known is None:
+        known = _async_handlers[fn] = inspect.iscoroutinefunction(fn)
+    return known
+
+
+def _begin_handler(state: FlowState, index: int) -> None:
     emit(state, index)
     state.in_handler = True
     state.nexted = False
-    try:
-        fn(state.context)
-        if not state.nexted:
-            raise FlowViolation(
-                f'handler {describe(fn)} returned without logging "next"'
-                f" for line {state.current} {state.flow.lines[state.current].text!r}"
-            )
-    except BaseException as exc:
-        # Logged here, with the traceback, on the machine that ran the step; the
-        # originator gets the one-line FlowError. SystemExit and KeyboardInterrupt
-        # too: raised in a peer's worker thread they would end no process, only leave
-        # the call without a reply until its deadline; in node.start or inline code,
-        # a step's failure is the flow's, not the program's.
-        line = state.current if state.current >= 0 else index
-        tracing.step_failed(state, line, exc)
-        _log.error(
-            "mesh.step_failed",
-            handler=describe(fn),
-            error=state.scrub(f"{type(exc).__name__}: {exc}"),
-            exc_info=exc,
-            **state.fields(line),
+
+
+def _end_handler(state: FlowState, fn: Handler) -> None:
+    state.in_handler = False
+    if not state.nexted:
+        raise FlowViolation(
+            f'handler {describe(fn)} returned without logging "next"'
+            f" for line {state.current} {state.flow.lines[state.current].text!r}"
         )
-        raise fail_step(state, line, exc) from exc
-    finally:
-        state.in_handler = False
     state.nexted = False
     close_line(state)
 
 
+def _handler_failed(state: FlowState, index: int, fn: Handler, exc: BaseException) -> MeshError:
+    """Log a step's failure where it ran, with the traceback; the originator gets the
+    one-line FlowError. SystemExit and KeyboardInterrupt too: raised in a worker thread
+    they would end no process, only leave the call without a reply until its deadline;
+    in node.start or inline code, a step's failure is the flow's, not the program's."""
+    state.in_handler = False
+    line = state.current if state.current >= 0 else index
+    message = state.scrub(f"{type(exc).__name__}: {exc}")
+    if tracing.enabled():
+        start = state._wall or time.time()
+        state.trace = tracing.record(
+            state.trace,
+            state.flow.lines[line].text,
+            state.fields(line),
+            start,
+            max(time.time() - start, 0.0),
+            error=message,
+        )
+    _log.error(
+        "mesh.step_failed", handler=describe(fn), error=message, exc_info=exc, **state.fields(line)
+    )
+    return fail_step(state, line, exc)
+
+
+def run_handler(state: FlowState, index: int, fn: Handler) -> None:
+    """Run a line's handler; its "next" (and any inline lines after it) end the step."""
+    _begin_handler(state, index)
+    try:
+        fn(state.context)
+        _end_handler(state, fn)
+    except BaseException as exc:
+        raise _handler_failed(state, index, fn, exc) from exc
+
+
+async def run_handler_async(state: FlowState, index: int, fn: Handler) -> None:
+    """:func:`run_handler` for an ``async def`` handler, on the event loop."""
+    _begin_handler(state, index)
+    try:
+        await fn(state.context)  # type: ignore[misc]
+        _end_handler(state, fn)
+    except asyncio.CancelledError:
+        state.in_handler = False
+        raise  # the flow was stopped here: the caller of the loop says so
+    except BaseException as exc:
+        raise _handler_failed(state, index, fn, exc) from exc
+
+
+async def _async_handler_from_thread(state: FlowState, index: int, fn: Handler) -> None:
+    """An ``async def`` handler reached by a flow driven in a blocking thread: it runs on
+    the node's loop, in a task of its own, which gets the flow's bindings first."""
+    activate(state, index)
+    await run_handler_async(state, index, fn)
+
+
+async def _in_worker(place: Place, state: FlowState, index: int, fn: Handler) -> None:
+    """A synchronous handler, on a worker thread, in a copy of this task's context; what
+    it bound there (structlog's context variables, its own) comes back into the task, so
+    the flow's next handler here sees it, as it would if both ran in one thread. (The
+    task's own context cannot be lent to the thread: a task that is cancelled meanwhile
+    wakes up in it.)"""
+    variables = contextvars.copy_context()
+    ran = place.run_in_worker(variables, run_handler, state, index, fn)
+    try:
+        await ran
+    except asyncio.CancelledError:
+        # The flow was stopped here meanwhile (runtime.stop): the handler cannot be, so
+        # the flow waits for it, and its next move fails, naming the line it did not run.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        await _uncancellable(ran)
+    for var, value in variables.items():
+        if var.get(_UNSET) is not value:
+            var.set(value)
+
+
+_UNSET: Final = object()
+
+
+async def _uncancellable(ran: Awaitable[None]) -> None:
+    """Wait for ``ran`` to the end, whatever cancels the waiting task meanwhile."""
+    while True:
+        try:
+            await asyncio.shield(ran)
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+
+def _decide(state: FlowState, index: int) -> Decision:
+    decision = route(state.flow, state.place.machine, index, state.via)
+    if decision is not DONE and state.remaining() <= 0:
+        raise _timeout(state, index)
+    return decision
+
+
+def _call_failed(state: FlowState, index: int, exc: ContextError) -> MeshError:
+    """A call that could not be made because of the context: a step further down that
+    failed is already a FlowError; the caller's own arguments (line 0) are theirs to fix,
+    at the call; otherwise the line before it, which put the value there, failed."""
+    if isinstance(exc, FlowError) or index == 0:
+        return exc
+    return fail_step(state, index - 1, exc)
+
+
 def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
-    """Carry the flow on from line ``index`` until it leaves this machine or ends.
+    """Carry the flow on from line ``index`` until it leaves this machine or ends,
+    blocking this thread (``node.start`` and inline code).
 
     ``inline`` is set when inline code logged "next" itself: a local line with no
     handler then waits for that code to log it, instead of passing through.
     Raises the MeshError of a failed step, refused call or passed deadline.
     """
-    node = state.node
-    flow = state.flow
-    me = node.machine
-    handlers = node.handlers[flow.name]
+    place = state.place
+    me = place.machine
+    handlers = place.handlers[state.flow.name]
     while True:
-        decision = route(flow, me, index, state.via)
-        if decision is not DONE and state.remaining() <= 0:
-            raise FlowTimeout(
-                f"{flow.name} passed its deadline on {me} before line {index}"
-                f" {flow.lines[index].text!r}",
-                request=flow.name,
-                flow_id=state.flow_id,
-                machine=me,
-                line_index=index,
-            )
+        decision = _decide(state, index)
         if type(decision) is RunHere:
             fn = handlers[index]
             if fn is None:
@@ -279,20 +534,21 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
                 close_line(state)
                 index += 1
                 continue
-            run_handler(state, index, fn)
+            if is_async(fn):
+                place.run_on_loop(_async_handler_from_thread(state, index, fn))
+            else:
+                run_handler(state, index, fn)
             index = state.steps[-1][0] + 1  # the handler's last line (LocalStep)
         elif type(decision) is Call:
+            machine = decision.machine
             try:
-                back = node.dialer.continue_flow(state, decision.machine, index)
+                payload = request_bytes(state, machine, index)
             except ContextError as exc:
-                # A step further down that failed is already a FlowError; the
-                # caller's own arguments (line 0) are theirs to fix, at the call.
-                if isinstance(exc, FlowError) or index == 0:
-                    raise
-                raise fail_step(state, index - 1, exc) from exc
+                raise _call_failed(state, index, exc) from exc
+            answer = place.call(machine, payload, state.deadline, tracing.traceparent(state.trace))
+            back = absorb(state, machine, index, answer)
             if back is None:
                 return FINISHED
-            # The dialer checked the hand-off: this machine's line or one upstream's.
             if back.machine == me:
                 index = back.index
                 continue
@@ -301,3 +557,419 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
             return HandOff(decision.machine, decision.index)
         else:
             return FINISHED
+
+
+async def advance_async(state: FlowState, index: int) -> Outcome:
+    """:func:`advance` on the node's event loop: a peer serving a call, ``start_async``."""
+    place = state.place
+    me = place.machine
+    handlers = place.handlers[state.flow.name]
+    while True:
+        decision = _decide(state, index)
+        if type(decision) is RunHere:
+            fn = handlers[index]
+            if fn is None:
+                emit(state, index)
+                close_line(state)
+                index += 1
+                continue
+            if is_async(fn):
+                await run_handler_async(state, index, fn)
+            else:
+                await _in_worker(place, state, index, fn)
+            index = state.steps[-1][0] + 1
+        elif type(decision) is Call:
+            machine = decision.machine
+            try:
+                payload = request_bytes(state, machine, index)
+            except ContextError as exc:
+                raise _call_failed(state, index, exc) from exc
+            answer = await place.call_async(
+                machine, payload, state.deadline, tracing.traceparent(state.trace)
+            )
+            back = absorb(state, machine, index, answer)
+            if back is None:
+                return FINISHED
+            if back.machine == me:
+                index = back.index
+                continue
+            return back
+        elif type(decision) is HandBack:
+            return HandOff(decision.machine, decision.index)
+        else:
+            return FINISHED
+
+
+# -- calls to other machines: the request out, the answer in ----------------------------
+
+#: Bytes of a ContinueRequest that are not its context, at most, for a quick size check.
+_NOT_CONTEXT = 64 * 1024
+
+
+def request_bytes(state: FlowState, machine: str, index: int) -> bytes:
+    """The serialized call for line ``index`` on ``machine``; ContextError when the context
+    cannot travel, or would make the call larger than this machine's limit."""
+    flow = state.flow
+    context = dump_context(state.context)
+    request = _pb2.ContinueRequest(
+        request=flow.name,
+        line_index=index,
+        context=context,
+        flow_id=state.flow_id,
+        digest=flow.digest,
+        via=(*state.via, state.place.machine),
+    )
+    limit = state.place.max_message_bytes
+    if len(context) + _NOT_CONTEXT > limit and request.ByteSize() > limit:
+        # Refused here, not as a cryptic RESOURCE_EXHAUSTED from the receiver.
+        raise ContextError(
+            f"{flow.name} context is {len(context):,} bytes of JSON; the call to {machine}"
+            f" would be {request.ByteSize():,} bytes, over the {limit:,}-byte limit"
+            " (max_message_bytes in mesh.toml)"
+        )
+    return request.SerializeToString()  # type: ignore[no-any-return]
+
+
+def absorb(state: FlowState, machine: str, index: int, answer: Answer) -> HandOff | None:
+    """What the call for line ``index`` on ``machine`` came back with, into ``state``.
+
+    Returns None when the flow is done, or where it must go on; merges the context
+    and the remote steps. Raises MeshError otherwise: the failure the reply reports,
+    the call's own (unreachable, refused, timed out), or a PeerRefused for a reply no
+    honest peer sends (see :func:`misrouted`).
+    """
+    if answer.code is not grpc.StatusCode.OK:
+        raise _call_error(state, machine, index, answer)
+    raw = answer.reply
+    try:
+        reply = _pb2.ContinueReply.FromString(raw)
+    except DecodeError:
+        raise _refused(
+            state, machine, index, "sent a reply that is not a mesh.v1.ContinueReply"
+        ) from None
+    outcome = reply.WhichOneof("outcome")
+    flow = state.flow
+    if outcome == "failed":
+        # The steps go on without this outcome: this machine will reply with its own.
+        state.steps.append(steps_only(reply) if state.inbound else reply.steps)
+        raise failure_to_error(
+            reply.failed,
+            request=flow.name,
+            flow_id=state.flow_id,
+            lines=tuple(line.text for line in flow.lines),
+        )
+    if outcome is None:
+        raise _refused(state, machine, index, "sent a reply with no outcome")
+    problem = misrouted(state, index, reply)
+    if problem:
+        raise _refused(state, machine, index, problem)
+    if outcome == "done":
+        if state.inbound:  # a peer in the chain: the reply goes up as it came
+            state.steps.append(raw)
+            state.done_below = True
+            return None
+        context_bytes = reply.done.context
+    else:
+        context_bytes = reply.hand_off.context
+    try:
+        loaded = load_context(context_bytes)
+    except ValueError as exc:
+        raise _refused(
+            state, machine, index, f"sent back a context that cannot be used: {exc}"
+        ) from None
+    state.context = loaded
+    if outcome == "done":
+        state.steps.append(reply.steps)  # decoded only here (wire.as_steps)
+        return None
+    state.steps.append(steps_only(reply) if state.inbound else reply.steps)
+    return HandOff(reply.hand_off.machine, reply.hand_off.line_index)
+
+
+def misrouted(state: FlowState, index: int, reply: _pb2.ContinueReply) -> str | None:
+    """Why a done or hand-off ``reply`` to the call for line ``index`` is one no honest peer
+    sends, in words, or None when it is what the flow file says.
+
+    Below the call, the flow runs on machines that are not upstream of it, until the first
+    line after ``index`` that this machine or one upstream (``via``) owns: the flow comes back
+    exactly there, as a hand-off to that line and that machine, and it is done only if no
+    such line is left. The reply's steps must run from ``index`` to the line before. So a
+    peer cannot send the flow back to a line run already (line 0 again and again), past the
+    end, to a line the flow file gives another machine, or say "done" with lines not run.
+    Checking costs the lines between, which the chain below ran anyway; the steps are
+    decoded already, and only the first and the last are read.
+    """
+    lines = state.flow.lines
+    me = state.place.machine
+    via = state.via
+    back = index + 1
+    while back < len(lines) and lines[back].machine != me and lines[back].machine not in via:
+        back += 1
+    flow = state.flow.name
+    if reply.WhichOneof("outcome") == "hand_off":
+        hand_off = reply.hand_off
+        line, owner = hand_off.line_index, hand_off.machine
+        if owner != me and owner not in via:
+            return f"handed {flow} line {line} back to {_shown(owner)}, which is not upstream of it"
+        if line != back:
+            expected = (
+                f"line {back} ({lines[back].machine}) is the next line upstream"
+                if back < len(lines)
+                else "no line upstream is left (the flow ends below)"
+            )
+            return f"handed {flow} line {line} back to {_shown(owner)}, but {expected}"
+        if owner != lines[back].machine:
+            return (
+                f"handed {flow} line {line} back to {_shown(owner)}, but the flow file gives"
+                f" it to {lines[back].machine}"
+            )
+    elif back < len(lines):
+        return (
+            f"said {flow} is done, but line {back} {lines[back].text!r} is next and runs on"
+            f" {lines[back].machine}, upstream of it"
+        )
+    steps = reply.steps
+    first = steps[0].line_index if steps else None
+    last = steps[-1].line_index if steps else None
+    if first != index or last != back - 1:
+        ran = f"lines {first} to {last}" if steps else "no line"
+        return (
+            f"replied for {flow} lines {index} to {back - 1} with steps that ran {ran}"
+            f" (a {'hand-off' if back < len(lines) else 'done'} to line {back})"
+        )
+    return None
+
+
+def _shown(name: str) -> str:
+    """A machine name from a reply, quoted and cut when it is not a plain short name."""
+    return name if len(name) <= 60 and name.isprintable() and name else repr(name[:60])
+
+
+def _where(flow: Flow, index: int) -> str:
+    return f"{flow.name} line {index} {flow.lines[index].text!r}"
+
+
+def _fields(machine: str, state: FlowState, index: int) -> dict[str, Any]:
+    """The keyword arguments of a PeerError about ``machine`` but its address, for this flow
+    and line."""
+    return {
+        "machine": machine,
+        "request": state.flow.name,
+        "flow_id": state.flow_id,
+        "line_index": index,
+    }
+
+
+def _refused(state: FlowState, machine: str, index: int, problem: str) -> PeerRefused:
+    """A reply no honest peer sends: the flow fails here, naming the peer that sent it."""
+    address = state.place.address_of(machine)
+    message = state.scrub(f"{machine} at {address} {problem} ({_where(state.flow, index)})")
+    _log.warning(
+        "mesh.reply_refused",
+        peer=machine,
+        reason=message,
+        flow_id=state.flow_id,
+        request=state.flow.name,
+        line_index=index,
+    )
+    return PeerRefused(message, address=address, **_fields(machine, state, index))
+
+
+#: gRPC's words when a message is over a limit (either side): the size, then the limit.
+_TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _call_error(state: FlowState, machine: str, index: int, answer: Answer) -> MeshError:
+    """The MeshError for a call that came back with no reply (``answer.code`` says why)."""
+    code = answer.code
+    details = state.scrub(answer.message or code.name)
+    address = answer.address or state.place.address_of(machine)
+    flow = state.flow
+    where = _where(flow, index)
+    fields = _fields(machine, state, index)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return FlowTimeout(
+            f"{flow.name} timed out waiting for {machine} ({address}) at line {index}"
+            f" {flow.lines[index].text!r}",
+            request=flow.name,
+            flow_id=state.flow_id,
+            machine=machine,
+            line_index=index,
+        )
+    if code is grpc.StatusCode.UNAVAILABLE:
+        hint = state.place.unavailable_hint(machine, details)
+        return PeerUnavailable(
+            f"{machine} is unavailable at {address} (for {where}): {details}{hint}",
+            address=address,
+            **fields,
+        )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AccessDenied(
+            f"{machine} at {address} refused {where}: {details} ({code.name})",
+            address=address,
+            **fields,
+        )
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        sizes = _TOO_LARGE.search(details)
+        if sizes is not None:
+            size, limit = int(sizes.group(1)), int(sizes.group(2))
+            return PeerRefused(
+                f"{machine} at {address}: a message for {where} was {size:,} bytes, over"
+                f" a {limit:,}-byte limit (max_message_bytes in mesh.toml must be the same on"
+                " every machine)",
+                address=address,
+                **fields,
+            )
+        return PeerRefused(
+            f"{machine} at {address} is busy (for {where}): {details}",
+            address=address,
+            **fields,
+        )
+    return PeerRefused(
+        f"{machine} at {address} refused {where}: {details} ({code.name})",
+        address=address,
+        **fields,
+    )
+
+
+# -- whole flows: originated here, or served for a caller -------------------------------
+
+
+def _result(state: FlowState) -> FlowResult:
+    return FlowResult(
+        state.flow.name, state.flow_id, state.context, as_steps(state.steps), state.flow.secrets
+    )
+
+
+def originate(state: FlowState) -> FlowResult:
+    """Run a flow started here from its line 0, blocking this thread (``node.start``)."""
+    activate(state)
+    try:
+        advance(state, 0)
+    finally:
+        finish(state)
+    return _result(state)
+
+
+async def originate_async(state: FlowState) -> FlowResult:
+    """:func:`originate` on the node's event loop (``node.start_async``), in a task of its
+    own context: it sets the flow's log bindings there."""
+    activate(state)
+    try:
+        await advance_async(state, 0)
+    finally:
+        finish(state)
+    return _result(state)
+
+
+async def serve(
+    place: Place,
+    request: _pb2.ContinueRequest,
+    context: dict[str, Any],
+    deadline: float,
+    traceparent: str = "",
+    *,
+    started: Callable[[FlowState], None] | None = None,
+) -> bytes:
+    """A peer's whole handling of one admitted call: run ``request``'s line, and what
+    follows here, until the flow leaves this machine; the serialized reply.
+
+    No exception escapes but ``CancelledError`` (the call was given up, the flow stopped
+    waiting below: the peer answers nobody): a failure is a ``Failure`` in the reply.
+    ``started`` gets the flow's state, for a peer to :func:`stop` it when nobody waits
+    any more. Run it as a task in a fresh ``contextvars.Context``: it makes the flow
+    current there.
+    """
+    index = request.line_index
+    state = FlowState(
+        place,
+        place.flows.flows[request.request],
+        request.flow_id,
+        context,
+        deadline,
+        tuple(request.via),
+        inbound=True,
+        trace=tracing.parent_from(traceparent),
+    )
+    if started is not None:
+        started(state)
+    activate(state, index)
+    try:
+        outcome = await advance_async(state, index)
+    except MeshError as exc:
+        if isinstance(exc, FlowTimeout) and exc.machine == state.machine:
+            # The flow stops here: say so where it happened, not only at the originator.
+            _log.warning(
+                "mesh.flow_expired",
+                cause=_cause(state),
+                reason=str(exc),
+                **state.fields(exc.line_index),
+            )
+        failure = error_to_failure(exc, machine=state.machine, line_index=max(state.current, index))
+        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
+    except asyncio.CancelledError:
+        stop(state, "cancelled")
+        _log.warning(
+            "mesh.flow_expired",
+            cause=_cause(state),
+            reason=f"{state.flow.name} stopped on {state.machine} waiting for the machine"
+            f" it called: {_cause(state)}",
+            **state.fields(max(state.current, index)),
+        )
+        raise
+    except BaseException as exc:  # a bug of ours: say so rather than hang the chain
+        _log.exception("mesh.internal_error", **state.fields(index))
+        failure = _pb2.Failure(
+            kind=_pb2.Failure.STEP,
+            machine=state.machine,
+            line_index=max(state.current, index),
+            error_type=type(exc).__name__,
+            message=state.scrub(f"internal error on {state.machine}: {exc}"),
+        )
+        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
+    if outcome is FINISHED and state.done_below:
+        return encode_reply(None, state.steps)  # the reply from below says so, context included
+    try:
+        dumped = dump_context(state.context)
+    except ContextError as exc:
+        # A handler put a value JSON cannot carry straight into the dict, behind "next"'s
+        # back: fail the last line run here, naming the key, rather than the whole call.
+        return encode_reply(_unsendable(state, index, exc), state.steps)
+    if outcome is FINISHED:
+        return encode_reply(_pb2.ContinueReply(done={"context": dumped}), state.steps)
+    assert isinstance(outcome, HandOff)
+    hand_off = {"machine": outcome.machine, "line_index": outcome.index, "context": dumped}
+    # Sub-messages as dicts: upb builds them faster than from message objects.
+    return encode_reply(_pb2.ContinueReply(hand_off=hand_off), state.steps)
+
+
+def _cause(state: FlowState) -> str:
+    """Why a flow stopped here early: its deadline, when that passed first; else what
+    :func:`stop` was told (its caller gave up on it, or went away)."""
+    if time.monotonic() >= state.deadline or not state.stopped:
+        return "deadline passed"
+    return state.stopped
+
+
+def _unsendable(state: FlowState, index: int, exc: ContextError) -> _pb2.ContinueReply:
+    """The reply for a flow whose context cannot travel on: its last step here failed."""
+    ran = [s for s in state.steps if type(s) is tuple]
+    line = ran[-1][0] if ran else index
+    error = fail_step(state, line, exc)
+    _log.error("mesh.step_failed", error=str(error), **state.fields(line))
+    return _pb2.ContinueReply(failed=error_to_failure(error))
+
+
+def stopped_reply(place: Place, request: _pb2.ContinueRequest, why: str) -> bytes:
+    """The reply to a call this peer gives up on while its step may be running (a stop
+    past ``grace``): a failure that says so, which no caller sends anywhere else."""
+    flow = place.flows.flows[request.request]
+    index = request.line_index
+    failure = _pb2.Failure(
+        kind=_pb2.Failure.UNAVAILABLE,
+        machine=place.machine,
+        line_index=index,
+        error_type="PeerUnavailable",
+        message=f"{place.machine} ({place.address_of(place.machine)}) stopped while running"
+        f" {_where(flow, index)}: {why}; the step may have run, so it was not retried",
+    )
+    return _pb2.ContinueReply(failed=failure).SerializeToString()  # type: ignore[no-any-return]

@@ -15,12 +15,16 @@ and ``machine``; a step that raised gets an ERROR status with the exception's
 type and its message, secrets scrubbed. Spans nest in flow order: a line's
 parent is the line before it on this machine in this call, and the first line
 a peer runs in a call is the child of the caller's line that handed the flow on
-(the W3C ``traceparent`` travels in the gRPC metadata). Line 0's parent is the
+(the W3C ``traceparent`` travels with the call: a field of its link frame, or the
+gRPC metadata of a unary ``Continue``). Line 0's parent is the
 span active where the flow was started, if any, so a flow joins the trace of
 the web request or job that started it.
 
 Spans are recorded when a line ends, with the line's own start time and
-duration, so the hooks cost nothing while a handler runs.
+duration, so the hooks cost nothing while a handler runs. The parent of a flow's
+next line travels with the flow's state (``FlowState.trace``), not in a context
+variable: a flow's lines run on the event loop, on worker threads and in the
+caller's thread, one after another.
 """
 
 # OpenTelemetry is imported inside the hooks, and only once the application has
@@ -30,112 +34,80 @@ duration, so the hooks cost nothing while a handler runs.
 from __future__ import annotations
 
 import sys
-import time
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import grpc
-
-    from mesh.runtime import FlowState, LocalStep
-
-__all__ = ["adopt", "outgoing", "step", "step_failed"]
+__all__ = ["enabled", "parent_from", "record", "started_here", "traceparent"]
 
 _API = "opentelemetry.trace"
 TRACER = "mesh"
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 
-#: (flow_id, the OpenTelemetry context whose span is the parent of that flow's
-#: next line here). Keyed by flow so a new inline flow in the same thread does
-#: not hang under the last flow's line.
-_parent: ContextVar[tuple[str, Any] | None] = ContextVar("mesh_trace_parent", default=None)
 _tracer: Any = None
 
 
-def _parent_context(flow_id: str) -> Any:
-    held = _parent.get()
-    if held is not None and held[0] == flow_id:
-        return held[1]
+def enabled() -> bool:
+    """Whether this process traces: the application has imported OpenTelemetry."""
+    return _API in sys.modules
+
+
+def started_here() -> Any:
+    """The parent of line 0 of a flow started now: the span active here, if tracing."""
+    if _API not in sys.modules:
+        return None
     from opentelemetry import context as otel_context
 
     return otel_context.get_current()
 
 
-def _record(
-    api: Any, state: FlowState, index: int, times: tuple[float, float], error: str = ""
-) -> None:
-    """Record line ``index``'s span: ``times`` is (wall-clock start, duration) in seconds."""
-    start, duration = times
+def record(
+    parent: Any,
+    name: str,
+    attributes: dict[str, Any],
+    start: float,
+    duration: float,
+    *,
+    error: str = "",
+) -> Any:
+    """Record one line's span under ``parent``; returns the parent of the flow's next line
+    here (this span). ``start`` is wall-clock seconds; ``error``, secrets scrubbed, marks
+    a step that raised. A no-op (returning ``parent``) when tracing is off."""
+    api = sys.modules.get(_API)
+    if api is None:
+        return parent
     global _tracer
-    flow = state.flow
     tracer = _tracer
     if tracer is None:
         # Made once: a tracer taken before the application sets its provider is
         # OpenTelemetry's proxy, which follows the provider set later.
         tracer = _tracer = api.get_tracer(TRACER)
+    if parent is None:
+        from opentelemetry import context as otel_context
+
+        parent = otel_context.get_current()
     start_ns = int(start * 1e9)
-    span = tracer.start_span(
-        flow.lines[index].text,
-        context=_parent_context(state.flow_id),
-        start_time=start_ns,
-        attributes={
-            "flow_id": state.flow_id,
-            "request": flow.name,
-            "line_index": index,
-            "machine": state.node.machine,
-        },
-    )
+    span = tracer.start_span(name, context=parent, start_time=start_ns, attributes=attributes)
     if error:
         from opentelemetry.trace import Status, StatusCode
 
         span.set_status(Status(StatusCode.ERROR, error))
     span.end(end_time=start_ns + int(duration * 1e9))
-    context = api.set_span_in_context(api.NonRecordingSpan(span.get_span_context()))
-    _parent.set((state.flow_id, context))
+    return api.set_span_in_context(api.NonRecordingSpan(span.get_span_context()))
 
 
-def step(state: FlowState, done: LocalStep) -> None:
-    """A line ended on this machine: record its span (no-op when tracing is off)."""
-    api = sys.modules.get(_API)
-    if api is not None:
-        index, _text, _machine, start, duration = done
-        _record(api, state, index, (start, duration))
-
-
-def step_failed(state: FlowState, index: int, exc: BaseException) -> None:
-    """A line's handler raised: record its span with an ERROR status."""
-    api = sys.modules.get(_API)
-    if api is None:
-        return
-    # The line was opened by runtime.open_line, which noted its wall-clock start.
-    start = state._wall or time.time()
-    duration = max(time.time() - start, 0.0)
-    error = state.scrub(f"{type(exc).__name__}: {exc}")
-    _record(api, state, index, (start, duration), error)
-
-
-def outgoing(state: FlowState) -> tuple[tuple[str, str], ...] | None:
-    """gRPC metadata carrying the trace context to the next machine; None when off."""
+def traceparent(parent: Any) -> str:
+    """The W3C ``traceparent`` of ``parent``, for the next machine; "" when tracing is off."""
     if _API not in sys.modules:
-        return None
+        return ""
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     carrier: dict[str, str] = {}
-    TraceContextTextMapPropagator().inject(carrier, context=_parent_context(state.flow_id))
-    return tuple(carrier.items()) or None
+    TraceContextTextMapPropagator().inject(carrier, context=parent)
+    return carrier.get("traceparent", "")
 
 
-def adopt(state: FlowState, call: grpc.ServicerContext) -> None:
-    """On a peer: make the caller's line, from the call's metadata, the parent of ours."""
-    if _API not in sys.modules:
-        return
+def parent_from(value: str) -> Any:
+    """On a peer: the caller's line, from the ``traceparent`` it sent, as our parent."""
+    if not value or _API not in sys.modules:
+        return None
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    carrier = {
-        key: value
-        for key, value in call.invocation_metadata() or ()
-        if key in (TRACEPARENT, TRACESTATE) and isinstance(value, str)
-    }
-    if carrier:
-        _parent.set((state.flow_id, TraceContextTextMapPropagator().extract(carrier)))
+    return TraceContextTextMapPropagator().extract({"traceparent": value})

@@ -1,23 +1,25 @@
 """How one machine's channels and server are secured and bounded.
 
 The one place that turns the config's ``[tls]``, token and ``max_message_bytes`` into gRPC
-objects: the dialer asks :meth:`Transport.open_channel` for a channel to a machine, the
-server asks :meth:`Transport.guard` and :meth:`Transport.add_port`, and the
-health probes :meth:`Transport.probe_args`. Plaintext without a token stays the default, for
-development on one host; a peer that listens in plaintext beyond loopback warns.
+objects: the node's links ask :meth:`Transport.link_channel` for a channel to each replica
+(and send :meth:`Transport.link_metadata` when a link opens), the server asks
+:meth:`Transport.guard`, :meth:`Transport.server_options` and :meth:`Transport.add_port`,
+and health probes and tools :meth:`Transport.open_channel` (blocking gRPC). Plaintext
+without a token stays the default, for development on one host; a peer that listens in
+plaintext beyond loopback warns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 import structlog
 
 from mesh.addresses import is_loopback
 from mesh.credentials import channel_credentials, server_credentials, target_name_option
-from mesh.guard import ClientToken, Guard
+from mesh.guard import Guard
 from mesh.tls import TLSConfig
 from mesh.token import Token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES, message_options
@@ -31,6 +33,75 @@ __all__ = ["Transport"]
 _log = structlog.get_logger("mesh")
 
 _LIMIT_KEYS = frozenset({"grpc.max_send_message_length", "grpc.max_receive_message_length"})
+
+#: The metadata key a link's opener (and the peer, in its initial metadata) states the
+#: largest message it takes in, so each side sends the other nothing larger.
+LIMIT_KEY = "mesh-max-message"
+
+#: Channel options of a link: each replica has a channel of its own, dialled again soon
+#: after it went away, and a silent partition is found by keepalive pings within seconds
+#: rather than when TCP gives up, minutes later.
+LINK_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 3000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+#: What a peer lets callers do that links need: keepalive pings every few seconds.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.so_reuseport", 0),  # two peers started on one port would otherwise share it
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
+
+def frame_limit(limit: int) -> int:
+    """gRPC's own limit for messages on a link: room for a call or reply of ``limit``
+    bytes in its frame, so that an oversized one is refused by the mesh, naming its
+    size, not by gRPC, which would break the whole link."""
+    return min(limit + limit // 8 + 64 * 1024, 2**31 - 1)
+
+
+class _Details(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _CallDetails(_Details, grpc.ClientCallDetails):  # type: ignore[misc]
+    pass
+
+
+class ClientToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds the token to every unary call a blocking channel makes (call credentials
+    would need TLS)."""
+
+    def __init__(self, token: Token) -> None:
+        self._pair = token.header()
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        metadata = [*(details.metadata or ()), self._pair]
+        new = _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+        return continuation(new, request)
 
 
 class Transport:
@@ -90,6 +161,26 @@ class Transport:
             channel = grpc.intercept_channel(channel, ClientToken(self.token))
         return channel
 
+    def link_channel(self, machine: str, address: str) -> grpc.aio.Channel:
+        """A ``grpc.aio`` channel to one replica of ``machine``, for a link (mesh/links.py)."""
+        credentials, opts = self.probe_args(machine, LINK_OPTIONS)
+        limit = frame_limit(self.max_message_bytes)
+        opts = [o for o in opts if o[0] not in _LIMIT_KEYS]
+        opts += [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ]
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=opts)
+        return grpc.aio.secure_channel(address, credentials, options=opts)
+
+    def link_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What a link sends when it opens: the token, and the largest reply it takes."""
+        pairs = [(LIMIT_KEY, str(self.max_message_bytes))]
+        if self.token is not None:
+            pairs.append(self.token.header())
+        return tuple(pairs)
+
     def unavailable_hint(self, machine: str, details: str) -> str:
         """Words to add when ``machine`` could not be reached and TLS is the likely cause:
         gRPC's own message ("Socket closed", "Tls handshake failed") does not say so."""
@@ -111,7 +202,13 @@ class Transport:
     # -- serving -------------------------------------------------------------------------
 
     def server_options(self) -> list[tuple[str, Any]]:
-        return list(message_options(self.max_message_bytes))
+        """A peer's server: a unary call up to the limit, link frames with room around it."""
+        limit = frame_limit(self.max_message_bytes)
+        return [
+            *SERVER_OPTIONS,
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ]
 
     def guard(self, flows: FlowSet) -> Guard:
         """What admits or refuses each call of the mesh service (mesh/guard.py)."""
@@ -123,7 +220,7 @@ class Transport:
             tls=self.tls.of(self.machine) is not None,
         )
 
-    def add_port(self, server: grpc.Server, listen: str) -> int:
+    def add_port(self, server: grpc.Server | grpc.aio.Server, listen: str) -> int:
         """Bind ``listen`` with TLS when this machine has a certificate, else in plaintext
         (with a warning when the address is reachable from other hosts). 0: not bound."""
         files = self.tls.of(self.machine)

@@ -43,14 +43,15 @@ class Workers:
         self._threads: list[threading.Thread] = []
         self.busy = 0  # functions submitted and not yet finished
 
-    def run(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        """Run ``fn(*args)`` on a worker thread, in a copy of the caller's context;
-        await its result (its exception, raised again here)."""
+    def run(self, context: contextvars.Context, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """Run ``fn(*args)`` on a worker thread, in ``context`` (which nothing else may be
+        running in meanwhile: the awaiting task's own, say); await its result (its
+        exception, raised again here)."""
         future: asyncio.Future[T] = self._loop.create_future()
         if len(self._threads) < self._size and self.busy >= len(self._threads):
             self._start_thread()
         self.busy += 1
-        self._tasks.put((future, contextvars.copy_context(), fn, args))
+        self._tasks.put((future, context, fn, args))
         return future
 
     def _start_thread(self) -> None:

@@ -1,6 +1,7 @@
-"""A hostile peer: a hand-written gRPC server of ``mesh.v1.Mesh/Continue`` that forges replies.
+"""A hostile peer: a hand-written gRPC server of ``mesh.v1.Mesh`` that forges replies.
 
-It runs as its own process (``python hostile.py [--port N]``), prints ``PORT <n>`` once it
+It serves both ways in: unary ``Continue``, and ``Link`` streams (each request frame
+answered by a reply frame, as a peer does). It runs as its own process (``python hostile.py [--port N]``), prints ``PORT <n>`` once it
 serves, and answers every ``Continue`` with the reply the call's own context asks for under
 the key ``"forge"``, so one process serves every attack a test tries::
 
@@ -122,15 +123,37 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"call": {**call, "via": list(request.via)}}), flush=True)
         return forged(request, args.machine)
 
+    def link(frames: Any, context: grpc.ServicerContext) -> Any:
+        yield pb.Frame(received=0).SerializeToString()  # the link is admitted
+        for data in frames:
+            frame = pb.Frame.FromString(data)
+            if frame.WhichOneof("body") != "request":
+                continue
+            request = frame.request
+            with lock:
+                call = {"flow_id": request.flow_id, "line_index": request.line_index}
+                print(json.dumps({"call": {**call, "via": list(request.via)}}), flush=True)
+            reply = pb.ContinueReply.FromString(forged(request, args.machine))
+            yield pb.Frame(call=frame.call, reply=reply, received=frame.call).SerializeToString()
+
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
-        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
     )
     handler = grpc.unary_unary_rpc_method_handler(
         handle, request_deserializer=None, response_serializer=None
     )
+    streams = grpc.stream_stream_rpc_method_handler(
+        link, request_deserializer=None, response_serializer=None
+    )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, {"Continue": handler}),)
+        (grpc.method_handlers_generic_handler(SERVICE, {"Continue": handler, "Link": streams}),)
     )
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
