@@ -176,7 +176,12 @@ class Peer:
         deadline = deadlines.local_deadline(time.monotonic(), timeout)
         serving = self.serving[key] = _Serving(key, request, running)
         coro = runtime.serve(
-            self._node, request, admitted.context, deadline, traceparent, started=serving.began
+            self._node,
+            request,
+            admitted.context,
+            deadline,
+            traceparent=traceparent,
+            started=serving.began,
         )
         # A fresh context per call: nothing of one flow may leak into another.
         task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())

@@ -463,33 +463,24 @@ async def _in_worker(place: Place, state: FlowState, index: int, fn: Handler) ->
     wakes up in it.)"""
     variables = contextvars.copy_context()
     ran = place.run_in_worker(variables, run_handler, state, index, fn)
-    try:
-        await ran
-    except asyncio.CancelledError:
-        # The flow was stopped here meanwhile (runtime.stop): the handler cannot be, so
-        # the flow waits for it, and its next move fails, naming the line it did not run.
-        task = asyncio.current_task()
-        if task is not None:
+    while True:
+        # Shielded: the handler cannot be stopped, so if the flow is stopped here meanwhile
+        # (runtime.stop cancels its task) the flow still waits for the handler to return;
+        # its next move then fails, naming the line it did not run.
+        try:
+            await asyncio.shield(ran)
+            break
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or (asyncio.isfuture(ran) and ran.cancelled()):
+                raise
             task.uncancel()
-        await _uncancellable(ran)
     for var, value in variables.items():
         if var.get(_UNSET) is not value:
             var.set(value)
 
 
 _UNSET: Final = object()
-
-
-async def _uncancellable(ran: Awaitable[None]) -> None:
-    """Wait for ``ran`` to the end, whatever cancels the waiting task meanwhile."""
-    while True:
-        try:
-            await asyncio.shield(ran)
-            return
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -866,8 +857,8 @@ async def serve(
     request: _pb2.ContinueRequest,
     context: dict[str, Any],
     deadline: float,
-    traceparent: str = "",
     *,
+    traceparent: str = "",
     started: Callable[[FlowState], None] | None = None,
 ) -> bytes:
     """A peer's whole handling of one admitted call: run ``request``'s line, and what
