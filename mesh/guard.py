@@ -37,6 +37,7 @@ guarded, so probes need no token.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,71 @@ class Guard:
         from mesh.credentials import peer_machines  # noqa: PLC0415 - only with TLS
 
         return peer_machines(context)
+
+    def method_handlers(
+        self, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> dict[str, grpc.RpcMethodHandler]:
+        """``handlers`` (method name -> handler of mesh.v1.Mesh), each behind the token.
+
+        ``Continue`` and ``Link`` check it themselves, with every other check; a method
+        added to the service later gets the token check here, whatever kind it is (sync
+        or ``async def``, unary or streaming).
+        """
+        return {
+            name: handler if name in ("Continue", "Link") else self._token_only(handler)
+            for name, handler in handlers.items()
+        }
+
+    def _token_only(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        kinds = {
+            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        }
+        attr, make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        inner = getattr(handler, attr)
+        checked: Any
+        if inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner):
+
+            async def refuse(context: Any, refusal: Refusal) -> None:
+                self.log(refusal, context.peer())
+                await context.abort(refusal.code, refusal.message)
+
+            if inspect.isasyncgenfunction(inner):
+
+                async def checked(request: Any, context: Any) -> Any:
+                    try:
+                        self.authenticate(context.invocation_metadata())
+                    except Refusal as refusal:
+                        await refuse(context, refusal)
+                    async for item in inner(request, context):
+                        yield item
+
+            else:
+
+                async def checked(request: Any, context: Any) -> Any:
+                    try:
+                        self.authenticate(context.invocation_metadata())
+                    except Refusal as refusal:
+                        await refuse(context, refusal)
+                    return await inner(request, context)
+
+        else:
+
+            def checked(request: Any, context: Any) -> Any:
+                try:
+                    self.authenticate(context.invocation_metadata())
+                except Refusal as refusal:
+                    self.log(refusal, context.peer())
+                    context.abort(refusal.code, refusal.message)
+                return inner(request, context)
+
+        return make(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     # -- once per call ---------------------------------------------------------------
 
@@ -254,6 +320,7 @@ class Guard:
         """The (serialized) reply, or a step failure when it would not fit in a message for
         the caller (``limit``, the caller's own when it said, else this peer's): sent, it
         would fail the call, or break the link, as over the limit."""
+        theirs = bool(limit) and limit < self.limit
         limit = min(limit or self.limit, self.limit)
         size = len(reply)
         if size <= limit:
@@ -269,8 +336,13 @@ class Guard:
                 line=flow.lines[last].text,
                 line_index=last,
                 error_type="ContextError",
-                detail=f"the context grew to a {size:,}-byte reply, over the {limit:,}-byte"
-                " limit (max_message_bytes in mesh.toml)",
+                detail=(
+                    f"the reply to the caller was {size:,} bytes, over the caller's"
+                    f" {limit:,}-byte limit (max_message_bytes in its mesh.toml)"
+                    if theirs
+                    else f"the context grew to a {size:,}-byte reply, over the {limit:,}-byte"
+                    " limit (max_message_bytes in mesh.toml)"
+                ),
             )
         )
         _log.error("mesh.reply_too_large", size=size, limit=limit, request=request.request)

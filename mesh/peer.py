@@ -29,21 +29,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mesh import deadlines, frames, runtime
+from mesh.config import Config
 from mesh.dedup import Forgotten, Replayed, Replies, _Done, _Running
 from mesh.errors import MeshError
 from mesh.guard import Admitted, Guard, Refusal
 from mesh.links import LINK_METHOD
 from mesh.transport import LIMIT_KEY, Transport
-
-if TYPE_CHECKING:
-    from mesh.node import Node
 
 _log = structlog.get_logger("mesh")
 
@@ -58,6 +56,21 @@ LAST_REPLIES = 1.0
 ACK_DELAY = 0.005
 
 _Key = tuple[str, int]
+
+
+class Node(runtime.Place, Protocol):
+    """What a peer needs of its node (mesh.node.Node), besides what a flow needs: a
+    protocol, so that the node, which imports this module, is not imported back."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def waiting_below(self) -> int:
+        """Calls the node's flows wait on at another machine, now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +530,11 @@ class Server:
             ),
         }
         self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE_NAME, self.peer.guard.method_handlers(handlers)
+                ),
+            )
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
-import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,24 @@ class Clock:
 FP = b"call-1"  # the fingerprint of "the" call; a retry sends the same
 
 
+def once(  # noqa: PLR0917 - the arguments of Replies.once
+    replies: Replies[Any],
+    flow_id: str,
+    line: int,
+    fingerprint: bytes,
+    run: Callable[[], Any],
+    wait: float,
+    *,
+    fresh: bool = False,
+) -> Any:
+    """``Replies.once`` from synchronous test code: ``run`` is a plain function."""
+
+    async def step() -> Any:
+        return run()
+
+    return asyncio.run(replies.once(flow_id, line, fingerprint, step, wait, fresh=fresh))
+
+
 def test_finished_step_answers_from_the_record() -> None:
     """A second call for a finished step gets the first reply; the step is not run again."""
     replies: Replies[str] = Replies(10, 60)
@@ -37,9 +56,9 @@ def test_finished_step_answers_from_the_record() -> None:
         runs.append(1)
         return f"reply {len(runs)}"
 
-    assert replies.once("f1", 2, FP, run, 1) == "reply 1"
-    assert replies.once("f1", 2, FP, run, 1) == "reply 1"
-    assert replies.once("f1", 3, FP, run, 1) == "reply 2"
+    assert once(replies, "f1", 2, FP, run, 1) == "reply 1"
+    assert once(replies, "f1", 2, FP, run, 1) == "reply 1"
+    assert once(replies, "f1", 3, FP, run, 1) == "reply 2"
     assert len(runs) == 2
     assert replies.duplicates == 1
 
@@ -47,60 +66,74 @@ def test_finished_step_answers_from_the_record() -> None:
 def test_duplicate_of_a_running_step_waits_for_it() -> None:
     """A duplicate arriving while the step runs waits and gets the same reply."""
     replies: Replies[str] = Replies(10, 60)
-    started, release = threading.Event(), threading.Event()
     runs: list[int] = []
 
-    def slow() -> str:
-        runs.append(1)
-        started.set()
-        release.wait(10)
-        return "the one reply"
+    async def both() -> tuple[str | None, str | None]:
+        release = asyncio.Event()
 
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(replies.once, "k", 1, FP, slow, 10)
-        assert started.wait(10)
-        second = pool.submit(replies.once, "k", 1, FP, slow, 10)
+        async def slow() -> str:
+            runs.append(1)
+            await release.wait()
+            return "the one reply"
+
+        first = asyncio.ensure_future(replies.once("k", 1, FP, slow, 10))
+        await asyncio.sleep(0)  # the first call is running now
+        second = asyncio.ensure_future(replies.once("k", 1, FP, slow, 10))
+        await asyncio.sleep(0)
         release.set()
-        assert first.result(10) == second.result(10) == "the one reply"
+        return await first, await second
+
+    assert asyncio.run(both()) == ("the one reply", "the one reply")
     assert runs == [1]
 
 
 def test_duplicate_gives_up_at_its_own_deadline() -> None:
     """A duplicate whose wait ends before the first run does gets None, not a second run."""
     replies: Replies[str] = Replies(10, 60)
-    release = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(replies.once, "k", 1, FP, lambda: release.wait(10) and "done", 10)
-        while ("k", 1) not in replies:
-            threading.Event().wait(0.01)
-        assert replies.once("k", 1, FP, lambda: "second run", 0.05) is None
+
+    async def both() -> tuple[str | None, str | None]:
+        release = asyncio.Event()
+
+        async def slow() -> str:
+            await release.wait()
+            return "done"
+
+        async def second_run() -> str:
+            return "second run"
+
+        first = asyncio.ensure_future(replies.once("k", 1, FP, slow, 10))
+        await asyncio.sleep(0)
+        assert ("k", 1) in replies
+        second = await replies.once("k", 1, FP, second_run, 0.05)
         release.set()
-        assert first.result(10) == "done"
+        return await first, second
+
+    assert asyncio.run(both()) == ("done", None)
 
 
 def test_record_is_bounded_by_size() -> None:
     """Past ``size`` finished entries the oldest is forgotten (and would run again)."""
     replies: Replies[str] = Replies(3, 60)
     for n in range(5):
-        replies.once(f"f{n}", 1, FP, lambda n=n: str(n), 1)
+        once(replies, f"f{n}", 1, FP, lambda n=n: str(n), 1)
     assert len(replies) == 3
     assert ("f0", 1) not in replies and ("f1", 1) not in replies
-    assert replies.once("f4", 1, FP, lambda: "again", 1) == "4"
-    assert replies.once("f0", 1, FP, lambda: "again", 1) == "again"
+    assert once(replies, "f4", 1, FP, lambda: "again", 1) == "4"
+    assert once(replies, "f0", 1, FP, lambda: "again", 1) == "again"
 
 
 def test_record_is_bounded_by_age() -> None:
     """A finished entry older than ``age`` seconds is forgotten."""
     clock = Clock()
     replies: Replies[str] = Replies(100, 5, clock=clock)
-    replies.once("old", 1, FP, lambda: "first", 1)
+    once(replies, "old", 1, FP, lambda: "first", 1)
     clock.now += 4
-    replies.once("young", 1, FP, lambda: "first", 1)
-    assert replies.once("old", 1, FP, lambda: "again", 1) == "first"
+    once(replies, "young", 1, FP, lambda: "first", 1)
+    assert once(replies, "old", 1, FP, lambda: "again", 1) == "first"
     clock.now += 2  # "old" is 6 s old now, "young" 2 s
-    assert replies.once("young", 1, FP, lambda: "again", 1) == "first"
+    assert once(replies, "young", 1, FP, lambda: "again", 1) == "first"
     assert ("old", 1) not in replies
-    assert replies.once("old", 1, FP, lambda: "again", 1) == "again"
+    assert once(replies, "old", 1, FP, lambda: "again", 1) == "again"
 
 
 def test_a_step_that_raises_is_not_recorded() -> None:
@@ -111,9 +144,9 @@ def test_a_step_that_raises_is_not_recorded() -> None:
         raise RuntimeError("bug")
 
     with pytest.raises(RuntimeError):
-        replies.once("k", 0, FP, boom, 1, fresh=True)
+        once(replies, "k", 0, FP, boom, 1, fresh=True)
     assert ("k", 0) not in replies
-    assert replies.once("k", 0, FP, lambda: "ran", 1, fresh=True) == "ran"
+    assert once(replies, "k", 0, FP, lambda: "ran", 1, fresh=True) == "ran"
 
 
 def test_size_age_and_bytes_must_be_positive() -> None:
@@ -127,20 +160,31 @@ def test_another_call_for_a_known_step_is_replayed() -> None:
     """Only the very call that ran a step (same fingerprint) gets its reply; another call
     naming the step, finished or running, is Replayed and runs nothing."""
     replies: Replies[str] = Replies(10, 60)
-    replies.once("f1", 0, FP, lambda: "ada's reply", 1, fresh=True)
+    once(replies, "f1", 0, FP, lambda: "ada's reply", 1, fresh=True)
     with pytest.raises(Replayed):
-        replies.once("f1", 0, b"mallory", lambda: "ran", 1, fresh=True)
+        once(replies, "f1", 0, b"mallory", lambda: "ran", 1, fresh=True)
     with pytest.raises(Replayed):
         replies.seen("f1", 0, b"mallory", fresh=True)
-    release = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(replies.once, "f2", 3, FP, lambda: release.wait(10) and "r", 10)
-        while ("f2", 3) not in replies:
-            threading.Event().wait(0.01)
+
+    async def running_step() -> str | None:
+        release = asyncio.Event()
+
+        async def slow() -> str:
+            await release.wait()
+            return "r"
+
+        async def ran() -> str:
+            return "ran"
+
+        running = asyncio.ensure_future(replies.once("f2", 3, FP, slow, 10))
+        await asyncio.sleep(0)
+        assert ("f2", 3) in replies
         with pytest.raises(Replayed):
-            replies.once("f2", 3, b"mallory", lambda: "ran", 1)
+            await replies.once("f2", 3, b"mallory", ran, 1)
         release.set()
-        assert running.result(10) == "r"
+        return await running
+
+    assert asyncio.run(running_step()) == "r"
     assert replies.duplicates == 0
 
 
@@ -148,11 +192,11 @@ def test_a_known_flow_id_cannot_start_a_flow() -> None:
     """A call that starts a flow (fresh) with an id known at any line is Replayed; a later
     line of a known flow (the flow coming back to this peer) is not."""
     replies: Replies[str] = Replies(10, 60)
-    replies.once("f1", 1, FP, lambda: "line 1", 1)
+    once(replies, "f1", 1, FP, lambda: "line 1", 1)
     with pytest.raises(Replayed):
-        replies.once("f1", 0, FP, lambda: "ran", 1, fresh=True)
-    assert replies.once("f1", 3, b"another call", lambda: "line 3", 1) == "line 3"
-    assert replies.once("f2", 0, FP, lambda: "new flow", 1, fresh=True) == "new flow"
+        once(replies, "f1", 0, FP, lambda: "ran", 1, fresh=True)
+    assert once(replies, "f1", 3, b"another call", lambda: "line 3", 1) == "line 3"
+    assert once(replies, "f2", 0, FP, lambda: "new flow", 1, fresh=True) == "new flow"
 
 
 def test_replies_are_bounded_by_bytes_and_a_retry_of_a_dropped_one_is_forgotten() -> None:
@@ -160,19 +204,19 @@ def test_replies_are_bounded_by_bytes_and_a_retry_of_a_dropped_one_is_forgotten(
     of such a step is Forgotten (told it ran), never run a second time."""
     replies: Replies[bytes] = Replies(100, 60, max_bytes=2500)
     for n in range(5):
-        replies.once(f"f{n}", 1, FP, lambda: b"x" * 1000, 1)
+        once(replies, f"f{n}", 1, FP, lambda: b"x" * 1000, 1)
     assert replies.bytes == 2000
     assert len(replies) == 5
     for n in range(3):
         with pytest.raises(Forgotten):
-            replies.once(f"f{n}", 1, FP, lambda: b"second run", 1)
+            once(replies, f"f{n}", 1, FP, lambda: b"second run", 1)
         with pytest.raises(Replayed):  # and another call still gets nothing
-            replies.once(f"f{n}", 1, b"mallory", lambda: b"second run", 1)
-    assert replies.once("f4", 1, FP, lambda: b"second run", 1) == b"x" * 1000
-    replies.once("big", 1, FP, lambda: b"y" * 5000, 1)  # larger than the bound by itself
+            once(replies, f"f{n}", 1, b"mallory", lambda: b"second run", 1)
+    assert once(replies, "f4", 1, FP, lambda: b"second run", 1) == b"x" * 1000
+    once(replies, "big", 1, FP, lambda: b"y" * 5000, 1)  # larger than the bound by itself
     assert replies.bytes == 0
     with pytest.raises(Forgotten):
-        replies.once("big", 1, FP, lambda: b"second run", 1)
+        once(replies, "big", 1, FP, lambda: b"second run", 1)
 
 
 def test_forgotten_steps_are_bounded_by_size_and_age() -> None:
@@ -181,14 +225,14 @@ def test_forgotten_steps_are_bounded_by_size_and_age() -> None:
     clock = Clock()
     replies: Replies[bytes] = Replies(3, 5, max_bytes=1500, clock=clock)
     for n in range(3):
-        replies.once(f"f{n}", 1, FP, lambda: b"x" * 1000, 1)
+        once(replies, f"f{n}", 1, FP, lambda: b"x" * 1000, 1)
     assert (replies.bytes, len(replies)) == (1000, 3)
-    replies.once("f3", 1, FP, lambda: b"x" * 10, 1)  # f0 goes by size
+    once(replies, "f3", 1, FP, lambda: b"x" * 10, 1)  # f0 goes by size
     assert (replies.bytes, len(replies)) == (1010, 3)
     assert ("f0", 1) not in replies
     clock.now += 6
     assert (len(replies), replies.bytes) == (0, 0)
-    assert replies.once("f1", 1, FP, lambda: b"ran again", 1) == b"ran again"
+    assert once(replies, "f1", 1, FP, lambda: b"ran again", 1) == b"ran again"
 
 
 # -- a reply lost for real -------------------------------------------------------------

@@ -101,7 +101,8 @@ def test_a_reply_over_the_originators_limit_says_so(
 ) -> None:
     """The server (default 4 MiB limit) replies with a 100 kB context to a client whose
     max_message_bytes is 64 KiB: a ContextError saying the reply exceeded the limit, with both
-    sizes (before: 'server … is busy')."""
+    sizes (before: 'server … is busy'). The client says its limit when its link opens, so
+    the server refuses to send it, failing the line that grew the context."""
     mesh_dir.flow(LOGIN_FLOW)
     mesh_dir.service(GROWING_SERVICE)
     mesh_dir.write_config({"client": False, "server": True})
@@ -114,11 +115,11 @@ def test_a_reply_over_the_originators_limit_says_so(
         node.start("login", username="ada", password="pw", timeout=10)
     message = str(info.value)
     assert "busy" not in message
-    assert "reply from server" in message
-    assert "over this machine's 65,536-byte limit (max_message_bytes in mesh.toml)" in message
+    assert "the reply to the caller" in message
+    assert "over the caller's 65,536-byte limit (max_message_bytes in its mesh.toml)" in message
     assert re.search(r"was 100,\d{3} bytes", message)  # 100 kB of session and the rest
     assert isinstance(info.value, mesh.FlowError)
-    assert (info.value.machine, info.value.line_index) == ("server", 1)  # the line called
+    assert (info.value.machine, info.value.line_index) == ("server", 4)  # the last it ran
 
 
 # -- every field of a Failure, for every kind ---------------------------------------------

@@ -187,7 +187,7 @@ def test_pure_modules_import_nothing_that_imports_grpc(graph: ImportGraph, modul
 
 def test_the_graph_sees_grpc_where_it_is(graph: ImportGraph) -> None:
     """The helper is not blind: the runtime's gRPC modules are found, and reached from cli."""
-    assert {"mesh.peer", "mesh.dialer", "mesh.guard", "mesh.credentials"} <= graph.importers("grpc")
+    assert {"mesh.peer", "mesh.links", "mesh.guard", "mesh.credentials"} <= graph.importers("grpc")
     assert "mesh.peer" in graph.closure("mesh.cli")
     assert graph.path("mesh.cli", "mesh.supervisor") == ["mesh.cli", "mesh.supervisor"]
 
@@ -228,3 +228,9 @@ def test_layout_names_every_module() -> None:
     }
     assert sorted(modules - listed) == []
     assert sorted(listed - modules) == []
+
+
+def test_no_module_of_mesh_imports_one_that_imports_it_back(graph: ImportGraph) -> None:
+    """No import circle in mesh/, counting imports under TYPE_CHECKING: a flow's state has
+    one owner (runtime), the node and the peer are reached through protocols there."""
+    assert graph.cycles() == []

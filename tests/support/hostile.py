@@ -1,9 +1,10 @@
 """A hostile peer: a hand-written gRPC server of ``mesh.v1.Mesh`` that forges replies.
 
 It serves both ways in: unary ``Continue``, and ``Link`` streams (each request frame
-answered by a reply frame, as a peer does). It runs as its own process (``python hostile.py [--port N]``), prints ``PORT <n>`` once it
-serves, and answers every ``Continue`` with the reply the call's own context asks for under
-the key ``"forge"``, so one process serves every attack a test tries::
+answered by a reply frame, as a peer does). It runs as its own process (``python
+hostile.py [--port N]``), prints ``PORT <n>`` once it serves, and answers every call with
+the reply the call's own context asks for under the key ``"forge"``, so one process
+serves every attack a test tries::
 
     {"forge": {"outcome": "hand_off", "machine": "client", "line_index": 0, "steps": [1]}}
     {"forge": {"outcome": "done", "steps": [1]}}

@@ -2,9 +2,11 @@
 
 It reads the HTTP/2 frames going each way (a 9-byte header: 3 bytes length, 1 type,
 1 flags, 4 stream id). A client stream whose DATA carries ``marker`` (bytes of the
-request, such as the flow's name) is marked; the first HEADERS frame (type 1) the
-server sends on a marked stream, the start of its reply, is not forwarded: both
-sockets are closed instead. The server has run the call; the client never hears.
+request, such as the flow's name) is marked; the start of the server's reply on a
+marked stream is not forwarded: both sockets are closed instead. For a unary call that
+is the first HEADERS frame (type 1) the server sends on it; on a link (a stream that
+carries many calls), the first DATA frame that holds a reply, which is larger than the
+few bytes of an acknowledgement. The server has run the call; the client never hears.
 That happens ``drops`` times; after that the proxy forwards everything.
 :meth:`ReplyDropper.cut_all` breaks the connections open at a moment the test picks.
 """
@@ -18,6 +20,10 @@ from collections.abc import Iterable
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _HEADERS = 0, 1
+
+#: Bytes of a DATA frame that holds no reply at most: a link's acknowledgement frame (a
+#: 5-byte gRPC message prefix and a few bytes of mesh.v1.Frame).
+_ACK_AT_MOST = 24
 
 
 class ReplyDropper:
@@ -108,7 +114,8 @@ class ReplyDropper:
                     if upstream and kind == _DATA and self.marker in frame:
                         with self._lock:
                             self._marked.add((id(pair), stream))
-                    if not upstream and kind == _HEADERS and self._cut((id(pair), stream)):
+                    reply = kind == _HEADERS or (kind == _DATA and length > _ACK_AT_MOST)
+                    if not upstream and reply and self._cut((id(pair), stream)):
                         _break(pair)
                         return
                     dst.sendall(frame)
