@@ -720,13 +720,10 @@ def role_hop(calls: str, rounds: str) -> int:
     against the raw chain's handler (decode, log a line, encode, reply), each
     logging through the same structlog chain to /dev/null. Rounds alternate.
     """
-    import contextvars
-
     import structlog
 
     import mesh
-    from mesh.peer import _run as peer_run
-    from mesh.runtime import FlowState
+    from mesh import runtime
     from mesh.v1 import mesh_pb2 as pb
     from mesh.wire import load_context
 
@@ -751,17 +748,15 @@ def role_hop(calls: str, rounds: str) -> int:
         via=["client", "m0"],
     )
 
-    def mesh_hop() -> Any:  # Peer.Continue from its decode on, to the reply's bytes
-        state = FlowState(
-            node,
-            flow,
-            request.flow_id,
-            load_context(request.context),
-            time.monotonic() + 30,
-            tuple(request.via),
-            inbound=True,
-        )
-        return contextvars.Context().run(peer_run, state, 1, None)  # no call: tracing is off
+    async def serve_many(count: int) -> Any:  # on the node's loop, as a peer serves calls
+        reply = None
+        for _ in range(count):
+            context = load_context(request.context)
+            reply = await runtime.serve(node, request, context, time.monotonic() + 30)
+        return reply
+
+    def mesh_hop(count: int = 1) -> Any:  # a peer's serve, from the decode to the reply's bytes
+        return node.run_on_loop(serve_many(count))
 
     raw_log = structlog.wrap_logger(
         structlog.WriteLogger(sink),
@@ -787,14 +782,17 @@ def role_hop(calls: str, rounds: str) -> int:
         raise RuntimeError("the in-process mesh hop did not run its handler")
     times: dict[str, list[float]] = {"mesh_us": [], "raw_us": []}
     n = int(calls)
+
+    def raw_many(count: int) -> None:
+        for _ in range(count):
+            raw_hop()
+
     for r in range(int(rounds)):
-        order = [("mesh_us", mesh_hop), ("raw_us", raw_hop)]
+        order = [("mesh_us", mesh_hop), ("raw_us", raw_many)]
         for key, fn in order if r % 2 == 0 else order[::-1]:
-            for _ in range(n // 10):  # warm
-                fn()
+            fn(n // 10)  # warm
             start = time.perf_counter()
-            for _ in range(n):
-                fn()
+            fn(n)
             times[key].append((time.perf_counter() - start) / n * 1e6)
     node.close()
     print(json.dumps(times))
