@@ -86,10 +86,10 @@ class Registry:
         def register(fn: H) -> H:
             if not callable(fn):
                 raise RegistryError(f"mesh.handler({request!r}, {line!r}) decorates {fn!r}")
-            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            if inspect.isasyncgenfunction(fn):
                 raise RegistryError(
-                    f"handler {located(fn)} for {request} line {line!r} is async; handlers"
-                    " are plain functions (they run on the peer's worker threads)"
+                    f"handler {located(fn)} for {request} line {line!r} is an async"
+                    " generator; a handler is a function or an async def function"
                 )
             try:
                 inspect.signature(fn).bind({})
