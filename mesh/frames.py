@@ -23,12 +23,14 @@ __all__ = [
     "REQUEST",
     "Parts",
     "ack",
+    "batch",
     "cancel",
     "going_away",
     "refused",
     "reply",
     "request",
     "split",
+    "unbatch",
 ]
 
 # Field numbers of Frame's body (the oneof), which is also the kind a frame has.
@@ -110,6 +112,42 @@ def going_away(reason: str, received: int) -> bytes:
 def ack(received: int) -> bytes:
     """A frame with no body: every call up to ``received`` has been read."""
     return bytes((_RECEIVED,)) + _varint(received)
+
+
+def batch(frames: list[bytes]) -> bytes:
+    """One ``Frames`` message holding ``frames`` (each a serialized ``Frame``), in order."""
+    return b"".join(b"\x0a" + _varint(len(frame)) + frame for frame in frames)
+
+
+def unbatch(data: bytes) -> list[bytes]:
+    """The frames of a ``Frames`` message; ValueError if it is not one (other fields of a
+    newer peer are skipped)."""
+    out: list[bytes] = []
+    i, end = 0, len(data)
+    try:
+        while i < end:
+            tag, i = _read_varint(data, i)
+            wire = tag & 7
+            if wire == 2:
+                size, i = _read_varint(data, i)
+                if i + size > end:
+                    raise ValueError("truncated frame")
+                if tag == 0x0A:
+                    out.append(data[i : i + size])
+                i += size
+            elif wire == 0:
+                _, i = _read_varint(data, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            else:
+                raise ValueError(f"wire type {wire}")
+    except IndexError:
+        raise ValueError("truncated message") from None
+    if i != end:
+        raise ValueError("truncated message")
+    return out
 
 
 class Parts(NamedTuple):

@@ -157,12 +157,21 @@ class _Link:
             self._call.cancel()
 
     async def _frames(self) -> AsyncIterator[bytes]:
+        """The link's messages: every frame queued by the time the last message has gone
+        (gRPC asks for the next only then), so that under load many share one message."""
         out = self._out
         while True:
             frame = await out.get()
             if frame is None:
                 return
-            yield frame
+            ready = [frame]
+            while not out.empty():
+                more = out.get_nowait()
+                if more is None:
+                    yield frames.batch(ready)
+                    return
+                ready.append(more)
+            yield frames.batch(ready)
 
     # -- receiving -------------------------------------------------------------------
 
@@ -180,7 +189,8 @@ class _Link:
             )
             call = self._call = stream(self._frames(), metadata=replica.owner.metadata)
             async for data in call:
-                self._on_frame(data)
+                for frame in frames.unbatch(data):
+                    self._on_frame(frame)
             status, details = await call.code(), await call.details()
         except grpc.aio.AioRpcError as exc:
             status, details = exc.code(), exc.details() or ""

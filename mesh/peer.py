@@ -297,15 +297,23 @@ class Peer:
         self.links.add(link)
         reader = asyncio.get_running_loop().create_task(link.read(requests))
         try:
-            yield frames.ack(0)  # the link is admitted
+            yield frames.batch([frames.ack(0)])  # the link is admitted
             if self.draining:
                 link.going_away("stopping")
             out = link.out
             while True:
+                # Every frame ready by now, in one message (see mesh/links.py).
                 frame = await out.get()
                 if frame is None:
                     return
-                yield frame
+                ready = [frame]
+                while not out.empty():
+                    more = out.get_nowait()
+                    if more is None:
+                        yield frames.batch(ready)
+                        return
+                    ready.append(more)
+                yield frames.batch(ready)
         finally:
             reader.cancel()
             self.links.discard(link)
@@ -374,19 +382,20 @@ class _Inbound:
         try:
             async for data in requests:
                 try:
-                    parts = frames.split(data)
+                    batch = [frames.split(frame) for frame in frames.unbatch(data)]
                 except ValueError as exc:
                     self._peer.guard.log(
-                        Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable frame: {exc}"),
+                        Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable frames: {exc}"),
                         self.who,
                     )
                     continue
-                if parts.kind == frames.REQUEST:
-                    self._request(parts)
-                elif parts.kind == frames.CANCEL:
-                    serving = self.calls.pop(parts.call, None)
-                    if serving is not None:
-                        self._peer.leave(serving, cancel="cancelled by its caller")
+                for parts in batch:
+                    if parts.kind == frames.REQUEST:
+                        self._request(parts)
+                    elif parts.kind == frames.CANCEL:
+                        serving = self.calls.pop(parts.call, None)
+                        if serving is not None:
+                            self._peer.leave(serving, cancel="cancelled by its caller")
         except asyncio.CancelledError:
             raise
         except Exception:  # the stream broke: closed() releases its calls

@@ -265,8 +265,8 @@ def test_two_thousand_flows_wait_below_a_peer_with_eight_workers(
             for n in range(2000)
         ]
         while not all(f.done() for f in flows):
-            for pid in most:
-                most[pid] = max(most[pid], threads_of(pid))
+            for pid, seen in most.items():
+                most[pid] = max(seen, threads_of(pid))
             await asyncio.sleep(0.2)
         return await asyncio.gather(*flows, return_exceptions=True)
 

@@ -113,6 +113,12 @@ class Frame(_message.Message):
     received: int
     def __init__(self, call: _Optional[int] = ..., request: _Optional[_Union[ContinueRequest, _Mapping]] = ..., reply: _Optional[_Union[ContinueReply, _Mapping]] = ..., refused: _Optional[_Union[Refusal, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., going_away: _Optional[_Union[GoingAway, _Mapping]] = ..., timeout: _Optional[float] = ..., traceparent: _Optional[str] = ..., received: _Optional[int] = ...) -> None: ...
 
+class Frames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[Frame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
+
 class Refusal(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]

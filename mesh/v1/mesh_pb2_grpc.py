@@ -41,8 +41,8 @@ class MeshStub:
                 _registered_method=True)
         self.Link = channel.stream_stream(
                 '/mesh.v1.Mesh/Link',
-                request_serializer=mesh_dot_v1_dot_mesh__pb2.Frame.SerializeToString,
-                response_deserializer=mesh_dot_v1_dot_mesh__pb2.Frame.FromString,
+                request_serializer=mesh_dot_v1_dot_mesh__pb2.Frames.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_mesh__pb2.Frames.FromString,
                 _registered_method=True)
 
 
@@ -60,8 +60,9 @@ class MeshServicer:
     def Link(self, request_iterator, context):
         """A persistent link from a caller to this peer: every call the caller makes
         to this peer travels over it as `Frame`s, multiplexed by call id, so a hop
-        costs a message each way instead of a unary call. The token and the
-        caller's certificate are checked once, when the link opens.
+        costs a frame each way instead of a unary call. Each message carries the
+        frames ready to go at that moment (one, or many under load). The token and
+        the caller's certificate are checked once, when the link opens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,8 +78,8 @@ def add_MeshServicer_to_server(servicer, server):
             ),
             'Link': grpc.stream_stream_rpc_method_handler(
                     servicer.Link,
-                    request_deserializer=mesh_dot_v1_dot_mesh__pb2.Frame.FromString,
-                    response_serializer=mesh_dot_v1_dot_mesh__pb2.Frame.SerializeToString,
+                    request_deserializer=mesh_dot_v1_dot_mesh__pb2.Frames.FromString,
+                    response_serializer=mesh_dot_v1_dot_mesh__pb2.Frames.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,8 +134,8 @@ class Mesh:
             request_iterator,
             target,
             '/mesh.v1.Mesh/Link',
-            mesh_dot_v1_dot_mesh__pb2.Frame.SerializeToString,
-            mesh_dot_v1_dot_mesh__pb2.Frame.FromString,
+            mesh_dot_v1_dot_mesh__pb2.Frames.SerializeToString,
+            mesh_dot_v1_dot_mesh__pb2.Frames.FromString,
             options,
             channel_credentials,
             insecure,

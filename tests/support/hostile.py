@@ -124,18 +124,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"call": {**call, "via": list(request.via)}}), flush=True)
         return forged(request, args.machine)
 
-    def link(frames: Any, context: grpc.ServicerContext) -> Any:
-        yield pb.Frame(received=0).SerializeToString()  # the link is admitted
-        for data in frames:
-            frame = pb.Frame.FromString(data)
-            if frame.WhichOneof("body") != "request":
-                continue
-            request = frame.request
-            with lock:
-                call = {"flow_id": request.flow_id, "line_index": request.line_index}
-                print(json.dumps({"call": {**call, "via": list(request.via)}}), flush=True)
-            reply = pb.ContinueReply.FromString(forged(request, args.machine))
-            yield pb.Frame(call=frame.call, reply=reply, received=frame.call).SerializeToString()
+    def link(messages: Any, context: grpc.ServicerContext) -> Any:
+        yield pb.Frames(frames=[pb.Frame(received=0)]).SerializeToString()  # admitted
+        for data in messages:
+            for frame in pb.Frames.FromString(data).frames:
+                if frame.WhichOneof("body") != "request":
+                    continue
+                request = frame.request
+                with lock:
+                    call = {"flow_id": request.flow_id, "line_index": request.line_index}
+                    print(json.dumps({"call": {**call, "via": list(request.via)}}), flush=True)
+                reply = pb.ContinueReply.FromString(forged(request, args.machine))
+                answer = pb.Frame(call=frame.call, reply=reply, received=frame.call)
+                yield pb.Frames(frames=[answer]).SerializeToString()
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
