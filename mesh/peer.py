@@ -26,7 +26,7 @@ import contextvars
 import errno
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -86,18 +86,20 @@ class Abandoned:
 
 
 class _Serving:
-    """A step being served here: its task, its answer, and how many callers wait for it."""
+    """A step being served here: its task, and the callers waiting for its reply."""
 
     __slots__ = (
         "abandoned",
-        "answer",
         "callers",
+        "done",
         "expiry",
         "key",
+        "reply",
         "request",
         "running",
         "state",
         "task",
+        "waiters",
     )
 
     def __init__(self, key: _Key, request: Any, running: _Running) -> None:
@@ -106,11 +108,15 @@ class _Serving:
         self.running = running
         self.callers = 0
         self.expiry: asyncio.TimerHandle | None = None
-        # The reply its callers get: the task's, or a failure if the peer abandons the step
-        # (cancelled when the step was stopped with nobody waiting: there is none).
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # What the callers get, once done: the task's reply, or a failure if the peer
+        # abandons the step; None when it was stopped with nobody waiting (there is none).
+        self.done = False
+        self.reply: bytes | None = None
+        # Told at once when it is done (a link's frame out, a unary call's future): not
+        # through a future's callbacks, each a turn of the event loop on every hop.
+        self.waiters: list[Callable[[bytes | None], None]] = []
         self.state: runtime.FlowState | None = None  # the flow, once its task began
-        self.task: asyncio.Task[bytes] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.abandoned = False
 
     def began(self, state: runtime.FlowState) -> None:
@@ -121,6 +127,27 @@ class _Serving:
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
+
+    def wait(self) -> asyncio.Future[bytes | None]:
+        """A future of the reply, for a caller that awaits it (unary Continue)."""
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        if self.done:
+            future.set_result(self.reply)
+        else:
+
+            def settle(reply: bytes | None) -> None:
+                if not future.done():
+                    future.set_result(reply)
+
+            self.waiters.append(settle)
+        return future
+
+    def finish(self, reply: bytes | None) -> None:
+        self.done = True
+        self.reply = reply
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter(reply)
 
     def stop(self, why: str) -> None:
         """Nobody waits for this step any more: its flow stops here (runtime.stop)."""
@@ -197,36 +224,35 @@ class Peer:
             started=serving.began,
         )
         # A fresh context per call: nothing of one flow may leak into another.
-        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
-        serving.task = task
-        task.add_done_callback(partial(self._served, serving))
+        serving.task = asyncio.get_running_loop().create_task(
+            self._serve(serving, coro), context=contextvars.Context()
+        )
         return serving
 
-    def _served(self, serving: _Serving, task: asyncio.Task[bytes]) -> None:
-        """A step's task is done: record its reply and give it to the callers; a step
-        stopped for nobody leaves no reply (a resend would run it afresh)."""
-        del self.serving[serving.key]
-        if self._idle is not None and not self.serving:
-            self._idle.set()
-        if serving.abandoned:
-            return  # answered, and recorded, when it was abandoned
+    async def _serve(self, serving: _Serving, coro: Coroutine[Any, Any, bytes]) -> None:
+        """Run a step's task, then record its reply and give it to its callers at once; a
+        step stopped for nobody leaves no reply (a resend would run it afresh)."""
         reply = None
-        if not task.cancelled():
-            exc = task.exception()
-            if exc is None:
-                reply = self.guard.bounded(serving.request, task.result())
-            else:  # serve() answers every failure with a reply: this is a bug of ours
-                _log.error("mesh.internal_error", error=repr(exc), exc_info=exc)
-        self.replies.finish(serving.key, serving.running, None if reply is None else (reply,))
-        if reply is None:
-            serving.answer.cancel()
-        else:
-            serving.answer.set_result(reply)
+        try:
+            reply = self.guard.bounded(serving.request, await coro)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # serve() answers every failure: a bug of ours
+            _log.error("mesh.internal_error", error=repr(exc), exc_info=exc)
+        finally:
+            del self.serving[serving.key]
+            if self._idle is not None and not self.serving:
+                self._idle.set()
+            if not serving.abandoned:  # else answered, and recorded, when it was abandoned
+                self.replies.finish(
+                    serving.key, serving.running, None if reply is None else (reply,)
+                )
+                serving.finish(reply)
 
     def leave(self, serving: _Serving, *, cancel: str = "") -> None:
         """A caller of ``serving`` stops waiting (``cancel``: it said so, with this reason)."""
         serving.callers -= 1
-        if serving.callers > 0 or serving.answer.done():
+        if serving.callers > 0 or serving.done:
             return
         if cancel:
             serving.stop(cancel)
@@ -237,7 +263,7 @@ class Peer:
 
     def _orphaned(self, serving: _Serving) -> None:
         serving.expiry = None
-        if serving.callers == 0 and not serving.answer.done():
+        if serving.callers == 0 and not serving.done:
             serving.stop("caller gone")
 
     # -- unary Continue ---------------------------------------------------------------
@@ -263,12 +289,11 @@ class Peer:
         serving = began
         serving.join()
         try:
-            return await asyncio.shield(serving.answer)
-        except asyncio.CancelledError:
-            if not serving.answer.cancelled():
-                raise  # this call was cancelled (its caller went away), not the step
+            reply = await serving.wait()
         finally:
-            self.leave(serving)
+            self.leave(serving)  # also when this call was cancelled: its caller went away
+        if reply is not None:
+            return reply
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"{self._node.machine}: {serving.request.request} line"
@@ -352,8 +377,7 @@ class Peer:
             reply = runtime.stopped_reply(self._node, request, "grace ran out")
             serving.abandoned = True
             self.replies.finish(serving.key, serving.running, (reply,))
-            if not serving.answer.done():
-                serving.answer.set_result(reply)
+            serving.finish(reply)
             serving.stop("the peer stopped")
         if abandoned:
             await asyncio.sleep(0)  # their callers are answered
@@ -420,15 +444,15 @@ class _Inbound:
             return
         began.join()
         self.calls[call] = began
-        began.answer.add_done_callback(partial(self._answered, call, began))
+        began.waiters.append(partial(self._answered, call, began))
         if self._ack is None:
             self._ack = asyncio.get_running_loop().call_later(ACK_DELAY, self._acknowledge)
 
-    def _answered(self, call: int, serving: _Serving, answer: asyncio.Future[bytes]) -> None:
+    def _answered(self, call: int, serving: _Serving, reply: bytes | None) -> None:
         if self.calls.pop(call, None) is None:
             return  # cancelled by the caller, or the link is gone
         serving.callers -= 1
-        if answer.cancelled():
+        if reply is None:
             self._send(
                 frames.refused(
                     call,
@@ -439,7 +463,7 @@ class _Inbound:
                 )
             )
         else:
-            reply = self._peer.guard.bounded(serving.request, answer.result(), self._limit)
+            reply = self._peer.guard.bounded(serving.request, reply, self._limit)
             self._send(frames.reply(call, reply, self.received))
         if self._eof and not self.calls:
             self.end()
