@@ -336,13 +336,15 @@ class _Machine:
         # short-lived callers (each `mesh call` a process) do not all pick the first.
         self._turn = itertools.count(random.randrange(1 << 16))
 
+    def stale(self) -> bool:
+        """Whether the replicas are to be (re)resolved before the next call."""
+        return not self.replicas or (
+            self.address.startswith("dns:")
+            and time.monotonic() - self._resolved_at >= RESOLVE_EVERY
+        )
+
     async def resolve(self) -> None:
-        now = time.monotonic()
-        if self.replicas and (
-            not self.address.startswith("dns:") or now - self._resolved_at < RESOLVE_EVERY
-        ):
-            return
-        self._resolved_at = now
+        self._resolved_at = time.monotonic()
         addresses = await _replica_addresses(self.address)
         known = {r.address: r for r in self.replicas}
         self.replicas = [known.get(a) or _Replica(self.owner, self.name, a) for a in addresses]
@@ -425,10 +427,11 @@ class Links:
         while True:
             if self.closed:
                 return Answer(b"", UNAVAILABLE, "the node is closing", target.address)
-            try:
-                await target.resolve()
-            except OSError as exc:
-                return Answer(b"", UNAVAILABLE, f"cannot resolve {target.address}: {exc}", "")
+            if target.stale():
+                try:
+                    await target.resolve()
+                except OSError as exc:
+                    return Answer(b"", UNAVAILABLE, f"cannot resolve {target.address}: {exc}", "")
             link = target.pick(self.window)
             if link is None:
                 return Answer(

@@ -475,6 +475,9 @@ class _Inbound:
         if not self._ended:
             self._acked = self.received
             self.out.put_nowait(frame)
+            if self._ack is not None:  # this frame carries the acknowledgement
+                self._ack.cancel()
+                self._ack = None
 
     def _acknowledge(self) -> None:
         self._ack = None
