@@ -390,3 +390,115 @@ def test_the_reply_of_a_link_answer_is_the_same_as_a_unary_one(
     assert [s.line_index for s in reply.steps] == [1, 2, 3, 4]
     assert json.loads(reply.hand_off.context)["session"] == "session-bob"
     assert via_link.context["session"] == "session-ada"
+
+
+SLOW_FLOW = (
+    "Request\tLog\tMachine\n"
+    "slow\tAsking :n\tclient\n"
+    "slow\tWorking slowly on :n\tserver\n"
+    "slow\tThrough the gate :n\tgate\n"
+    "slow\tHeld below :n\tbelow\n"
+    "slow\tAnswered :n\tclient\n"
+)
+
+SLOW_SERVICE = """
+import asyncio
+import time
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("slow", "Working slowly on :n")
+def work(ctx):
+    time.sleep(ctx.get("seconds", 0))
+    log.info("next", worked=True)
+
+
+@mesh.handler("slow", "Held below :n")
+async def held(ctx):
+    await asyncio.sleep(ctx.get("below", 0))
+    log.info("next", held=True)
+"""
+
+
+def run_together(node: mesh.Node, count: int, **context: Any) -> list[Any]:
+    """Start ``count`` flows at once; each result is a FlowResult or the MeshError raised."""
+
+    async def all_of_them() -> list[Any]:
+        flows = [node.start_async("slow", n=n, timeout=30, **context) for n in range(count)]
+        return await asyncio.gather(*flows, return_exceptions=True)
+
+    return asyncio.run(all_of_them())
+
+
+def test_a_full_link_window_refuses_at_once_as_busy(
+    mesh_dir: MeshDir, peers: Peers, connect
+) -> None:
+    """link_window = 2 and 5 flows at once, each holding its call on server for 1 s: two run,
+    three are refused at once, saying the link is full and which key sets its size,
+    never queued without bound."""
+    mesh_dir.flow(SLOW_FLOW)
+    mesh_dir.service(SLOW_SERVICE)
+    mesh_dir.write_config(
+        {"client": False, "server": True, "gate": True, "below": True}, extra="link_window = 2"
+    )
+    peers.start(mesh_dir, "below")
+    peers.start(mesh_dir, "gate")
+    peers.start(mesh_dir, "server")
+    node = connect(mesh_dir.config, "client")
+    results = run_together(node, 5, seconds=1.0)
+    done = [r for r in results if isinstance(r, mesh.FlowResult)]
+    busy = [r for r in results if isinstance(r, mesh.PeerRefused)]
+    assert (len(done), len(busy)) == (2, 3), results
+    for refused in busy:
+        assert refused.machine == "server"
+        assert "busy" in str(refused) and "link_window in mesh.toml" in str(refused)
+
+
+def test_max_calls_counts_steps_running_not_flows_waiting_below(
+    mesh_dir: MeshDir, peers: Peers, connect
+) -> None:
+    """max_calls = 10 on ``server`` and ``gate``. Ten flows waiting 3 s on ``below`` (whose
+    own limit is higher) hold calls on both all that time; ten more flows started meanwhile
+    pass both (a flow waiting below is not a step running there). Fifteen flows at once
+    that each run 1 s on ``server`` are refused busy beyond the tenth, saying which key
+    limits them."""
+    mesh_dir.flow(SLOW_FLOW)
+    mesh_dir.service(SLOW_SERVICE)
+    machines: dict[str, bool | int | str] = {
+        "client": False,
+        "server": True,
+        "gate": True,
+        "below": True,
+    }
+    roomy = mesh_dir.write_config(machines, name="roomy.toml", extra="max_calls = 100")
+    below = peers.start(mesh_dir, "below", config=roomy)
+    mesh_dir.write_config(machines, extra="max_calls = 10")
+    peers.start(mesh_dir, "gate")
+    peers.start(mesh_dir, "server")
+    node = connect(mesh_dir.config, "client")
+
+    async def waiting_then_more() -> tuple[list[Any], list[Any]]:
+        first = [node.start_async("slow", n=n, below=3.0, timeout=30) for n in range(10)]
+        waiting = asyncio.gather(*first, return_exceptions=True)
+        while sum(1 for e in below.events() if str(e.get("event")).startswith("Held")) < 10:
+            await asyncio.sleep(0.05)
+        more = asyncio.gather(
+            *(node.start_async("slow", n=n, timeout=30) for n in range(10, 20)),
+            return_exceptions=True,
+        )
+        passed = await more  # while the first ten still wait below
+        assert not waiting.done()
+        return await waiting, passed
+
+    held, passed = asyncio.run(waiting_then_more())
+    assert all(isinstance(r, mesh.FlowResult) for r in held + passed), held + passed
+
+    running = run_together(node, 15, seconds=1.0)
+    busy = [r for r in running if isinstance(r, mesh.PeerRefused)]
+    assert len(busy) == 5, running
+    assert all("max_calls in mesh.toml" in str(r) and r.machine == "server" for r in busy)
