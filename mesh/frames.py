@@ -119,10 +119,12 @@ def batch(frames: list[bytes]) -> bytes:
     return b"".join(b"\x0a" + _varint(len(frame)) + frame for frame in frames)
 
 
-def unbatch(data: bytes) -> list[bytes]:
-    """The frames of a ``Frames`` message; ValueError if it is not one (other fields of a
-    newer peer are skipped)."""
-    out: list[bytes] = []
+def unbatch(message: bytes) -> list[memoryview]:
+    """The frames of a ``Frames`` message, as views of it (a context of a megabyte is not
+    copied to be taken apart); ValueError if it is not one (other fields of a newer peer
+    are skipped)."""
+    data = memoryview(message)
+    out: list[memoryview] = []
     i, end = 0, len(data)
     try:
         while i < end:
@@ -151,17 +153,17 @@ def unbatch(data: bytes) -> list[bytes]:
 
 
 class Parts(NamedTuple):
-    """A frame taken apart: the body's bytes are a slice of the frame, not a copy to parse."""
+    """A frame taken apart: the body is a view of the frame, not a copy to parse."""
 
     call: int
     kind: int  # NONE, REQUEST, REPLY, REFUSED, CANCEL or GOING_AWAY
-    body: bytes
+    body: bytes | memoryview
     timeout: float
     traceparent: str
     received: int
 
 
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+def _read_varint(data: bytes | memoryview, i: int) -> tuple[int, int]:
     b = data[i]
     if b < 0x80:
         return b, i + 1
@@ -177,14 +179,14 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def split(data: bytes) -> Parts:
+def split(data: bytes | memoryview) -> Parts:
     """Take a frame apart; ValueError if it is not a ``Frame`` this side understands.
 
     Unknown fields are skipped, as protobuf does, so a newer peer's frames still read.
     """
     call = received = 0
     kind = NONE
-    body = b""
+    body: bytes | memoryview = b""
     timeout = 0.0
     traceparent = ""
     i = 0
@@ -208,7 +210,7 @@ def split(data: bytes) -> Parts:
                 if REQUEST <= number <= GOING_AWAY:
                     kind, body = number, chunk
                 elif number == 8:
-                    traceparent = chunk.decode()
+                    traceparent = bytes(chunk).decode()
             elif wire == 1:
                 if i + 8 > end:
                     raise ValueError("truncated field")
@@ -228,7 +230,7 @@ def split(data: bytes) -> Parts:
     return Parts(call, kind, body, timeout, traceparent, received)
 
 
-def refusal(body: bytes) -> tuple[int, str]:
+def refusal(body: bytes | memoryview) -> tuple[int, str]:
     """The (code, message) of a ``refused`` body."""
     code, message = 0, ""
     i, end = 0, len(body)
@@ -239,7 +241,7 @@ def refusal(body: bytes) -> tuple[int, str]:
         elif tag & 7 == 2:
             size, i = _read_varint(body, i)
             if tag >> 3 == 2:
-                message = body[i : i + size].decode("utf-8", "replace")
+                message = bytes(body[i : i + size]).decode("utf-8", "replace")
             i += size
         elif tag & 7 == 0:
             _, i = _read_varint(body, i)

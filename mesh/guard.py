@@ -188,7 +188,7 @@ class Guard:
 
     # -- once per call ---------------------------------------------------------------
 
-    def admit(self, raw: bytes, certified: frozenset[str] | None) -> Admitted:
+    def admit(self, raw: bytes | memoryview, certified: frozenset[str] | None) -> Admitted:
         """Every check of one call's bytes; its :class:`Admitted` form, or a :class:`Refusal`."""
         if len(raw) > self.limit:
             raise Refusal(
@@ -244,7 +244,7 @@ class Guard:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{me}: bad context: {exc}") from None
         return Admitted(request, context, fingerprint(raw, certified))
 
-    def _decode(self, raw: bytes) -> _pb2.ContinueRequest:
+    def _decode(self, raw: bytes | memoryview) -> _pb2.ContinueRequest:
         try:
             request: _pb2.ContinueRequest = _pb2.ContinueRequest.FromString(raw)
             return request
@@ -367,7 +367,7 @@ class Guard:
         )
 
 
-def fingerprint(raw: bytes, certified: frozenset[str] | None) -> bytes:
+def fingerprint(raw: bytes | memoryview, certified: frozenset[str] | None) -> bytes:
     """What identifies one call for the reply record (mesh/dedup.py): a hash of its bytes
     (request, line, flow id, digest, the via chain and the context it carried) and, under
     mutual TLS, of the names in the caller's certificate. A resend is the very same bytes

@@ -78,7 +78,7 @@ class Answer(NamedTuple):
     ``message``. ``address`` is the replica that answered or failed.
     """
 
-    reply: bytes
+    reply: bytes | memoryview
     code: grpc.StatusCode
     message: str
     address: str
@@ -204,7 +204,7 @@ class _Link:
                 self._call.cancel()
         self._on_end(status, details or status.name)
 
-    def _on_frame(self, data: bytes) -> None:
+    def _on_frame(self, data: memoryview) -> None:
         parts = frames.split(data)
         self.last_heard = time.monotonic()
         self.received = max(self.received, parts.received)

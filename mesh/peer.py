@@ -234,7 +234,9 @@ class Peer:
         step stopped for nobody leaves no reply (a resend would run it afresh)."""
         reply = None
         try:
-            reply = self.guard.bounded(serving.request, await coro)
+            # Bytes of its own: a reply passed up from below is a view of the message it
+            # came in, which the record must not keep alive (nor count short).
+            reply = self.guard.bounded(serving.request, bytes(await coro))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # serve() answers every failure: a bug of ours

@@ -241,7 +241,7 @@ def as_steps(steps: Iterable[Any]) -> tuple[Step, ...]:
         if type(s) is tuple:
             out.append(Step(*s))
             continue
-        field = _pb2.ContinueReply.FromString(s).steps if isinstance(s, bytes) else s
+        field = _pb2.ContinueReply.FromString(s).steps if isinstance(s, bytes | memoryview) else s
         out.extend(Step(m.line_index, m.line, m.machine, m.start, m.duration) for m in field)
     return tuple(out)
 
