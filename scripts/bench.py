@@ -964,7 +964,11 @@ def ping_pong(procs: Procs, rounds: int) -> float:
 EVENT_FLOW = "Request\tLog\tMachine\nlogin\tUser logged in as :username\tclient\n"
 
 
-HOP_FLOW = "Request\tLog\tMachine\nchain2\thop 0 for :user\tm0\nchain2\thop 1 for :user\tm1\n"
+HOP_FLOW = (
+    "Request\tLog\tMachine\n"
+    "chain2\thop 0 for :user\tm0\nchain2\thop 1 for :user\tm1\n"
+    "achain2\thop 0 for :user\tm0\nachain2\thop 1 for :user\tm1\n"
+)
 HOP_SERVICE = """
 import structlog
 
@@ -976,6 +980,11 @@ log = structlog.get_logger()
 @mesh.handler("chain2", "hop 1 for :user")
 def hop1(ctx):
     log.info("next", hop=1)
+
+
+@mesh.handler("achain2", "hop 1 for :user")
+async def ahop1(ctx):
+    log.info("next", hop=1)
 """
 
 
@@ -985,7 +994,10 @@ def role_hop(calls: str, rounds: str) -> int:
     What a peer does for the last line of a chain once gRPC has handed it the
     request (decode, route, log the line, run the handler, its "next", the reply),
     against the raw chain's handler (decode, log a line, encode, reply), each
-    logging through the same structlog chain to /dev/null. Rounds alternate.
+    logging through the same structlog chain to /dev/null. The mesh's hop is timed
+    with a plain handler (handed to a worker thread and back, one call at a time:
+    the hand-off's full cost) and with an ``async def`` one (on the loop). Rounds
+    alternate.
     """
     import structlog
 
@@ -1005,17 +1017,20 @@ def role_hop(calls: str, rounds: str) -> int:
         mesh.configure_logging(json=True, file=sink)
         structlog.configure(cache_logger_on_first_use=True)  # as `mesh peer` does
         node = mesh.connect(Path(tmp, "mesh.toml"), machine="m1")
-    flow = node.flows.flows["chain2"]
-    request = pb.ContinueRequest(
-        request="chain2",
-        line_index=1,
-        context=json.dumps(CONTEXT).encode(),
-        flow_id=uuid.uuid4().hex,
-        digest=flow.digest,
-        via=["client", "m0"],
-    )
+    requests = {
+        name: pb.ContinueRequest(
+            request=name,
+            line_index=1,
+            context=json.dumps(CONTEXT).encode(),
+            flow_id=uuid.uuid4().hex,
+            digest=node.flows.flows[name].digest,
+            via=["client", "m0"],
+        )
+        for name in ("chain2", "achain2")
+    }
+    request = requests["chain2"]
 
-    async def serve_many(count: int) -> Any:  # on the node's loop, as a peer serves calls
+    async def serve_many(count: int, request: Any) -> Any:  # on the node's loop, as a peer
         reply = None
         for _ in range(count):
             context = load_context(request.context)
@@ -1023,7 +1038,10 @@ def role_hop(calls: str, rounds: str) -> int:
         return reply
 
     def mesh_hop(count: int = 1) -> Any:  # a peer's serve, from the decode to the reply's bytes
-        return node.run_on_loop(serve_many(count))
+        return node.run_on_loop(serve_many(count, requests["chain2"]))
+
+    def mesh_async_hop(count: int = 1) -> Any:  # the same with an async def handler
+        return node.run_on_loop(serve_many(count, requests["achain2"]))
 
     raw_log = structlog.wrap_logger(
         structlog.WriteLogger(sink),
@@ -1045,9 +1063,10 @@ def role_hop(calls: str, rounds: str) -> int:
         reply = pb.ContinueReply(done=pb.Done(context=encoder.encode(ctx).encode()))
         return reply.SerializeToString()  # as gRPC does it, and the mesh's peer itself
 
-    if json.loads(pb.ContinueReply.FromString(mesh_hop()).done.context).get("hop") != 1:
-        raise RuntimeError("the in-process mesh hop did not run its handler")
-    times: dict[str, list[float]] = {"mesh_us": [], "raw_us": []}
+    for hop in (mesh_hop, mesh_async_hop):
+        if json.loads(pb.ContinueReply.FromString(hop()).done.context).get("hop") != 1:
+            raise RuntimeError("the in-process mesh hop did not run its handler")
+    times: dict[str, list[float]] = {"mesh_us": [], "mesh_async_us": [], "raw_us": []}
     n = int(calls)
 
     def raw_many(count: int) -> None:
@@ -1055,7 +1074,7 @@ def role_hop(calls: str, rounds: str) -> int:
             raw_hop()
 
     for r in range(int(rounds)):
-        order = [("mesh_us", mesh_hop), ("raw_us", raw_many)]
+        order = [("mesh_us", mesh_hop), ("mesh_async_us", mesh_async_hop), ("raw_us", raw_many)]
         for key, fn in order if r % 2 == 0 else order[::-1]:
             fn(n // 10)  # warm
             start = time.perf_counter()
@@ -1308,6 +1327,14 @@ def summarize(results: dict[str, Any]) -> list[str]:
         f" {spread(hop['raw_us'], '.0f')} µs; the mesh's own work {spread(own, '.0f')} µs"
         f" (best rounds {min(hop['mesh_us']):.0f} vs {min(hop['raw_us']):.0f} µs)"
     )
+    if hop.get("mesh_async_us"):  # runs before this key was measured have none
+        own_async = [m - r for m, r in zip(hop["mesh_async_us"], hop["raw_us"], strict=True)]
+        summary["mesh_async_own_work_us"] = own_async
+        out.append(
+            f"  with an async def handler (no worker thread): mesh"
+            f" {spread(hop['mesh_async_us'], '.0f')} µs; the mesh's own work"
+            f" {spread(own_async, '.0f')} µs"
+        )
     out.append("")
     out.append(
         "targets (X/raw, X/raw-stream: the median of each repeat's ratio, its cells run back to"
