@@ -1,28 +1,39 @@
-"""The mesh, a hand-written gRPC chain and a Celery chain, measured side by side.
+"""The mesh, hand-written gRPC chains and a Celery chain, measured side by side.
 
-The same work three ways, every "machine" its own process on 127.0.0.1:
+The same work five ways, every "machine" its own process on 127.0.0.1:
 
 * **mesh**: a flow of N lines on N machines (``chainN``, line i on ``m<i>``),
-  started by an originator that owns no line (``client``, no address), so the
-  calls nest as in the raw chain; each handler only logs ``"next"``.
+  started by an originator that owns no line (``client``, no address); each
+  handler is a plain function that only logs ``"next"`` (it runs on a peer's
+  worker threads). Peers call each other over persistent ``Link`` streams.
+* **mesh-async**: the same with ``async def`` handlers (on the peer's event loop).
 * **raw**: N grpcio servers chained by nested unary calls, with the mesh's
   ``ContinueRequest`` carrying the same JSON bytes, the same thread pools and
   one structlog line per hop.
+* **raw-stream**: N hand-written ``grpc.aio`` servers chained by one persistent
+  bidirectional stream per link (the mesh's ``Link`` method and ``Frames``
+  messages, no mesh code), calls multiplexed by id, replies relayed back up:
+  the best a user could write by hand with grpcio.
 * **celery**: a ``chain()`` of N tasks, each on its own queue with its own
   worker process, Redis (Debian's ``redis-server``) as broker and backend.
+
+Drivers: the mesh's originates with ``await node.start_async_with(...)`` and
+raw-stream's multiplexes flows over one stream to the first hop, both asyncio
+with closed loops as tasks; raw's and Celery's block a thread per flow in flight.
 
 For N = 4 and 8, at 1, 8, 32 and 128 flows in flight: flows/s, p50/p99
 latency, peer CPU seconds per flow (``/proc/PID/stat``), peak RSS per peer
 (``VmHWM``) and its growth from idle to 128 in flight. Cells are interleaved
-(mesh, raw, celery, mesh, ...) and repeated; medians are shown with min-max.
-Also: the per-hop marginal cost, one hop's work in process without the network
-(a peer's, against the raw handler's: the mesh's own work), a non-flow
-structlog event with and without the mesh processors, and a loopback TCP
-ping-pong as the floor. The project's performance targets are checked against the figures
-of this run and printed PASS/FAIL.
+(mesh, mesh-async, raw, raw-stream, celery, ...) and repeated; medians are
+shown with min-max. Also: the per-hop marginal cost, one hop's work in process
+without the network (a peer's, against the raw handler's: the mesh's own
+work), a non-flow structlog event with and without the mesh processors, and a
+loopback TCP ping-pong as the floor. The project's performance targets are
+checked against the figures of this run and printed PASS/FAIL.
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats 5] [--seconds 2]
-                                      [--no-celery] [--out bench-results.json]
+                                      [--systems mesh,raw,...] [--no-celery]
+                                      [--out bench-results.json]
 
 Every process it starts is stopped by its pid when it ends, fails or is
 interrupted. The machine is shared and noisy: compare ratios, not absolutes.
@@ -31,6 +42,7 @@ interrupted. The machine is shared and noisy: compare ratios, not absolutes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
@@ -46,7 +58,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +243,7 @@ log = structlog.get_logger()
 
 
 def _hop(i):
-    def hop(ctx):
+    {define} hop(ctx):
         log.info("next", hop=i)
 
     hop.__name__ = f"hop{{i}}"
@@ -243,16 +255,30 @@ for _n in {hops}:
         mesh.handler(f"chain{{_n}}", "hop {{}} for :user".format(_i))(_hop(_i))
 """
 
+#: How each system's driver originates flows (printed with the table).
+DRIVERS = {
+    "mesh": "asyncio, await node.start_async_with(...), closed loops as tasks",
+    "mesh-async": "asyncio, await node.start_async_with(...), closed loops as tasks",
+    "raw": "threads, a blocking unary call per flow (one thread per flow in flight)",
+    "raw-stream": "asyncio, flows multiplexed by id over one stream to the first hop",
+    "celery": "threads, chain.apply_async().get() (one thread per flow in flight)",
+}
 
-def start_mesh(procs: Procs, tmp: Path) -> System:
-    system = System("mesh")
-    folder = tmp / "mesh"
+#: Every system, in the order of the table.
+SYSTEMS = tuple(DRIVERS)
+
+
+def start_mesh(procs: Procs, tmp: Path, name: str = "mesh") -> System:
+    """The mesh's peers; ``mesh-async`` gives them ``async def`` handlers."""
+    system = System(name)
+    folder = tmp / name
     folder.mkdir()
     rows = ["Request\tLog\tMachine"]
     for n in HOPS:
         rows += [f"chain{n}\t{hop_line(i)}\tm{i}" for i in range(n)]
     (folder / "flow.tsv").write_text("\n".join(rows) + "\n")
-    (folder / "bench_hops.py").write_text(MESH_SERVICE.format(hops=tuple(HOPS)))
+    define = "async def" if name == "mesh-async" else "def"
+    (folder / "bench_hops.py").write_text(MESH_SERVICE.format(hops=tuple(HOPS), define=define))
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(max(HOPS))]
     machines = "\n".join(f'm{i} = "{a}"' for i, a in enumerate(addresses))
     (folder / "mesh.toml").write_text(
@@ -272,20 +298,30 @@ def start_mesh(procs: Procs, tmp: Path) -> System:
     return system
 
 
-def start_raw(procs: Procs, tmp: Path) -> System:
-    system = System("raw")
+def start_mesh_async(procs: Procs, tmp: Path) -> System:
+    return start_mesh(procs, tmp, "mesh-async")
+
+
+def start_raw(procs: Procs, tmp: Path, name: str = "raw") -> System:
+    """raw: sync servers, nested unary calls; raw-stream: aio servers, one stream a link."""
+    system = System(name)
+    role = "_raw_stream" if name == "raw-stream" else "_raw"
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(max(HOPS))]
     for i, address in enumerate(addresses):
         downstream = addresses[i + 1] if i + 1 < len(addresses) else ""
         system.peers.append(
             procs.start(
-                [sys.executable, str(SELF), "_raw", str(i), address, downstream],
+                [sys.executable, str(SELF), role, str(i), address, downstream],
                 env=env_with_repo(),
             )
         )
     wait_grpc(addresses, system.peers)
     start_driver(procs, system, addresses[0])
     return system
+
+
+def start_raw_stream(procs: Procs, tmp: Path) -> System:
+    return start_raw(procs, tmp, "raw-stream")
 
 
 CELERY_APP = """
@@ -522,21 +558,130 @@ def role_raw(index: str, listen: str, downstream: str) -> int:
     return 0
 
 
+def role_raw_stream(index: str, listen: str, downstream: str) -> int:
+    """One hand-written grpc.aio server of the raw-stream chain (no mesh code).
+
+    Every caller keeps one ``Link`` stream open to it, and it keeps one open to the
+    next server, opened on first use; calls travel as ``Frames`` of one ``Frame``
+    each, multiplexed by call id. A call is logged and its context gets a key, as
+    in the raw chain; then it goes down the next link under an id of this server's
+    own, or, on the chain's last hop, its reply goes back up the stream it came in
+    on. A reply from below is relayed up the same way, under the caller's id. One
+    reader task per stream dispatches by id: nothing waits per call. (Ported from
+    the shared transport variants' ``v_d_aio_stream.py``.)
+    """
+    import asyncio
+    import itertools
+
+    import grpc
+    import structlog
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from mesh.v1 import mesh_pb2 as pb
+    from mesh.v1 import mesh_pb2_grpc as pb_grpc
+
+    _structlog_like_mesh(sys.stdout)
+    log = structlog.get_logger()
+    i = int(index)
+    machine = f"s{i}"
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    options = [
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_receive_message_length", 64 << 20),
+    ]
+    ids = itertools.count(1)
+    # A call sent down -> the stream it came in on (its outgoing queue) and its id there.
+    pending: dict[int, tuple[asyncio.Queue[Any], int]] = {}
+
+    async def drain(queue: asyncio.Queue[Any]) -> Any:
+        while True:
+            yield await queue.get()
+
+    class Hop(pb_grpc.MeshServicer):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.down: asyncio.Queue[Any] | None = None
+            self.lock = asyncio.Lock()
+
+        async def _downstream(self) -> asyncio.Queue[Any]:
+            if self.down is None:
+                async with self.lock:
+                    if self.down is None:
+                        queue: asyncio.Queue[Any] = asyncio.Queue()
+                        channel = grpc.aio.insecure_channel(downstream, options)
+                        call = pb_grpc.MeshStub(channel).Link(drain(queue))
+                        asyncio.get_running_loop().create_task(self._relay(call))
+                        self.down = queue
+            return self.down
+
+        async def _relay(self, call: Any) -> None:
+            async for message in call:
+                for frame in message.frames:
+                    up, frame.call = pending.pop(frame.call)
+                up.put_nowait(message)  # one frame a message: the same message goes up
+
+        async def Link(self, request_iterator: Any, context: Any) -> Any:
+            out: asyncio.Queue[Any] = asyncio.Queue()
+            down = await self._downstream() if downstream else None
+
+            async def reader() -> None:
+                async for message in request_iterator:
+                    for frame in message.frames:
+                        step(frame, out, down)
+                out.put_nowait(None)
+
+            task = asyncio.get_running_loop().create_task(reader())
+            try:
+                while (message := await out.get()) is not None:
+                    yield message
+            finally:
+                task.cancel()
+
+    def step(frame: Any, out: asyncio.Queue[Any], down: asyncio.Queue[Any] | None) -> None:
+        """One hop's work (the raw chain's), then the call goes down or its reply up."""
+        request = frame.request
+        ctx = json.loads(request.context)
+        log.info(
+            f"hop {i} for {ctx['user']}",
+            flow_id=request.flow_id,
+            request=request.request,
+            line_index=i,
+            machine=machine,
+        )
+        ctx["hop"] = i
+        body = encoder.encode(ctx).encode()
+        if down is not None and i + 1 < int(request.request[len("chain") :]):
+            call = next(ids)
+            pending[call] = (out, frame.call)
+            forward = pb.ContinueRequest(
+                request=request.request, line_index=i + 1, context=body, flow_id=request.flow_id
+            )
+            down.put_nowait(pb.Frames(frames=[pb.Frame(call=call, request=forward)]))
+        else:
+            reply = pb.ContinueReply(done=pb.Done(context=body))
+            out.put_nowait(pb.Frames(frames=[pb.Frame(call=frame.call, reply=reply)]))
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *options])
+        pb_grpc.add_MeshServicer_to_server(Hop(), server)
+        checker = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        server.add_insecure_port(listen)
+        await server.start()
+        await checker.set("mesh.v1.Mesh", health_pb2.HealthCheckResponse.SERVING)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C reaches the whole group
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(0)
+
+    asyncio.run(serve())
+    return 0
+
+
 def _flow_caller(system: str, args: Sequence[str]) -> Callable[[int], None]:
-    """A function that runs one flow of N hops end to end and checks its result."""
-    if system == "mesh":
-        import mesh
-
-        devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the driver
-        mesh.configure_logging(json=True, file=devnull)
-        node = mesh.connect(args[0], machine="client")
-
-        def call_mesh(n: int) -> None:
-            result = node.start_with(f"chain{n}", CONTEXT, timeout=FLOW_TIMEOUT)
-            if result.context.get("hop") != n - 1:
-                raise RuntimeError(f"mesh flow ended with {result.context!r}")
-
-        return call_mesh
+    """A function that runs one flow of N hops end to end and checks its result,
+    blocking its thread (the raw and Celery drivers)."""
     if system == "raw":
         import grpc
 
@@ -576,10 +721,142 @@ def _flow_caller(system: str, args: Sequence[str]) -> Callable[[int], None]:
     raise SystemExit(f"unknown system {system!r}")
 
 
+async def _async_flow(system: str, args: Sequence[str]) -> Callable[[int], Awaitable[None]]:
+    """A coroutine function that runs one flow of N hops and checks its result, on the
+    driver's event loop (the mesh's and raw-stream's drivers)."""
+    if system in ("mesh", "mesh-async"):
+        import mesh
+
+        devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the driver
+        mesh.configure_logging(json=True, file=devnull)
+        node = mesh.connect(args[0], machine="client")
+
+        async def call_mesh(n: int) -> None:
+            result = await node.start_async_with(f"chain{n}", CONTEXT, timeout=FLOW_TIMEOUT)
+            if result.context.get("hop") != n - 1:
+                raise RuntimeError(f"mesh flow ended with {result.context!r}")
+
+        return call_mesh
+    if system == "raw-stream":
+        import itertools
+
+        import grpc
+
+        from mesh.v1 import mesh_pb2 as pb
+        from mesh.v1 import mesh_pb2_grpc as pb_grpc
+
+        loop = asyncio.get_running_loop()
+        encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+        ids = itertools.count(1)
+        pending: dict[int, asyncio.Future[Any]] = {}
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def drain() -> Any:
+            while True:
+                yield await queue.get()
+
+        stub = pb_grpc.MeshStub(grpc.aio.insecure_channel(args[0]))
+        link = stub.Link(drain())
+
+        async def read() -> None:
+            async for message in link:
+                for frame in message.frames:
+                    future = pending.pop(frame.call, None)
+                    if future is not None and not future.done():  # else: timed out
+                        future.set_result(frame.reply)
+            say("raw-stream driver: the stream to the first hop ended")
+
+        reading = loop.create_task(read())
+
+        async def call_raw_stream(n: int) -> None:
+            call = next(ids)
+            request = pb.ContinueRequest(
+                request=f"chain{n}",
+                line_index=0,
+                context=encoder.encode(CONTEXT).encode(),
+                flow_id=uuid.uuid4().hex,
+            )
+            future = pending[call] = loop.create_future()
+            queue.put_nowait(pb.Frames(frames=[pb.Frame(call=call, request=request)]))
+            try:
+                reply = await asyncio.wait_for(future, FLOW_TIMEOUT)
+            finally:
+                pending.pop(call, None)
+            if json.loads(reply.done.context).get("hop") != n - 1:
+                raise RuntimeError(f"raw-stream chain ended with {reply!r}")
+
+        call_raw_stream.reading = reading  # type: ignore[attr-defined] # kept alive
+        return call_raw_stream
+    raise SystemExit(f"unknown system {system!r}")
+
+
+def _cell_result(lat: list[float], errors: list[str], elapsed: float, cpu: float) -> dict[str, Any]:
+    lat.sort()
+    return {
+        "count": len(lat),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "flows_per_s": len(lat) / elapsed,
+        "p50_ms": _pct(lat, 50) * 1000,
+        "p99_ms": _pct(lat, 99) * 1000,
+        "driver_cpu_ms_per_flow": cpu * 1000 / max(len(lat), 1),
+    }
+
+
+async def _drive_async(system: str, args: Sequence[str]) -> int:
+    """role_drive for the asyncio drivers: closed loops as tasks on one event loop."""
+    loop = asyncio.get_running_loop()
+    flow = await _async_flow(system, args)
+    for n in HOPS:
+        await flow(n)  # a wrong set-up fails here, before any figure is taken
+    out = sys.stdout
+    print(json.dumps("up"), file=out, flush=True)
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        cmd = json.loads(line)
+        n, c, seconds = int(cmd["n"]), int(cmd["c"]), float(cmd["seconds"])
+        await _async_loops(flow, n, c, deadline=time.perf_counter() + min(0.3, seconds / 4))
+        print(json.dumps("ready"), file=out, flush=True)
+        if json.loads(await loop.run_in_executor(None, sys.stdin.readline)) != "go":
+            return 1
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        lat, errors = await _async_loops(flow, n, c, deadline=start + seconds)
+        elapsed = time.perf_counter() - start
+        result = _cell_result(lat, errors, elapsed, time.process_time() - cpu0)
+        print(json.dumps(result), file=out, flush=True)
+    return 0
+
+
+async def _async_loops(
+    flow: Callable[[int], Awaitable[None]], n: int, c: int, deadline: float
+) -> tuple[list[float], list[str]]:
+    """``c`` tasks each running flows one after another until ``deadline``."""
+    lat: list[float] = []
+    errors: list[str] = []
+    clock = time.perf_counter
+
+    async def loop() -> None:
+        mine = []
+        while clock() < deadline:
+            t0 = clock()
+            try:
+                await flow(n)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            mine.append(clock() - t0)
+        lat.extend(mine)
+
+    await asyncio.gather(*(loop() for _ in range(c)))
+    return lat, errors
+
+
 def role_drive(system: str, args: Sequence[str]) -> int:
     """Originate flows on command: {"n", "c", "seconds"} -> "ready", "go" -> result."""
     # Ctrl-C reaches the whole process group; the orchestrator reports it, quietly.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if system in ("mesh", "mesh-async", "raw-stream"):
+        return asyncio.run(_drive_async(system, args))
     call = _flow_caller(system, args)
     for n in HOPS:
         call(n)  # a wrong set-up fails here, before any figure is taken
@@ -596,17 +873,7 @@ def role_drive(system: str, args: Sequence[str]) -> int:
         start = time.perf_counter()
         lat, errors = _loops(call, n, c, deadline=start + seconds)
         elapsed = time.perf_counter() - start
-        cpu = time.process_time() - cpu0
-        lat.sort()
-        result = {
-            "count": len(lat),
-            "errors": len(errors),
-            "first_error": errors[0] if errors else "",
-            "flows_per_s": len(lat) / elapsed,
-            "p50_ms": _pct(lat, 50) * 1000,
-            "p99_ms": _pct(lat, 99) * 1000,
-            "driver_cpu_ms_per_flow": cpu * 1000 / max(len(lat), 1),
-        }
+        result = _cell_result(lat, errors, elapsed, time.process_time() - cpu0)
         print(json.dumps(result), file=out, flush=True)
     return 0
 
@@ -697,7 +964,11 @@ def ping_pong(procs: Procs, rounds: int) -> float:
 EVENT_FLOW = "Request\tLog\tMachine\nlogin\tUser logged in as :username\tclient\n"
 
 
-HOP_FLOW = "Request\tLog\tMachine\nchain2\thop 0 for :user\tm0\nchain2\thop 1 for :user\tm1\n"
+HOP_FLOW = (
+    "Request\tLog\tMachine\n"
+    "chain2\thop 0 for :user\tm0\nchain2\thop 1 for :user\tm1\n"
+    "achain2\thop 0 for :user\tm0\nachain2\thop 1 for :user\tm1\n"
+)
 HOP_SERVICE = """
 import structlog
 
@@ -709,6 +980,11 @@ log = structlog.get_logger()
 @mesh.handler("chain2", "hop 1 for :user")
 def hop1(ctx):
     log.info("next", hop=1)
+
+
+@mesh.handler("achain2", "hop 1 for :user")
+async def ahop1(ctx):
+    log.info("next", hop=1)
 """
 
 
@@ -718,7 +994,10 @@ def role_hop(calls: str, rounds: str) -> int:
     What a peer does for the last line of a chain once gRPC has handed it the
     request (decode, route, log the line, run the handler, its "next", the reply),
     against the raw chain's handler (decode, log a line, encode, reply), each
-    logging through the same structlog chain to /dev/null. Rounds alternate.
+    logging through the same structlog chain to /dev/null. The mesh's hop is timed
+    with a plain handler (handed to a worker thread and back, one call at a time:
+    the hand-off's full cost) and with an ``async def`` one (on the loop). Rounds
+    alternate.
     """
     import structlog
 
@@ -738,17 +1017,20 @@ def role_hop(calls: str, rounds: str) -> int:
         mesh.configure_logging(json=True, file=sink)
         structlog.configure(cache_logger_on_first_use=True)  # as `mesh peer` does
         node = mesh.connect(Path(tmp, "mesh.toml"), machine="m1")
-    flow = node.flows.flows["chain2"]
-    request = pb.ContinueRequest(
-        request="chain2",
-        line_index=1,
-        context=json.dumps(CONTEXT).encode(),
-        flow_id=uuid.uuid4().hex,
-        digest=flow.digest,
-        via=["client", "m0"],
-    )
+    requests = {
+        name: pb.ContinueRequest(
+            request=name,
+            line_index=1,
+            context=json.dumps(CONTEXT).encode(),
+            flow_id=uuid.uuid4().hex,
+            digest=node.flows.flows[name].digest,
+            via=["client", "m0"],
+        )
+        for name in ("chain2", "achain2")
+    }
+    request = requests["chain2"]
 
-    async def serve_many(count: int) -> Any:  # on the node's loop, as a peer serves calls
+    async def serve_many(count: int, request: Any) -> Any:  # on the node's loop, as a peer
         reply = None
         for _ in range(count):
             context = load_context(request.context)
@@ -756,7 +1038,10 @@ def role_hop(calls: str, rounds: str) -> int:
         return reply
 
     def mesh_hop(count: int = 1) -> Any:  # a peer's serve, from the decode to the reply's bytes
-        return node.run_on_loop(serve_many(count))
+        return node.run_on_loop(serve_many(count, requests["chain2"]))
+
+    def mesh_async_hop(count: int = 1) -> Any:  # the same with an async def handler
+        return node.run_on_loop(serve_many(count, requests["achain2"]))
 
     raw_log = structlog.wrap_logger(
         structlog.WriteLogger(sink),
@@ -778,9 +1063,10 @@ def role_hop(calls: str, rounds: str) -> int:
         reply = pb.ContinueReply(done=pb.Done(context=encoder.encode(ctx).encode()))
         return reply.SerializeToString()  # as gRPC does it, and the mesh's peer itself
 
-    if json.loads(pb.ContinueReply.FromString(mesh_hop()).done.context).get("hop") != 1:
-        raise RuntimeError("the in-process mesh hop did not run its handler")
-    times: dict[str, list[float]] = {"mesh_us": [], "raw_us": []}
+    for hop in (mesh_hop, mesh_async_hop):
+        if json.loads(pb.ContinueReply.FromString(hop()).done.context).get("hop") != 1:
+            raise RuntimeError("the in-process mesh hop did not run its handler")
+    times: dict[str, list[float]] = {"mesh_us": [], "mesh_async_us": [], "raw_us": []}
     n = int(calls)
 
     def raw_many(count: int) -> None:
@@ -788,7 +1074,7 @@ def role_hop(calls: str, rounds: str) -> int:
             raw_hop()
 
     for r in range(int(rounds)):
-        order = [("mesh_us", mesh_hop), ("raw_us", raw_many)]
+        order = [("mesh_us", mesh_hop), ("mesh_async_us", mesh_async_hop), ("raw_us", raw_many)]
         for key, fn in order if r % 2 == 0 else order[::-1]:
             fn(n // 10)  # warm
             start = time.perf_counter()
@@ -883,18 +1169,22 @@ def measure(args: argparse.Namespace, procs: Procs) -> dict[str, Any]:
             "seconds": args.seconds,
             "hops": HOPS,
             "concurrency": args.concurrency,
+            "systems": args.systems,
         },
+        "drivers": {name: DRIVERS[name] for name in args.systems},
         "cells": [],
         "unavailable": {},
     }
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as folder:
         tmp = Path(folder)
-        starters: list[tuple[str, Callable[[Procs, Path], System]]] = [
-            ("mesh", start_mesh),
-            ("raw", start_raw),
-        ]
-        if not args.no_celery:
-            starters.append(("celery", start_celery))
+        every: dict[str, Callable[[Procs, Path], System]] = {
+            "mesh": start_mesh,
+            "mesh-async": start_mesh_async,
+            "raw": start_raw,
+            "raw-stream": start_raw_stream,
+            "celery": start_celery,
+        }
+        starters = [(name, every[name]) for name in args.systems]
         systems = []
         for name, starter in starters:
             say(f"starting {name} ...")
@@ -969,14 +1259,18 @@ def summarize(results: dict[str, Any]) -> list[str]:
     def m(s: str, n: int, c: int, key: str) -> float:
         return med(collect(cells, s, n, c, key))
 
-    systems = [s for s in ("mesh", "raw", "celery") if any(x["system"] == s for x in cells)]
+    systems = [s for s in SYSTEMS if any(x["system"] == s for x in cells)]
     out = [
         f"mesh benchmark {results['date']} on {results['machine']};"
         f" load {results['load_before'][0]:.2f} before, {results['load_after'][0]:.2f} after",
         f"{results['settings']['repeats']} interleaved repeats of"
         f" {results['settings']['seconds']} s per cell; median (min-max)",
+        "drivers (what originates the flows):",
+        *(f"  {s:<11}{results.get('drivers', DRIVERS).get(s, '?')}" for s in systems),
+        "handlers: mesh plain functions (on worker threads), mesh-async `async def` (on the"
+        " event loop)",
         "",
-        f"{'system':<7}{'N':>3}{'c':>5}  {'flows/s':<16}{'p50 ms':<24}{'p99 ms':<24}"
+        f"{'system':<11}{'N':>3}{'c':>5}  {'flows/s':<16}{'p50 ms':<24}{'p99 ms':<24}"
         f"{'peer CPU ms/flow':<20}{'peak RSS MiB'}",
     ]
     for n in HOPS:
@@ -988,25 +1282,26 @@ def summarize(results: dict[str, Any]) -> list[str]:
 
                 ms = ".1f" if m(s, n, c, "p50_ms") >= 100 else ".2f"
                 out.append(
-                    f"{s:<7}{n:>3}{c:>5}  {col('flows_per_s', '.0f'):<16}{col('p50_ms', ms):<24}"
+                    f"{s:<11}{n:>3}{c:>5}  {col('flows_per_s', '.0f'):<16}{col('p50_ms', ms):<24}"
                     f"{col('p99_ms', ms):<24}{col('peer_cpu_ms_per_flow'):<20}"
                     f"{med(collect(cells, s, n, c, 'peak_rss_mib')):.1f}"
                 )
         out.append("")
 
     summary: dict[str, Any] = {}
-    for s in ("mesh", "raw"):
-        if s in systems:
-            per_repeat = [
-                (a - b) / (HOPS[1] - HOPS[0])
-                for a, b in zip(
-                    collect(cells, s, HOPS[1], 1, "p50_ms"),
-                    collect(cells, s, HOPS[0], 1, "p50_ms"),
-                    strict=False,
-                )
-            ]
-            summary[f"{s}_per_hop_ms"] = per_repeat
-            out.append(f"per-hop marginal cost, {s}: {spread(per_repeat, '.3f')} ms")
+    for s in systems:
+        if s == "celery":
+            continue
+        per_repeat = [
+            (a - b) / (HOPS[1] - HOPS[0])
+            for a, b in zip(
+                collect(cells, s, HOPS[1], 1, "p50_ms"),
+                collect(cells, s, HOPS[0], 1, "p50_ms"),
+                strict=False,
+            )
+        ]
+        summary[f"{s}_per_hop_ms"] = per_repeat
+        out.append(f"per-hop marginal cost, {s}: {spread(per_repeat, '.3f')} ms")
     growth = {s: collect_all(cells, s, "rss_growth_mib") for s in systems}
     for s in systems:
         out.append(
@@ -1032,12 +1327,20 @@ def summarize(results: dict[str, Any]) -> list[str]:
         f" {spread(hop['raw_us'], '.0f')} µs; the mesh's own work {spread(own, '.0f')} µs"
         f" (best rounds {min(hop['mesh_us']):.0f} vs {min(hop['raw_us']):.0f} µs)"
     )
+    if hop.get("mesh_async_us"):  # runs before this key was measured have none
+        own_async = [m - r for m, r in zip(hop["mesh_async_us"], hop["raw_us"], strict=True)]
+        summary["mesh_async_own_work_us"] = own_async
+        out.append(
+            f"  with an async def handler (no worker thread): mesh"
+            f" {spread(hop['mesh_async_us'], '.0f')} µs; the mesh's own work"
+            f" {spread(own_async, '.0f')} µs"
+        )
     out.append("")
     out.append(
-        "targets (mesh/raw: the median of each repeat's ratio, its cells run back to back;"
-        " others: medians of this run):"
+        "targets (X/raw, X/raw-stream: the median of each repeat's ratio, its cells run back to"
+        " back; others: medians of this run). Judged on mesh (sync handlers); [mesh-async:"
+        " the same ratio with async def handlers]:"
     )
-    checks: list[tuple[str, float, float, bool]] = []  # label, value, limit, lower-is-better
 
     def ratio(a: float, b: float) -> float:
         return a / b if b else float("nan")
@@ -1048,75 +1351,144 @@ def summarize(results: dict[str, Any]) -> list[str]:
         ratios = [ratio(x, y) for x, y in zip(a, b, strict=False)]
         return med(ratios) if ratios else float("nan")
 
-    def vs_raw(n: int, c: int, key: str) -> float:
-        return paired(collect(cells, "mesh", n, c, key), collect(cells, "raw", n, c, key))
+    def vs(mesh: str, other: str, n: int, c: int, key: str) -> float:
+        return paired(collect(cells, mesh, n, c, key), collect(cells, other, n, c, key))
 
-    if "raw" in systems:
-        for n in HOPS:
+    # label (with "mesh" where the variant's name goes), value of a variant, limit,
+    # lower-is-better, and whether mesh-async gets its own ratio beside it.
+    checks: list[tuple[str, Callable[[str], float], float, bool, bool]] = []
+    fast = [c for c in (32, 128) if c in conc]
+    for n in HOPS:
+        if "raw" in systems:
+            for c in fast:
+                checks.append(
+                    (
+                        f"mesh/raw throughput at c={c}, N={n}",
+                        lambda v, n=n, c=c: vs(v, "raw", n, c, "flows_per_s"),
+                        1.6,
+                        False,
+                        True,
+                    )
+                )
             checks.append(
                 (
                     f"mesh/raw sequential p50 latency, N={n}",
-                    vs_raw(n, 1, "p50_ms"),
-                    1.2,
+                    lambda v, n=n: vs(v, "raw", n, 1, "p50_ms"),
+                    0.75,
+                    True,
                     True,
                 )
             )
-        checks.append(
-            (
-                "mesh/raw per-hop marginal cost",
-                paired(summary["mesh_per_hop_ms"], summary["raw_per_hop_ms"]),
-                1.2,
-                True,
+            checks.append(
+                (
+                    f"mesh/raw peers' CPU per flow at c=32, N={n}",
+                    lambda v, n=n: vs(v, "raw", n, 32, "peer_cpu_ms_per_flow"),
+                    0.65,
+                    True,
+                    True,
+                )
             )
-        )
+        if "raw-stream" in systems:
+            for c in fast:
+                checks.append(
+                    (
+                        f"mesh/raw-stream throughput at c={c}, N={n}",
+                        lambda v, n=n, c=c: vs(v, "raw-stream", n, c, "flows_per_s"),
+                        0.85,
+                        False,
+                        True,
+                    )
+                )
+            checks.append(
+                (
+                    f"mesh/raw-stream sequential p50 latency, N={n}",
+                    lambda v, n=n: vs(v, "raw-stream", n, 1, "p50_ms"),
+                    1.2,
+                    True,
+                    True,
+                )
+            )
+    if 32 in conc and 128 in conc:
         for n in HOPS:
             checks.append(
                 (
-                    f"mesh/raw throughput at c=32, N={n}",
-                    vs_raw(n, 32, "flows_per_s"),
-                    0.85,
+                    f"mesh throughput c=128 / c=32, N={n}",
+                    lambda v, n=n: ratio(m(v, n, 128, "flows_per_s"), m(v, n, 32, "flows_per_s")),
+                    0.8,
                     False,
+                    True,
                 )
             )
-    for n in HOPS:
-        checks.append(
-            (
-                f"mesh throughput c=128 / c=32, N={n}",
-                ratio(m("mesh", n, 128, "flows_per_s"), m("mesh", n, 32, "flows_per_s")),
-                0.8,
-                False,
-            )
-        )
     if "celery" in systems:
         for n in HOPS:
             checks.append(
                 (
                     f"celery/mesh sequential p50 latency, N={n}",
-                    ratio(m("celery", n, 1, "p50_ms"), m("mesh", n, 1, "p50_ms")),
+                    lambda v, n=n: ratio(m("celery", n, 1, "p50_ms"), m(v, n, 1, "p50_ms")),
                     3.0,
                     False,
+                    True,
                 )
             )
-            best = max(m("celery", n, c, "flows_per_s") for c in conc)
             checks.append(
                 (
                     f"mesh at c=32 / celery's best throughput, N={n}",
-                    ratio(m("mesh", n, 32, "flows_per_s"), best),
+                    lambda v, n=n: ratio(
+                        m(v, n, 32, "flows_per_s"),
+                        max(m("celery", n, c, "flows_per_s") for c in conc),
+                    ),
                     3.0,
                     False,
+                    True,
                 )
             )
-    checks.append(("non-flow event with/without mesh processors", med(event_ratios), 1.05, True))
-    checks.append(("mesh peer RSS growth to 128 in flight, MiB", med(growth["mesh"]), 50.0, True))
+    checks.append(
+        (
+            "non-flow event with/without mesh processors",
+            lambda v: med(event_ratios),
+            1.05,
+            True,
+            False,
+        )
+    )
+    checks.append(
+        (
+            f"mesh peer RSS growth to {max(conc)} in flight, MiB",
+            lambda v: med(growth.get(v, [])),
+            50.0,
+            True,
+            True,
+        )
+    )
     summary["targets"] = []
-    for label, value, limit, lower in checks:
+    judged = "mesh" if "mesh" in systems else "mesh-async"
+    for label, value_of, limit, lower, beside in checks:
         sign = "<=" if lower else ">="
+
+        def verdict(value: float) -> bool:
+            return value <= limit if lower else value >= limit  # noqa: B023 - used at once
+
+        value = value_of(judged)
+        shown = label if judged == "mesh" else label.replace("mesh", judged, 1)
         if math.isnan(value):  # a cell this run did not measure
-            out.append(f"  n/a   {label}: not measured in this run (target {sign} {limit})")
+            out.append(f"  n/a   {shown}: not measured in this run (target {sign} {limit})")
             continue
-        ok = value <= limit if lower else value >= limit
-        out.append(f"  {'PASS' if ok else 'FAIL'}  {label}: {value:.3f} (target {sign} {limit})")
-        summary["targets"].append({"label": label, "value": value, "limit": limit, "pass": ok})
+        ok = verdict(value)
+        line = f"  {'PASS' if ok else 'FAIL'}  {shown}: {value:.3f} (target {sign} {limit})"
+        target: dict[str, Any] = {
+            "label": shown,
+            "system": judged,
+            "value": value,
+            "limit": limit,
+            "pass": ok,
+        }
+        if beside and judged == "mesh" and "mesh-async" in systems:
+            other = value_of("mesh-async")
+            if not math.isnan(other):
+                line += f"  [mesh-async: {other:.3f} {'PASS' if verdict(other) else 'FAIL'}]"
+                target["mesh_async"] = {"value": other, "pass": verdict(other)}
+        out.append(line)
+        summary["targets"].append(target)
     if results["unavailable"]:
         for name, why in results["unavailable"].items():
             out.append(f"  (left out: {name}: {why})")
@@ -1147,6 +1519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0].startswith("_"):
         roles: dict[str, Callable[..., int]] = {
             "_raw": role_raw,
+            "_raw_stream": role_raw_stream,
             "_echo": role_echo,
             "_events": role_events,
             "_hop": role_hop,
@@ -1160,6 +1533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
     parser.add_argument("--seconds", type=float, help="seconds per cell (default 2)")
+    parser.add_argument(
+        "--systems",
+        help=f"which systems to run, comma-separated (default all: {','.join(SYSTEMS)})",
+    )
     parser.add_argument("--no-celery", action="store_true", help="leave the Celery chain out")
     parser.add_argument(
         "--concurrency",
@@ -1177,6 +1554,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"bench: cannot summarize {args.summarize}: {exc!r}")
             return 1
         return 0
+    args.systems = args.systems.split(",") if args.systems else list(SYSTEMS)
+    unknown = [name for name in args.systems if name not in SYSTEMS]
+    if unknown:
+        parser.error(f"--systems: no system {unknown[0]!r} (known: {', '.join(SYSTEMS)})")
+    if args.no_celery and "celery" in args.systems:
+        args.systems.remove("celery")
     if args.concurrency is None:
         args.concurrency = "1,32,128" if args.quick else ",".join(map(str, CONCURRENCY))
     try:

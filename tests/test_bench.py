@@ -26,7 +26,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> None:
-    """A tiny run prints the table and targets, writes the JSON, and leaves no process."""
+    """A tiny run measures the mesh (sync and async handlers), raw and raw-stream, prints
+    the table, which driver each system uses and the targets (the async variant's ratio
+    beside each), writes the JSON, and leaves no process."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
@@ -34,7 +36,7 @@ def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> 
             str(BENCH),
             "--no-celery",
             "--concurrency",
-            "1,8",
+            "1,32",
             "--repeats",
             "1",
             "--seconds",
@@ -49,9 +51,9 @@ def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
-    for system in ("mesh", "raw"):
+    for system in ("mesh", "mesh-async", "raw", "raw-stream"):
         for n in (4, 8):
-            for c in (1, 8):
+            for c in (1, 32):
                 (cell,) = [
                     x
                     for x in results["cells"]
@@ -59,9 +61,26 @@ def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> 
                 ]
                 assert cell["count"] > 0 and cell["errors"] == 0, cell
                 assert cell["p50_ms"] > 0 and cell["peer_cpu_ms_per_flow"] > 0
-    assert "mesh/raw sequential p50 latency, N=4" in proc.stdout
-    assert "per-hop marginal cost, mesh" in proc.stdout
-    assert "the mesh's own work" in proc.stdout
+    out = proc.stdout
+    assert "start_async_with" in results["drivers"]["mesh"]
+    assert "one stream" in results["drivers"]["raw-stream"]
+    assert "  raw-stream asyncio, flows multiplexed by id over one stream" in out
+    for target in (
+        "mesh/raw throughput at c=32, N=4",
+        "mesh/raw sequential p50 latency, N=8",
+        "mesh/raw peers' CPU per flow at c=32, N=4",
+        "mesh/raw-stream throughput at c=32, N=8",
+        "mesh/raw-stream sequential p50 latency, N=4",
+    ):
+        (line,) = [x for x in out.splitlines() if f"  {target}: " in x]
+        assert line.startswith(("  PASS", "  FAIL")) and "[mesh-async: " in line, line
+    assert {t["label"] for t in results["summary"]["targets"]} >= {
+        "mesh/raw throughput at c=32, N=4",
+        "mesh/raw-stream sequential p50 latency, N=8",
+    }
+    assert "per-hop marginal cost, raw-stream" in out
+    assert "the mesh's own work" in out
     assert len(results["hop_in_process_us"]["mesh_us"]) == len(results["events"]["with_ns"])
-    assert len(results["pids"]["mesh"]) == 8 and len(results["pids"]["raw"]) == 8
+    for system in ("mesh", "mesh-async", "raw", "raw-stream"):
+        assert len(results["pids"][system]) == 8
     assert [pid for pid in results["pids"]["all"] if _alive(pid)] == []
