@@ -31,7 +31,8 @@ signed them), read once per unary call or per link. Without client certificates,
 machine the call names as the last of its ``via`` chain (trusted as far as the token is: a
 token holder can claim any machine, so the access list then guards against mistakes and
 stale flow files more than against a hostile token holder). The health service is not
-guarded, so probes need no token.
+guarded, so probes need no token; server reflection is behind the token
+(:meth:`Guard.behind_token`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,14 @@ class Guard:
             name: handler if name in ("Continue", "Link") else self._token_only(handler)
             for name, handler in handlers.items()
         }
+
+    def behind_token(
+        self, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> dict[str, grpc.RpcMethodHandler]:
+        """``handlers`` of another service (method name -> handler), each behind the token
+        when one is configured: server reflection describes the mesh service to whoever
+        may call it, and to nobody else."""
+        return {name: self._token_only(handler) for name, handler in handlers.items()}
 
     def _token_only(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         kinds = {
