@@ -330,6 +330,8 @@ def test_login_with_a_wrong_password(node_client: Node, plain: Mesh) -> None:
         " PermissionError: invalid credentials"
     )
     assert f"error: {error['message']}" in out["_stderr"]
+    # The lines that ran before the failure; the failed line is not among them.
+    assert [(s["index"], s["machine"]) for s in out["steps"]] == [(0, "client"), (1, "server")]
     assert "not-the-password" not in json.dumps(out) + out["_stderr"]
     assert lines_run(plain.server, out["flow_id"]) == [1, 2]
 

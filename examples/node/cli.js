@@ -65,9 +65,9 @@ async function main() {
     return 0;
   } catch (err) {
     if (!(err instanceof FlowFailed)) throw err;
-    const { kind, machine, line_index, error_type, address, code, flowId } = err;
+    const { kind, machine, line_index, error_type, address, code, flowId, steps } = err;
     console.log(JSON.stringify({ request: opts.request, flow_id: flowId, error: {
-      kind, machine, line_index, error_type, address, code, message: err.message } }));
+      kind, machine, line_index, error_type, address, code, message: err.message }, steps }));
     console.error(`error: ${err.message}`);
     return 1;
   } finally {
