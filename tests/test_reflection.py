@@ -69,7 +69,7 @@ def assert_describes_the_mesh(channel: grpc.Channel) -> None:
     pool = descriptor_pool.DescriptorPool(database)
     service = pool.FindServiceByName("mesh.v1.Mesh")
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"Continue", "Link"}
+    assert {"Continue", "Link"} <= set(methods)  # and any method added to the service later
     assert methods["Continue"].input_type.full_name == "mesh.v1.ContinueRequest"
     assert methods["Continue"].output_type.full_name == "mesh.v1.ContinueReply"
     assert methods["Link"].input_type.full_name == "mesh.v1.Frames"
