@@ -69,7 +69,10 @@ def request(call: int, payload: bytes, timeout: float, traceparent: str = "") ->
         (bytes((_CALL,)), _varint(call), _field(REQUEST, payload), bytes((_TIMEOUT,)))
     ) + _double.pack(timeout)
     if traceparent:
-        out += bytes((_TRACEPARENT,)) + _varint(len(traceparent)) + traceparent.encode()
+        # The length of the bytes, not of the characters: a non-ASCII traceparent (no
+        # tracer makes one, but the field is a string) must not corrupt the frame.
+        encoded = traceparent.encode()
+        out += bytes((_TRACEPARENT,)) + _varint(len(encoded)) + encoded
     return out
 
 

@@ -31,13 +31,15 @@ signed them), read once per unary call or per link. Without client certificates,
 machine the call names as the last of its ``via`` chain (trusted as far as the token is: a
 token holder can claim any machine, so the access list then guards against mistakes and
 stale flow files more than against a hostile token holder). The health service is not
-guarded, so probes need no token.
+guarded, so probes need no token; server reflection is behind the token
+(:meth:`Guard.behind_token`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +63,11 @@ CONTINUE = "/mesh.v1.Mesh/Continue"
 _SHOWN = 60
 #: Longest flow_id or machine name a call may carry (an originator's flow_id is 32 hex digits).
 MAX_NAME = 256
+
+#: What a flow_id may be: 1 to MAX_NAME printable ASCII characters other than space. It is
+#: in every log line of the flow, so it holds no line break or control character, and it
+#: is the same length in characters, bytes and UTF-16 units, in any language.
+_FLOW_ID = re.compile(rf"[!-~]{{1,{MAX_NAME}}}")
 
 
 class Refusal(Exception):
@@ -135,6 +142,14 @@ class Guard:
             for name, handler in handlers.items()
         }
 
+    def behind_token(
+        self, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> dict[str, grpc.RpcMethodHandler]:
+        """``handlers`` of another service (method name -> handler), each behind the token
+        when one is configured: server reflection describes the mesh service to whoever
+        may call it, and to nobody else."""
+        return {name: self._token_only(handler) for name, handler in handlers.items()}
+
     def _token_only(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         kinds = {
             (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -206,8 +221,7 @@ class Guard:
         if (
             flow is None
             or index >= len(flow.lines)
-            or not flow_id
-            or len(flow_id) > MAX_NAME
+            or not _FLOW_ID.fullmatch(flow_id)
             or len(via) > len(flow.lines)
             or (
                 via
@@ -223,11 +237,15 @@ class Guard:
         assert flow is not None
         me = self.machine
         if request.digest != flow.digest:
+            # Both digests, so a caller can tell which side is stale: a digest is no secret,
+            # only a hash of rows the caller holds (docs/wire-protocol.md says how it is made).
             caller = via[-1] if via else "caller"
+            theirs = f"has {_cut(request.digest)}" if request.digest else "has none"
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{me} runs a different version of flow {flow.name} than {_name(caller)}:"
-                f" {me} has digest {flow.digest}, the call {_cut(request.digest)}",
+                f" {me} has digest {flow.digest}, the call {theirs} (mesh check prints a"
+                " flow's digest)",
             )
         if index:  # line 0 is a flow's entry: any caller that passed the token may start one
             self._entitled(flow, index, via, certified)
@@ -272,6 +290,12 @@ class Guard:
             return Refusal(invalid, f"{me}: the call has no flow_id")
         if len(request.flow_id) > MAX_NAME:
             return Refusal(invalid, f"{me}: flow_id of {len(request.flow_id):,} characters")
+        if not _FLOW_ID.fullmatch(request.flow_id):
+            return Refusal(
+                invalid,
+                f"{me}: flow_id {_cut(request.flow_id)} is not 1 to {MAX_NAME} printable ASCII"
+                " characters without spaces",
+            )
         via = request.via
         if len(via) > len(flow.lines):
             return Refusal(

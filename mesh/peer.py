@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection as _reflection
+from grpc_reflection.v1alpha import reflection_pb2 as _reflection_pb2
 
 from mesh import deadlines, frames, runtime
 from mesh.config import Config
@@ -47,6 +49,15 @@ _log = structlog.get_logger("mesh")
 
 SERVICE_NAME = "mesh.v1.Mesh"
 CONTINUE_METHOD = f"/{SERVICE_NAME}/Continue"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+#: Server reflection, under both names tools ask for (grpcurl tries v1, then v1alpha): the
+#: two protos are the same messages in two packages, byte for byte, so one servicer
+#: answers both.
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
 
 #: Seconds a stopping server gives replies already computed to leave, once no step runs.
 LAST_REPLIES = 1.0
@@ -542,8 +553,9 @@ def _cut(text: str, shown: int = 60) -> str:
 
 
 class Server:
-    """A running gRPC server for one machine, on its node's event loop: the mesh service
-    and health. Built and stopped from any thread; everything it does happens on the loop."""
+    """A running gRPC server for one machine, on its node's event loop: the mesh service,
+    health, and server reflection (so grpcurl and similar tools find the mesh service).
+    Built and stopped from any thread; everything it does happens on the loop."""
 
     def __init__(self, node: Node, listen: str) -> None:
         self.listen = listen
@@ -576,6 +588,7 @@ class Server:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self._server.add_generic_rpc_handlers(_reflection_handlers(self.peer.guard))
         port = transport.add_port(self._server, self.listen)
         if not port:
             raise MeshError(f"{node.machine} cannot listen on {self.listen}: address in use")
@@ -605,6 +618,27 @@ class Server:
 
     def wait(self, timeout: float | None = None) -> bool:
         return bool(self._node.run_on_loop(self._server.wait_for_termination(timeout)))
+
+
+def _reflection_handlers(guard: Guard) -> tuple[grpc.GenericRpcHandler, ...]:
+    """gRPC server reflection (grpcurl, Postman, grpcui): it lists the mesh service, health
+    and itself, and describes their messages from the descriptors the generated code
+    registered. Behind the token when one is configured, like the mesh service: the
+    health service stays open to probes, but what the mesh serves is for its callers."""
+    servicer = _reflection.aio.ReflectionServicer(
+        (SERVICE_NAME, HEALTH_SERVICE, *REFLECTION_SERVICES)
+    )
+    method = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=_reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=_reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    checked = guard.behind_token(method)
+    return tuple(
+        grpc.method_handlers_generic_handler(name, checked) for name in REFLECTION_SERVICES
+    )
 
 
 def _bind_problem(listen: str) -> str | None:
@@ -663,4 +697,12 @@ def wait_serving(
     return False
 
 
-__all__ = ["CONTINUE_METHOD", "LINK_METHOD", "Abandoned", "Peer", "Server", "wait_serving"]
+__all__ = [
+    "CONTINUE_METHOD",
+    "LINK_METHOD",
+    "REFLECTION_SERVICES",
+    "Abandoned",
+    "Peer",
+    "Server",
+    "wait_serving",
+]

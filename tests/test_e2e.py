@@ -24,6 +24,7 @@ from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
 from support.peers import Peers
 
 import mesh
+from mesh.config import load_config
 
 PASSWORD = password_of("ada")
 SERVER_LINES = [
@@ -212,6 +213,7 @@ import structlog
 from structlog.contextvars import bind_contextvars, get_contextvars
 
 import mesh
+from mesh.config import load_config
 
 log = structlog.get_logger()
 
@@ -269,6 +271,7 @@ import json
 import structlog
 
 import mesh
+from mesh.config import load_config
 
 log = structlog.get_logger()
 RECEIVED = {received!r}
@@ -584,7 +587,8 @@ def test_stopped_peer_is_unavailable(login_mesh: MeshDir, peers: Peers, connect)
 def test_flow_edited_on_one_side_is_refused(
     login_mesh: MeshDir, peers: Peers, connect, tmp_path: Path
 ) -> None:
-    """A client whose login rows differ from the server's gets PeerRefused: different version."""
+    """A client whose login rows differ from the server's gets PeerRefused: different version,
+    naming the digest each side has, so the caller sees which one it should have sent."""
     peers.start(login_mesh, "server")
     edited = MeshDir(tmp_path / "edited", login_mesh.tag + "_edited")
     edited.flow(LOGIN_FLOW.replace("Finish handling user login", "Finish handling the user login"))
@@ -598,6 +602,9 @@ def test_flow_edited_on_one_side_is_refused(
     assert "different version" in str(info.value)
     assert "login" in str(info.value)
     assert info.value.machine == "server"
+    ours = load_config(edited.config).flows["login"].digest
+    theirs = load_config(login_mesh.config).flows["login"].digest
+    assert f"server has digest {theirs}, the call has '{ours}'" in str(info.value)
     assert PASSWORD not in str(info.value)
     # The request that was not edited still runs.
     assert node.start("feed").steps[-1].machine == "server"
@@ -625,6 +632,7 @@ import time
 import structlog
 
 import mesh
+from mesh.config import load_config
 
 log = structlog.get_logger()
 
@@ -704,6 +712,7 @@ import time
 import structlog
 
 import mesh
+from mesh.config import load_config
 
 log = structlog.get_logger()
 

@@ -116,12 +116,37 @@ GARBAGE = [
         "different version",
     ),
     case(
+        "no-digest",
+        lambda d: request(d, digest=""),
+        Status.FAILED_PRECONDITION,
+        "the call has none (mesh check prints a flow's digest)",
+    ),
+    case(
         "digest-before-access",  # another version's line 3 from client: say version, not access
         lambda d: request(d, digest="0" * 16, line_index=3),
         Status.FAILED_PRECONDITION,
         "different version",
     ),
     case("no-flow-id", lambda d: request(d, flow_id=""), Status.INVALID_ARGUMENT, "no flow_id"),
+    # A flow_id is in every log line of its flow: no line break, space or non-ASCII in it.
+    case(
+        "flow-id-newline",
+        lambda d: request(d, flow_id="f1\nforged line"),
+        Status.INVALID_ARGUMENT,
+        "flow_id 'f1\\nforged line' is not 1 to 256 printable ASCII characters",
+    ),
+    case(
+        "flow-id-space",
+        lambda d: request(d, flow_id="flow 1"),
+        Status.INVALID_ARGUMENT,
+        "without spaces",
+    ),
+    case(
+        "flow-id-unicode",
+        lambda d: request(d, flow_id="flöw-1"),
+        Status.INVALID_ARGUMENT,
+        "printable ASCII",
+    ),
     case("via-twice", lambda d: request(d, via=["client"] * 2), Status.INVALID_ARGUMENT, "via"),
     case(
         "via-long",
