@@ -31,9 +31,12 @@ MAX_SECONDS = 365 * 24 * 3600.0
 #: At most this many seconds of a hop's time are kept for its reply.
 MAX_RESERVE = 0.1
 
-#: Seconds a step whose caller went away waits for a resend to adopt it (a broken link
-#: is dialled again at once; a unary caller's gRPC retries within 0.05 s to 1 s).
-ADOPT_WINDOW = 1.0
+#: Seconds a step whose caller went away waits for a resend to adopt it, and a caller
+#: whose link broke tries to reach that same peer again (a broken link is dialled again
+#: at once; a unary caller's gRPC retries within 0.05 s to 1 s). A loaded machine can
+#: take over a second to accept a connection again: 1 s here lost flows that a peer
+#: still held (seen on 2 busy cores), so the window is a few seconds.
+ADOPT_WINDOW = 3.0
 
 
 def seconds(value: object, name: str = "timeout") -> float:

@@ -42,14 +42,11 @@ from typing import Any, Final, NamedTuple
 import grpc
 
 from mesh import frames
+from mesh.deadlines import ADOPT_WINDOW
 
 __all__ = ["ADOPT_WINDOW", "LINK_METHOD", "Answer", "Links"]
 
 LINK_METHOD: Final = "/mesh.v1.Mesh/Link"
-
-#: Seconds a call that a broken link's peer may be running waits for a new link to
-#: that same peer (the peer keeps such a step going as long, for the resend to adopt).
-ADOPT_WINDOW: Final = 1.0
 
 #: Backoff between dials of a replica that could not be reached: first, growth, cap.
 BACKOFF: Final = (0.05, 2.0, 1.0)

@@ -261,7 +261,7 @@ log = structlog.get_logger()
 def take_payment(ctx):
     if "tell_port" in ctx:  # let the test know the step has begun
         socket.create_connection(("127.0.0.1", ctx["tell_port"])).close()
-        time.sleep(1.5)  # longer than deadlines.ADOPT_WINDOW
+        time.sleep(4.0)  # longer than deadlines.ADOPT_WINDOW
     with open(ctx["ledger"], "a", encoding="utf-8") as ledger:
         ledger.write(f"{ctx['n']} {os.getpid()}\\n")
     log.info("next", paid=True)

@@ -135,6 +135,8 @@ def test_killed_replica_under_load(replicated: MeshDir, peers: Peers, connect) -
         outcomes = [f.result() for f in futures]
 
     begun_on_victim = served(victim)
+    survivors = served(replicas[0]) | served(replicas[2])
+    failed = set()
     for n, (result, elapsed) in enumerate(outcomes):
         # The deadline is the promise under test: a flow whose replica died ends by it, not
         # whenever gRPC gives up (the slack is for 200 threads on a loaded machine).
@@ -142,8 +144,15 @@ def test_killed_replica_under_load(replicated: MeshDir, peers: Peers, connect) -
         if isinstance(result, mesh.MeshError):
             assert isinstance(result, mesh.PeerError | mesh.FlowTimeout), repr(result)
             assert result.machine == "server", repr(result)
-            assert n in begun_on_victim, f"flow {n} never reached the victim yet failed: {result}"
-    assert sum(not isinstance(r, Exception) for r, _ in outcomes) >= 200 - len(begun_on_victim)
+            # Failed: the victim had it (it acknowledges a call when it reads it, before
+            # its handler logs), so it was sent nowhere else: never run twice.
+            assert n not in survivors, f"flow {n} ran on a survivor yet failed: {result}"
+            failed.add(n)
+        else:
+            assert n in survivors or n in begun_on_victim, f"flow {n} succeeded, ran nowhere"
+    # Calls the victim had not read went to the survivors: only those it held fail, a
+    # third of the flows at most (the pick spreads calls over three replicas).
+    assert len(failed) <= 200 // 3 + 10, f"{len(failed)} flows failed, more than the victim held"
 
     restarted = peers.start(replicated, "server", replica=2)
 
