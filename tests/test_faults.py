@@ -25,6 +25,7 @@ from support.meshdir import MeshDir
 from support.peers import Peer, Peers
 
 import mesh
+from mesh.deadlines import ADOPT_WINDOW
 
 WORK_FLOW = (
     "Request\tLog\tMachine\n"
@@ -303,7 +304,9 @@ def test_killed_originator_stops_the_flow_downstream(
         call = subprocess.Popen(
             [
                 *(sys.executable, "-m", "mesh", "call", "chain", "n:=5", f"tell_server:={port}"),
-                *("server_seconds:=2", "--timeout", "60", "-c", str(chain.config)),
+                # server's step outlasts the window a caller has to come back in
+                *(f"server_seconds:={ADOPT_WINDOW + 2}", "--timeout", "60"),
+                *("-c", str(chain.config)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
