@@ -8,27 +8,15 @@ that every (flow, line) is in the ledger exactly once.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support.cli import mesh_env, run_mesh
 from support.meshdir import MeshDir
 from support.peers import Peer, Peers
-
-import mesh
-from mesh.config import load_config
-from mesh.tools import flows as flows_tool
 
 ORDER_FLOW = (
     "Request\tLog\tMachine\n"
@@ -158,7 +146,7 @@ def test_middle_machine_killed_mid_step(mesh_dir: MeshDir, peers: Peers, connect
     thread, out = in_thread(
         lambda: node.start("order", item="tea", card="4242424242424242", pause_on="b", pause=1.5)
     )
-    wait_for(lambda: (mesh_dir.root / "started-b-tea").exists(), 20, "b's step")
+    wait_for((mesh_dir.root / "started-b-tea").exists, 20, "b's step")
     chain["b"].kill()
     again = restart(peers, mesh_dir, chain["b"])
     thread.join(60)
