@@ -90,6 +90,7 @@ class Admitted:
     request: _pb2.ContinueRequest
     context: dict[str, Any]
     fingerprint: bytes
+    raw: bytes | memoryview = b""  # the call as received (a durable stay journals it)
 
 
 class Guard:
@@ -260,7 +261,7 @@ class Guard:
             context = load_context(request.context)
         except ValueError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{me}: bad context: {exc}") from None
-        return Admitted(request, context, fingerprint(raw, certified))
+        return Admitted(request, context, fingerprint(raw, certified), raw)
 
     def _decode(self, raw: bytes | memoryview) -> _pb2.ContinueRequest:
         try:

@@ -25,6 +25,7 @@ Postgres journal shared by a machine's replicas can be added beside it).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
@@ -56,21 +57,21 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS mesh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # One row per stay of a durable flow on this machine.
+    # One row per stay of a durable flow on this machine. WITHOUT ROWID, and no index
+    # besides the key: each record then writes one b-tree, not two or three.
     "CREATE TABLE IF NOT EXISTS mesh_stays ("
     " flow_id TEXT NOT NULL, line INTEGER NOT NULL, request TEXT NOT NULL,"
     " digest TEXT NOT NULL, sender TEXT NOT NULL, origin INTEGER NOT NULL,"
     " fingerprint BLOB, payload BLOB, context BLOB NOT NULL, position INTEGER NOT NULL,"
     " call BLOB, call_machine TEXT, state TEXT NOT NULL, outcome BLOB, error TEXT,"
     " deadline REAL NOT NULL, owner INTEGER NOT NULL, started REAL NOT NULL,"
-    " updated REAL NOT NULL, PRIMARY KEY (flow_id, line))",
-    "CREATE INDEX IF NOT EXISTS mesh_stays_state ON mesh_stays (state, updated)",
+    " updated REAL NOT NULL, PRIMARY KEY (flow_id, line)) WITHOUT ROWID",
     # The lines a stay ran, for its timeline (and a recovered stay's reply).
     "CREATE TABLE IF NOT EXISTS mesh_steps ("
     " flow_id TEXT NOT NULL, stay INTEGER NOT NULL, line INTEGER NOT NULL,"
     " machine TEXT NOT NULL, log TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,"
-    " duration REAL NOT NULL, error TEXT)",
-    "CREATE INDEX IF NOT EXISTS mesh_steps_flow ON mesh_steps (flow_id, stay)",
+    " duration REAL NOT NULL, error TEXT, PRIMARY KEY (flow_id, stay, at, line, state))"
+    " WITHOUT ROWID",
 )
 
 _STAY_COLUMNS = (
@@ -130,7 +131,7 @@ class Journal(Protocol):
 
     where: str
 
-    def accept(self, stay: Stay) -> concurrent.futures.Future[None]: ...
+    def accept(self, stay: Stay) -> concurrent.futures.Future[int]: ...
 
     def progress(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -141,7 +142,7 @@ class Journal(Protocol):
         call: bytes | None,
         call_machine: str | None,
         steps: Sequence[LocalStep],
-    ) -> concurrent.futures.Future[None]: ...
+    ) -> concurrent.futures.Future[int]: ...
 
     def finish(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -153,7 +154,7 @@ class Journal(Protocol):
         context: bytes | None,
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
-    ) -> concurrent.futures.Future[None]: ...
+    ) -> concurrent.futures.Future[int]: ...
 
     def progress_in(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -180,6 +181,8 @@ class Journal(Protocol):
     def steps(self, flow_id: str) -> list[StepRow]: ...
 
     def orphans(self) -> list[Stay]: ...
+
+    def local_steps(self, flow_id: str, stay: int) -> list[LocalStep]: ...
 
     def claim(self, flow_id: str, line: int) -> bool: ...
 
@@ -240,10 +243,12 @@ class SqliteJournal:
         self._lock = threading.Lock()
         writer = self._connect()
         self._check_schema(writer)
-        self._queue: queue.SimpleQueue[tuple[list[Op], concurrent.futures.Future[None]] | _Stop]
+        self._queue: queue.SimpleQueue[tuple[list[Op], concurrent.futures.Future[int]] | _Stop]
         self._queue = queue.SimpleQueue()
         self._writer_conn = writer
         self._closed = False
+        self._here: list[tuple[list[Op], asyncio.Future[int]]] | None = None
+        self._loop_conn: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._write_loop, name="mesh-journal", daemon=True)
         self._thread.start()
 
@@ -309,8 +314,8 @@ class SqliteJournal:
 
     # -- the writer ---------------------------------------------------------------------
 
-    def _submit(self, ops: list[Op]) -> concurrent.futures.Future[None]:
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+    def _submit(self, ops: list[Op]) -> concurrent.futures.Future[int]:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
         if self._closed:
             future.set_exception(JournalError(f"{self.where}: journal is closed"))
             return future
@@ -322,7 +327,7 @@ class SqliteJournal:
         q = self._queue
         while True:
             item = q.get()
-            batch: list[tuple[list[Op], concurrent.futures.Future[None]]] = []
+            batch: list[tuple[list[Op], concurrent.futures.Future[int]]] = []
             stop = False
             while True:
                 if isinstance(item, _Stop):
@@ -341,31 +346,39 @@ class SqliteJournal:
     def _commit(
         self,
         conn: sqlite3.Connection,
-        batch: list[tuple[list[Op], concurrent.futures.Future[None]]],
+        batch: list[tuple[list[Op], concurrent.futures.Future[int]]],
     ) -> None:
         error: BaseException | None = None
+        counts: list[int] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for ops, _ in batch:
+                    before = conn.total_changes
                     for sql, params in ops:
                         conn.execute(sql, params)
+                    counts.append(conn.total_changes - before)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             error = JournalError(f"{self.where}: journal write failed: {exc}")
-        for _, future in batch:
+        for (_, future), count in zip(batch, counts or [0] * len(batch), strict=False):
             if error is None:
-                future.set_result(None)
+                future.set_result(count)
             else:
                 future.set_exception(error)
 
     # -- records ------------------------------------------------------------------------
 
-    def accept(self, stay: Stay) -> concurrent.futures.Future[None]:
-        """Record a stay as accepted (running), before any handler of it runs."""
+    def accept(self, stay: Stay) -> concurrent.futures.Future[int]:
+        """Record a stay as accepted (running), before any handler of it runs. The future's
+        result is 1, or 0 when the journal knew the stay already (it is not replaced).
+        (Every record's future gives the rows it changed.)"""
+        return self._submit(self._accept_ops(stay))
+
+    def _accept_ops(self, stay: Stay) -> list[Op]:
         values = (
             stay.flow_id,
             stay.line,
@@ -388,9 +401,15 @@ class SqliteJournal:
             stay.updated,
         )
         marks = ", ".join("?" * len(values))
-        return self._submit(
-            [(f"INSERT OR REPLACE INTO mesh_stays ({_STAY_COLUMNS}) VALUES ({marks})", values)]
-        )
+        # A stay known already (a resend of a call a previous process ran) is not replaced:
+        # the commit's result says 0 rows, and the caller reads what the journal has.
+        return [
+            (
+                f"INSERT INTO mesh_stays ({_STAY_COLUMNS}) VALUES ({marks})"
+                " ON CONFLICT (flow_id, line) DO NOTHING",
+                values,
+            )
+        ]
 
     def _step_ops(self, flow_id: str, line: int, steps: Sequence[LocalStep]) -> list[Op]:
         return [
@@ -430,7 +449,7 @@ class SqliteJournal:
         call: bytes | None,
         call_machine: str | None,
         steps: Sequence[LocalStep],
-    ) -> concurrent.futures.Future[None]:
+    ) -> concurrent.futures.Future[int]:
         """Record where a stay goes on (``position``, or the ``call`` downstream) and the
         context it goes on with, and the lines it ran since the last record."""
         return self._submit(
@@ -460,8 +479,23 @@ class SqliteJournal:
         context: bytes | None,
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
-    ) -> concurrent.futures.Future[None]:
+    ) -> concurrent.futures.Future[int]:
         """Record how a stay ended: its reply (or the flow's result, where it started)."""
+        return self._submit(
+            self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
+        )
+
+    def _finish_ops(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        state: str,
+        outcome: bytes | None,
+        error: str | None,
+        context: bytes | None,
+        steps: Sequence[LocalStep],
+        failed: StepRow | None = None,
+    ) -> list[Op]:
         ops: list[Op] = [
             (
                 "UPDATE mesh_stays SET state = ?, outcome = ?, error = ?,"
@@ -479,7 +513,88 @@ class SqliteJournal:
                     (flow_id, line, failed.line, failed.machine, failed.log, failed.at, error),
                 )
             )
-        return self._submit(ops)
+        return ops
+
+    # -- the same records, committed on the event loop that asks (a peer's) ----------------
+    #
+    # A record asked for on the node's event loop is committed on it, with every record
+    # asked for in the same turn of the loop, in one transaction (group commit without a
+    # thread: a writer thread handing each commit back waited for the GIL behind the busy
+    # loop, milliseconds a record). The loop blocks for the commit itself.
+
+    def accept_async(self, stay: Stay) -> asyncio.Future[int]:
+        return self._submit_here(self._accept_ops(stay))
+
+    def progress_async(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        call: bytes | None,
+        call_machine: str | None,
+        steps: Sequence[LocalStep],
+    ) -> asyncio.Future[int]:
+        return self._submit_here(
+            self._progress_ops(flow_id, line, position, context, call, call_machine, steps)
+        )
+
+    def finish_async(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        state: str,
+        outcome: bytes | None,
+        error: str | None,
+        context: bytes | None,
+        steps: Sequence[LocalStep],
+        failed: StepRow | None = None,
+    ) -> asyncio.Future[int]:
+        return self._submit_here(
+            self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
+        )
+
+    def _submit_here(self, ops: list[Op]) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        if self._closed:
+            future.set_exception(JournalError(f"{self.where}: journal is closed"))
+            return future
+        pending = self._here
+        if pending is None:
+            pending = self._here = []
+            loop.call_soon(self._flush_here)
+        pending.append((ops, future))
+        return future
+
+    def _flush_here(self) -> None:
+        batch, self._here = self._here or [], None
+        conn = self._loop_conn
+        if conn is None:
+            conn = self._loop_conn = self._connect()
+        error: BaseException | None = None
+        counts: list[int] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for ops, _ in batch:
+                    before = conn.total_changes
+                    for sql, params in ops:
+                        conn.execute(sql, params)
+                    counts.append(conn.total_changes - before)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            error = JournalError(f"{self.where}: journal write failed: {exc}")
+        for (_, future), count in zip(batch, counts or [0] * len(batch), strict=False):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(count)
+            else:
+                future.set_exception(error)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -528,6 +643,14 @@ class SqliteJournal:
             (flow_id,),
         )
         return [StepRow(*r) for r in rows]
+
+    def local_steps(self, flow_id: str, stay: int) -> list[LocalStep]:
+        """The lines a stay ran, as the runtime keeps them (for a recovered stay's reply)."""
+        return [
+            (r.line, r.log, r.machine, r.at, r.duration)
+            for r in self.steps(flow_id)
+            if r.stay == stay and r.state == "done"
+        ]
 
     def orphans(self) -> list[Stay]:
         """Running stays whose process is gone: to recover."""

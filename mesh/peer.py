@@ -222,12 +222,9 @@ class Peer:
             )
         except (Replayed, Forgotten) as exc:
             raise _repeat_refusal(self._node.machine, request, exc) from None
-        journal = None
-        if known is None and request.request in self._durable:
-            journal = self._node.journal
-            recorded = self._journaled_reply(journal, admitted)
-            if recorded is not None:
-                return recorded
+        # A durable stay a previous process ran is found in the journal as the stay's
+        # accept record finds it there (runtime.serve), not here: no read per call.
+        journal = self._node.journal if request.request in self._durable else None
         if known is not None:
             _log.info(
                 "mesh.step_repeated",
@@ -257,9 +254,7 @@ class Peer:
         journaled = None
         if journal is not None:
             serving.durable = True
-            journaled = runtime.Journaled(
-                journal, admitted.fingerprint, request.SerializeToString()
-            )
+            journaled = runtime.Journaled(journal, admitted.fingerprint, bytes(admitted.raw))
         coro = runtime.serve(
             self._node,
             request,
@@ -274,29 +269,6 @@ class Peer:
             self._serve(serving, coro), context=contextvars.Context()
         )
         return serving
-
-    def _journaled_reply(self, journal: Any, admitted: Admitted) -> bytes | None:
-        """The reply a durable stay gave before this process (it is in the journal, not in
-        the record in memory): the very call that ran it gets it again, nothing runs; any
-        other call naming it is refused as the record would."""
-        request = admitted.request
-        stay = journal.stay(request.flow_id, request.line_index)
-        if stay is None or stay.state == "running":
-            return None  # running: recovered at start (in self.serving), or not ours
-        if stay.fingerprint != admitted.fingerprint:
-            raise _repeat_refusal(self._node.machine, request, Replayed(request.flow_id))
-        _log.info(
-            "mesh.step_repeated",
-            caller=request.via[-1] if request.via else "caller",
-            flow_id=request.flow_id,
-            request=request.request,
-            line_index=request.line_index,
-            machine=self._node.machine,
-            journaled=True,
-        )
-        if stay.outcome is None:
-            return runtime.stopped_reply(self._node, request, f"the flow was {stay.state}")
-        return stay.outcome  # type: ignore[no-any-return]
 
     def recover(self) -> int:
         """Go on with the durable stays a dead process of this machine accepted and did not
@@ -318,11 +290,7 @@ class Peer:
             key = (stay.flow_id, stay.line)
             if key in self.serving:
                 continue
-            steps_by_stay[key] = [
-                (r.line, r.log, r.machine, r.at, r.duration)
-                for r in journal.steps(stay.flow_id)
-                if r.stay == stay.line and r.state == "done"
-            ]
+            steps_by_stay[key] = journal.local_steps(stay.flow_id, stay.line)
             running = self.replies.start(stay.flow_id, stay.line, stay.fingerprint or b"")
             serving = self.serving[key] = _Serving(key, request, running)
             serving.durable = True
