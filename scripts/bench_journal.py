@@ -193,7 +193,9 @@ def main() -> None:
         results["plain"]["tput"]
     )
     p50 = statistics.median(results["durable"]["p50"]) / statistics.median(results["plain"]["p50"])
-    print(f"  durable/plain: throughput {tput:.2f}x (target >= 0.7x), p50 {p50:.2f}x (target <= 1.4x)")
+    print(
+        f"  durable/plain: throughput {tput:.2f}x (target >= 0.7x), p50 {p50:.2f}x (target <= 1.4x)"
+    )
 
 
 if __name__ == "__main__":
