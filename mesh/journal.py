@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import queue
 import sqlite3
@@ -57,21 +58,16 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS mesh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # One row per stay of a durable flow on this machine. WITHOUT ROWID, and no index
-    # besides the key: each record then writes one b-tree, not two or three.
+    # One row per stay of a durable flow on this machine; no index besides its key, so a
+    # record writes two b-trees at most. ``steps``: the lines it ran, a JSON array a line,
+    # appended by each record (its timeline, and a recovered stay's reply).
     "CREATE TABLE IF NOT EXISTS mesh_stays ("
     " flow_id TEXT NOT NULL, line INTEGER NOT NULL, request TEXT NOT NULL,"
     " digest TEXT NOT NULL, sender TEXT NOT NULL, origin INTEGER NOT NULL,"
     " fingerprint BLOB, payload BLOB, context BLOB NOT NULL, position INTEGER NOT NULL,"
     " call BLOB, call_machine TEXT, state TEXT NOT NULL, outcome BLOB, error TEXT,"
     " deadline REAL NOT NULL, owner INTEGER NOT NULL, started REAL NOT NULL,"
-    " updated REAL NOT NULL, PRIMARY KEY (flow_id, line)) WITHOUT ROWID",
-    # The lines a stay ran, for its timeline (and a recovered stay's reply).
-    "CREATE TABLE IF NOT EXISTS mesh_steps ("
-    " flow_id TEXT NOT NULL, stay INTEGER NOT NULL, line INTEGER NOT NULL,"
-    " machine TEXT NOT NULL, log TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,"
-    " duration REAL NOT NULL, error TEXT, PRIMARY KEY (flow_id, stay, at, line, state))"
-    " WITHOUT ROWID",
+    " updated REAL NOT NULL, steps TEXT NOT NULL DEFAULT '', PRIMARY KEY (flow_id, line))",
 )
 
 _STAY_COLUMNS = (
@@ -411,16 +407,6 @@ class SqliteJournal:
             )
         ]
 
-    def _step_ops(self, flow_id: str, line: int, steps: Sequence[LocalStep]) -> list[Op]:
-        return [
-            (
-                "INSERT INTO mesh_steps (flow_id, stay, line, machine, log, state, at, duration,"
-                " error) VALUES (?, ?, ?, ?, ?, 'done', ?, ?, NULL)",
-                (flow_id, line, s[0], s[2], s[1], s[3], s[4]),
-            )
-            for s in steps
-        ]
-
     def _progress_ops(  # noqa: PLR0917 - the record's fields, in order
         self,
         flow_id: str,
@@ -434,10 +420,18 @@ class SqliteJournal:
         return [
             (
                 "UPDATE mesh_stays SET position = ?, context = ?, call = ?, call_machine = ?,"
-                " updated = ? WHERE flow_id = ? AND line = ?",
-                (position, context, call, call_machine, time.time(), flow_id, line),
-            ),
-            *self._step_ops(flow_id, line, steps),
+                " updated = ?, steps = steps || ? WHERE flow_id = ? AND line = ?",
+                (
+                    position,
+                    context,
+                    call,
+                    call_machine,
+                    time.time(),
+                    _step_lines(steps),
+                    flow_id,
+                    line,
+                ),
+            )
         ]
 
     def progress(  # noqa: PLR0917 - the record's fields, in order
@@ -496,24 +490,19 @@ class SqliteJournal:
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
     ) -> list[Op]:
-        ops: list[Op] = [
+        lines = _step_lines(steps)
+        if failed is not None:
+            lines += _step_line(
+                failed.line, failed.machine, failed.log, "failed", failed.at, 0.0, error
+            )
+        return [
             (
                 "UPDATE mesh_stays SET state = ?, outcome = ?, error = ?,"
-                " context = COALESCE(?, context), call = NULL, updated = ?"
-                " WHERE flow_id = ? AND line = ?",
-                (state, outcome, error, context, time.time(), flow_id, line),
-            ),
-            *self._step_ops(flow_id, line, steps),
-        ]
-        if failed is not None:
-            ops.append(
-                (
-                    "INSERT INTO mesh_steps (flow_id, stay, line, machine, log, state, at,"
-                    " duration, error) VALUES (?, ?, ?, ?, ?, 'failed', ?, 0, ?)",
-                    (flow_id, line, failed.line, failed.machine, failed.log, failed.at, error),
-                )
+                " context = COALESCE(?, context), call = NULL, updated = ?,"
+                " steps = steps || ? WHERE flow_id = ? AND line = ?",
+                (state, outcome, error, context, time.time(), lines, flow_id, line),
             )
-        return ops
+        ]
 
     # -- the same records, committed on the event loop that asks (a peer's) ----------------
     #
@@ -637,12 +626,16 @@ class SqliteJournal:
         return [_stay(r) for r in rows]
 
     def steps(self, flow_id: str) -> list[StepRow]:
-        rows = self._rows(
-            "SELECT flow_id, stay, line, machine, log, state, at, duration, error"
-            " FROM mesh_steps WHERE flow_id = ? ORDER BY at, line",
-            (flow_id,),
-        )
-        return [StepRow(*r) for r in rows]
+        """Every line the stays of ``flow_id`` here ran (or failed at), in time order."""
+        out: list[StepRow] = []
+        for stay, text in self._rows(
+            "SELECT line, steps FROM mesh_stays WHERE flow_id = ?", (flow_id,)
+        ):
+            for row in (text or "").splitlines():
+                line, machine, log, state, at, duration, error = json.loads(row)
+                out.append(StepRow(flow_id, stay, line, machine, log, state, at, duration, error))
+        out.sort(key=lambda r: (r.at, r.line))
+        return out
 
     def local_steps(self, flow_id: str, stay: int) -> list[LocalStep]:
         """The lines a stay ran, as the runtime keeps them (for a recovered stay's reply)."""
@@ -698,18 +691,19 @@ class SqliteJournal:
         stay = self.stay(flow_id, line)
         if stay is None or stay.state not in (FAILED, CANCELLED):
             return False
+        kept = "".join(
+            _step_line(r.line, r.machine, r.log, r.state, r.at, r.duration, r.error)
+            for r in self.steps(flow_id)
+            if r.stay == line and r.state != "failed"
+        )
         self._submit(
             [
                 (
                     "UPDATE mesh_stays SET state = 'running', outcome = NULL, error = NULL,"
-                    " owner = 0, deadline = MAX(deadline, ?), updated = ?"
+                    " owner = 0, deadline = MAX(deadline, ?), updated = ?, steps = ?"
                     " WHERE flow_id = ? AND line = ?",
-                    (time.time() + 30.0, time.time(), flow_id, line),
-                ),
-                (
-                    "DELETE FROM mesh_steps WHERE flow_id = ? AND stay = ? AND state = 'failed'",
-                    (flow_id, line),
-                ),
+                    (time.time() + 30.0, time.time(), kept, flow_id, line),
+                )
             ]
         ).result()
         return True
@@ -726,7 +720,6 @@ class SqliteJournal:
         ops: list[Op] = []
         for flow_id, line in old:
             ops.append(("DELETE FROM mesh_stays WHERE flow_id = ? AND line = ?", (flow_id, line)))
-            ops.append(("DELETE FROM mesh_steps WHERE flow_id = ? AND stay = ?", (flow_id, line)))
         self._submit(ops).result()
         return len(old)
 
@@ -749,6 +742,22 @@ class SqliteJournal:
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+def _step_line(  # noqa: PLR0917 - a step's fields, in order
+    line: int,
+    machine: str,
+    log: str,
+    state: str,
+    at: float,
+    duration: float,
+    error: str | None,
+) -> str:
+    return json.dumps([line, machine, log, state, at, duration, error], ensure_ascii=False) + "\n"
+
+
+def _step_lines(steps: Sequence[LocalStep]) -> str:
+    return "".join(_step_line(s[0], s[2], s[1], "done", s[3], s[4], None) for s in steps)
 
 
 def _stay(row: Sequence[Any]) -> Stay:
