@@ -360,11 +360,18 @@ class SqliteJournal:
                 raise
         except sqlite3.Error as exc:
             error = JournalError(f"{self.where}: journal write failed: {exc}")
+        later: dict[asyncio.AbstractEventLoop, list[tuple[Any, int]]] = {}
         for (_, future), count in zip(batch, counts or [0] * len(batch), strict=False):
-            if error is None:
+            if isinstance(future, asyncio.Future):
+                # Told on its own loop, once per batch: one wake-up, not one a record.
+                later.setdefault(future.get_loop(), []).append((future, count))
+            elif error is None:
                 future.set_result(count)
             else:
                 future.set_exception(error)
+        for loop, settled in later.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, settled, error)
 
     # -- records ------------------------------------------------------------------------
 
@@ -548,6 +555,10 @@ class SqliteJournal:
         future: asyncio.Future[int] = loop.create_future()
         if self._closed:
             future.set_exception(JournalError(f"{self.where}: journal is closed"))
+            return future
+        if self.synchronous == "FULL":
+            # An fsync a commit: on the writer thread, so the loop goes on meanwhile.
+            self._queue.put((ops, future))  # type: ignore[arg-type]
             return future
         pending = self._here
         if pending is None:
@@ -742,6 +753,16 @@ class SqliteJournal:
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+def _settle(settled: list[tuple[Any, int]], error: BaseException | None) -> None:
+    for future, count in settled:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(count)
+        else:
+            future.set_exception(error)
 
 
 def _step_line(  # noqa: PLR0917 - a step's fields, in order
