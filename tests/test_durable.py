@@ -93,7 +93,7 @@ def order_mesh(mesh_dir: MeshDir, durable: str = "true", extra: str = "") -> Mes
     mesh_dir.service(ORDER_SERVICE)
     mesh_dir.write_config(
         {"client": False, "a": True, "b": True, "c": True},
-        extra=f"durable = {durable}\ntimeout = 60\ngrace = 2\n{extra}",
+        extra=f"durable = {durable}\ntimeout = 60\n{extra or 'grace = 2'}",
     )
     return mesh_dir
 
@@ -330,3 +330,96 @@ def test_corrupt_or_newer_journal_refuses_to_start(mesh_dir: MeshDir, tmp_path: 
     done = run_mesh("peer", "c", "-c", mesh_dir.config, timeout=30)
     assert done.returncode == 1
     assert "newer" in done.stderr and str(bad) in done.stderr, done.stderr
+
+
+def test_sigterm_leaves_durable_flows_to_the_next_start(
+    mesh_dir: MeshDir, peers: Peers, connect: Any
+) -> None:
+    """SIGTERM of b while its step outlasts grace: b exits 0 without failing the flow
+    (logging mesh.flow_left), its next start goes on with it, and the flow finishes."""
+    order_mesh(mesh_dir)
+    chain = start_chain(peers, mesh_dir)
+    node = connect(mesh_dir.config, "client")
+    thread, out = in_thread(
+        lambda: node.start("order", item="jar", card="4242424242424242", pause_on="b", pause=4)
+    )
+    wait_for((mesh_dir.root / "started-b-jar").exists, 20, "b's step")
+    began = time.monotonic()
+    assert chain["b"].stop() == 0
+    assert time.monotonic() - began < 8
+    assert any(e["event"] == "mesh.flow_left" for e in chain["b"].events())
+    assert thread.is_alive()
+    restart(peers, mesh_dir, chain["b"])
+    thread.join(60)
+    assert "error" not in out, out.get("error")
+    exactly_once(mesh_dir, [out["result"].flow_id])
+
+
+CHAOS_ORIGINATOR = """
+import asyncio
+import random
+import sys
+
+import mesh
+
+node = mesh.connect(sys.argv[1], machine="client")
+count = int(sys.argv[2])
+
+
+async def one(i):
+    machine = random.choice(["a", "b", "c", "none"])
+    await node.start_async(
+        "order", item=f"chaos{i}", card="4242424242424242", pause_on=machine,
+        pause=random.uniform(0.0, 0.8),
+    )
+
+
+async def main():
+    await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+
+asyncio.run(main())
+print("all done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_chaos_kill_each_machine_in_turn(
+    mesh_dir: MeshDir, peers: Peers, connect: Any, tmp_path: Path
+) -> None:
+    """80 durable flows in flight across 4 machines; kill -9 b, a, c and the originator in
+    turn, each restarted: every flow the originator journaled completes, and each step is
+    in its machine's ledger exactly once."""
+    order_mesh(mesh_dir, extra="grace = 1")
+    chain = start_chain(peers, mesh_dir)
+    script = tmp_path / "chaos.py"
+    script.write_text(CHAOS_ORIGINATOR, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(mesh_dir.config), "80"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=mesh_env(),
+        cwd=mesh_dir.root,
+    )
+    try:
+        time.sleep(1.5)
+        for machine in ("b", "a", "c"):
+            chain[machine].kill()
+            time.sleep(0.3)
+            chain[machine] = restart(peers, mesh_dir, chain[machine])
+            time.sleep(0.7)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    node = connect(mesh_dir.config, "client")
+    config = load_config(mesh_dir.config)
+    started = [f.flow_id for f in flows_tool.list_flows(config, request="order")]
+    assert len(started) >= 40, started
+    for flow_id in started:
+        result = node.result(flow_id, timeout=40)
+        assert result.steps[-1].index == 4
+    exactly_once(mesh_dir, started)
+    stuck = flows_tool.list_flows(config, state="running") + flows_tool.list_flows(
+        config, state="waiting"
+    )
+    assert stuck == []
