@@ -562,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"recovery of {args.recover} flows held in the last step (kill -9, restart):"
                 ]
                 for name, fn in (("mesh", recover_mesh), ("dbos", recover_dbos)):
-                    if name == "dbos" and "dbos-normal" not in args.systems:
+                    if not any(
+                        s.startswith(name if name == "dbos" else "durable") for s in args.systems
+                    ):
                         continue
                     figures = fn(procs, Path(tmp), args.recover)
                     procs.stop_all()
