@@ -26,13 +26,13 @@ from typing import Any
 
 import structlog
 
-from mesh import analysis, deadlines, supervisor
+from mesh import analysis, deadlines, supervisor, versions
 from mesh.addresses import dialable
 from mesh.colour import Palette, palette
 from mesh.config import Config, check_machine, find_config, load_config
 from mesh.distribution import DISTRIBUTION, install_hint, version
 from mesh.errors import MeshError
-from mesh.flowfile import Flow
+from mesh.flowfile import Flow, FlowSet, load_flows
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
 from mesh.peer import wait_serving
@@ -64,7 +64,14 @@ def make_argument_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("check", "validate flow files, config and services; print each request's plan")
+    check = add("check", "validate flow files, config and services; print each request's plan")
+    check.add_argument(
+        "--against",
+        metavar="OLD_FILE",
+        action="append",
+        help="also say whether changing from this flow file (repeat for several) to the"
+        " config's is safe for flows in flight: exit 1 if not",
+    )
 
     peer = add("peer", "serve one machine's lines")
     peer.add_argument(
@@ -198,6 +205,28 @@ def _check(args: argparse.Namespace) -> int:
         f"{out.green('ok:')} {len(config.flows)} requests, {len(config.machines)} machines,"
         f" {found.handlers} handlers"
     )
+    if args.against:
+        return _against(load_flows(args.against), config.flows, out)
+    return 0
+
+
+def _against(old: FlowSet, new: FlowSet, out: Palette) -> int:
+    """``mesh check --against``: each change from the old file, and whether flows in flight
+    on it can go on (mesh.versions)."""
+    changes = versions.compare(old, new)
+    print()
+    print(out.bold(f"against {', '.join(old.paths)}:"))
+    for change in changes:
+        mark = out.green("safe:  ") if change.safe else out.red("unsafe:")
+        print(f"  {mark} {change.request}: {change.what}")
+    unsafe = sum(not c.safe for c in changes)
+    if unsafe:
+        print(
+            f"{out.red('unsafe:')} {unsafe} change(s) would stop flows in flight on the old"
+            " file; drain them first (mesh flows --state running) or keep the old rows"
+        )
+        return EXIT_FAILURE
+    print(f"{out.green('ok:')} safe for flows in flight" + ("" if changes else " (no changes)"))
     return 0
 
 
