@@ -225,7 +225,10 @@ def steer_local(config: Config, machine: str, action: str, flow_id: str) -> int:
     ``mesh.connect``, recovers them). How many stays changed."""
     try:
         journal = open_journal(
-            config.journal_url(machine), synchronous=config.journal.synchronous, create=False
+            config.journal_url(machine),
+            synchronous=config.journal.synchronous,
+            create=False,
+            machine=machine,
         )
     except MeshError:
         return 0

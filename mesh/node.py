@@ -201,6 +201,7 @@ class Node:
                     journal = self._journal = open_journal(
                         self.config.journal_url(self.machine),
                         synchronous=self.config.journal.synchronous,
+                        machine=self.machine,
                     )
         return journal
 

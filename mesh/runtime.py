@@ -29,7 +29,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import inspect
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -1078,7 +1077,7 @@ def _accept_origin(state: FlowState) -> concurrent.futures.Future[None]:
             outcome=None,
             error=None,
             deadline=now + max(state.remaining(), 0.0),
-            owner=os.getpid(),
+            owner=state.journal.owner,
             started=now,
             updated=now,
         )
@@ -1213,7 +1212,7 @@ def _accept(
             outcome=None,
             error=None,
             deadline=now + max(state.remaining(), 0.0),
-            owner=os.getpid(),
+            owner=state.journal.owner,
             started=now,
             updated=now,
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from support.cli import run_mesh
 from support.meshdir import MeshDir
 
 from mesh.flowfile import parse_flows
-from mesh.versions import compare
+from mesh.versions import VersionStore, compare
 
 HEAD = "Request\tLog\tMachine\n"
 OLD = HEAD + "pay\tCart for :user\tweb\npay\tCharging :user\tpayments\npay\tDone\tweb\n"
@@ -85,3 +87,23 @@ def test_check_against_an_old_file_exits_1_on_an_unsafe_edit(mesh_dir: MeshDir) 
     assert done.returncode != 0
     assert "nope.tsv: no such flow file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_store_finds_every_version_it_kept_by_digest(tmp_path: Path) -> None:
+    """A peer restarted with an edited file still finds the old request by its digest."""
+    flow = tmp_path / "flow.tsv"
+    flow.write_text(OLD)
+    store = VersionStore(tmp_path / "versions")
+    store.remember([flow])
+    old = parse_flows(OLD, "x")["pay"]
+    flow.write_text(OLD + "pay\tReceipt mailed\tweb\n")
+    store = VersionStore(tmp_path / "versions")  # a new process
+    store.remember([flow])
+    new = parse_flows(flow.read_text(), "x")["pay"]
+    assert new.digest != old.digest
+    for want in (old, new):
+        found = store.flow("pay", want.digest)
+        assert found is not None and [ln.text for ln in found.lines] == [
+            ln.text for ln in want.lines
+        ]
+    assert store.flow("pay", "0" * 16) is None
