@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from mesh import runtime
 from mesh.errors import MeshError
 from mesh.flowfile import FlowSet
-from mesh.journal import CANCELLED, RUNNING, Journal, Stay, open_journal
+from mesh.journal import CANCELLED, RUNNING, Journal, Stay
+from mesh.journals import open_journal
 from mesh.masking import masked
 from mesh.v1 import mesh_pb2 as _pb2
 

@@ -45,7 +45,6 @@ __all__ = [
     "SqliteJournal",
     "Stay",
     "StepRow",
-    "open_journal",
 ]
 
 #: The schema this code writes; a file with a higher one is refused (a newer mesh wrote it).
@@ -197,21 +196,6 @@ class Journal(Protocol):
     def size(self) -> int: ...
 
     def close(self) -> None: ...
-
-
-def open_journal(
-    url: str, *, synchronous: str = "full", create: bool = True, machine: str = ""
-) -> Journal:
-    """The journal at ``url`` (``sqlite:///ABSOLUTE/PATH``, or ``postgresql://…`` where
-    ``machine``'s journal is a schema of its own); JournalError when it cannot be used.
-    ``create``: make the file (and its folder) when missing."""
-    if url.startswith("sqlite:///"):
-        return SqliteJournal(Path(url[len("sqlite:///") :]), synchronous=synchronous, create=create)
-    if url.startswith(("postgresql://", "postgres://")):
-        from mesh.pgjournal import PostgresJournal  # noqa: PLC0415 - imports this module
-
-        return PostgresJournal(url, machine or "mesh", synchronous=synchronous)
-    raise JournalError(f"{url}: a journal url starts sqlite:/// or postgresql://")
 
 
 def _alive(pid: int) -> bool:

@@ -34,7 +34,8 @@ from mesh.config import Config, find_config, load_config
 from mesh.durable import Waits, deadline_left
 from mesh.errors import ConfigError, FlowError, FlowNotFound, FlowTimeout, MeshError
 from mesh.flowfile import Flow, FlowSet
-from mesh.journal import Journal, Stay, open_journal
+from mesh.journal import Journal, Stay
+from mesh.journals import open_journal
 from mesh.links import Answer, Links
 from mesh.logconfig import chain_problem, configure_logging
 from mesh.peer import Abandoned, Server

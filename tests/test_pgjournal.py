@@ -16,7 +16,8 @@ from support.peers import Peers
 from support.postgres import Postgres, missing, postgres_server
 
 from mesh.errors import JournalError
-from mesh.journal import RUNNING, Stay, open_journal
+from mesh.journal import RUNNING, Stay
+from mesh.journals import open_journal
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
