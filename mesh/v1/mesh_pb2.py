@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/mesh.proto\x12\x07mesh.v1\"u\n\x0f\x43ontinueRequest\x12\x0f\n\x07request\x18\x01 \x01(\t\x12\x12\n\nline_index\x18\x02 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\x0c\x12\x0f\n\x07\x66low_id\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x0b\n\x03via\x18\x06 \x03(\t\"Z\n\x04Step\x12\x12\n\nline_index\x18\x01 \x01(\r\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\x01\x12\x10\n\x08\x64uration\x18\x05 \x01(\x01\"\x17\n\x04\x44one\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x0c\"?\n\x07HandOff\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x12\n\nline_index\x18\x02 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\x0c\"\xc6\x01\n\x07\x46\x61ilure\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.mesh.v1.Failure.Kind\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x12\n\nline_index\x18\x03 \x01(\r\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\";\n\x04Kind\x12\x08\n\x04STEP\x10\x00\x12\x0f\n\x0bUNAVAILABLE\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\"\xa1\x01\n\rContinueReply\x12\x1d\n\x04\x64one\x18\x01 \x01(\x0b\x32\r.mesh.v1.DoneH\x00\x12$\n\x08hand_off\x18\x02 \x01(\x0b\x32\x10.mesh.v1.HandOffH\x00\x12\"\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x10.mesh.v1.FailureH\x00\x12\x1c\n\x05steps\x18\x04 \x03(\x0b\x32\r.mesh.v1.StepB\t\n\x07outcome\"\x9d\x02\n\x05\x46rame\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x18.mesh.v1.ContinueRequestH\x00\x12\'\n\x05reply\x18\x03 \x01(\x0b\x32\x16.mesh.v1.ContinueReplyH\x00\x12#\n\x07refused\x18\x04 \x01(\x0b\x32\x10.mesh.v1.RefusalH\x00\x12!\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x0f.mesh.v1.CancelH\x00\x12(\n\ngoing_away\x18\x06 \x01(\x0b\x32\x12.mesh.v1.GoingAwayH\x00\x12\x0f\n\x07timeout\x18\x07 \x01(\x01\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x10\n\x08received\x18\t \x01(\x04\x42\x06\n\x04\x62ody\"(\n\x06\x46rames\x12\x1e\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x0e.mesh.v1.Frame\"(\n\x07Refusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x08\n\x06\x43\x61ncel\"\x1b\n\tGoingAway\x12\x0e\n\x06reason\x18\x01 \x01(\t2r\n\x04Mesh\x12<\n\x08\x43ontinue\x12\x18.mesh.v1.ContinueRequest\x1a\x16.mesh.v1.ContinueReply\x12,\n\x04Link\x12\x0f.mesh.v1.Frames\x1a\x0f.mesh.v1.Frames(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/mesh.proto\x12\x07mesh.v1\"u\n\x0f\x43ontinueRequest\x12\x0f\n\x07request\x18\x01 \x01(\t\x12\x12\n\nline_index\x18\x02 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\x0c\x12\x0f\n\x07\x66low_id\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x0b\n\x03via\x18\x06 \x03(\t\"\x9e\x01\n\x04Step\x12\x12\n\nline_index\x18\x01 \x01(\r\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\t\x12\r\n\x05start\x18\x04 \x01(\x01\x12\x10\n\x08\x64uration\x18\x05 \x01(\x01\x12\x0f\n\x07request\x18\x06 \x01(\t\x12\x14\n\x07\x65lement\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07skipped\x18\x08 \x01(\x08\x42\n\n\x08_element\"\x17\n\x04\x44one\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x0c\"?\n\x07HandOff\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x12\n\nline_index\x18\x02 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\x0c\"\xc6\x01\n\x07\x46\x61ilure\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.mesh.v1.Failure.Kind\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x12\n\nline_index\x18\x03 \x01(\r\x12\x12\n\nerror_type\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\";\n\x04Kind\x12\x08\n\x04STEP\x10\x00\x12\x0f\n\x0bUNAVAILABLE\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\"\xa1\x01\n\rContinueReply\x12\x1d\n\x04\x64one\x18\x01 \x01(\x0b\x32\r.mesh.v1.DoneH\x00\x12$\n\x08hand_off\x18\x02 \x01(\x0b\x32\x10.mesh.v1.HandOffH\x00\x12\"\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x10.mesh.v1.FailureH\x00\x12\x1c\n\x05steps\x18\x04 \x03(\x0b\x32\r.mesh.v1.StepB\t\n\x07outcome\"\x9d\x02\n\x05\x46rame\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x18.mesh.v1.ContinueRequestH\x00\x12\'\n\x05reply\x18\x03 \x01(\x0b\x32\x16.mesh.v1.ContinueReplyH\x00\x12#\n\x07refused\x18\x04 \x01(\x0b\x32\x10.mesh.v1.RefusalH\x00\x12!\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x0f.mesh.v1.CancelH\x00\x12(\n\ngoing_away\x18\x06 \x01(\x0b\x32\x12.mesh.v1.GoingAwayH\x00\x12\x0f\n\x07timeout\x18\x07 \x01(\x01\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x10\n\x08received\x18\t \x01(\x04\x42\x06\n\x04\x62ody\"(\n\x06\x46rames\x12\x1e\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x0e.mesh.v1.Frame\"(\n\x07Refusal\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x08\n\x06\x43\x61ncel\"\x1b\n\tGoingAway\x12\x0e\n\x06reason\x18\x01 \x01(\t2r\n\x04Mesh\x12<\n\x08\x43ontinue\x12\x18.mesh.v1.ContinueRequest\x1a\x16.mesh.v1.ContinueReply\x12,\n\x04Link\x12\x0f.mesh.v1.Frames\x1a\x0f.mesh.v1.Frames(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONTINUEREQUEST']._serialized_start=31
   _globals['_CONTINUEREQUEST']._serialized_end=148
-  _globals['_STEP']._serialized_start=150
-  _globals['_STEP']._serialized_end=240
-  _globals['_DONE']._serialized_start=242
-  _globals['_DONE']._serialized_end=265
-  _globals['_HANDOFF']._serialized_start=267
-  _globals['_HANDOFF']._serialized_end=330
-  _globals['_FAILURE']._serialized_start=333
-  _globals['_FAILURE']._serialized_end=531
-  _globals['_FAILURE_KIND']._serialized_start=472
-  _globals['_FAILURE_KIND']._serialized_end=531
-  _globals['_CONTINUEREPLY']._serialized_start=534
-  _globals['_CONTINUEREPLY']._serialized_end=695
-  _globals['_FRAME']._serialized_start=698
-  _globals['_FRAME']._serialized_end=983
-  _globals['_FRAMES']._serialized_start=985
-  _globals['_FRAMES']._serialized_end=1025
-  _globals['_REFUSAL']._serialized_start=1027
-  _globals['_REFUSAL']._serialized_end=1067
-  _globals['_CANCEL']._serialized_start=1069
-  _globals['_CANCEL']._serialized_end=1077
-  _globals['_GOINGAWAY']._serialized_start=1079
-  _globals['_GOINGAWAY']._serialized_end=1106
-  _globals['_MESH']._serialized_start=1108
-  _globals['_MESH']._serialized_end=1222
+  _globals['_STEP']._serialized_start=151
+  _globals['_STEP']._serialized_end=309
+  _globals['_DONE']._serialized_start=311
+  _globals['_DONE']._serialized_end=334
+  _globals['_HANDOFF']._serialized_start=336
+  _globals['_HANDOFF']._serialized_end=399
+  _globals['_FAILURE']._serialized_start=402
+  _globals['_FAILURE']._serialized_end=600
+  _globals['_FAILURE_KIND']._serialized_start=541
+  _globals['_FAILURE_KIND']._serialized_end=600
+  _globals['_CONTINUEREPLY']._serialized_start=603
+  _globals['_CONTINUEREPLY']._serialized_end=764
+  _globals['_FRAME']._serialized_start=767
+  _globals['_FRAME']._serialized_end=1052
+  _globals['_FRAMES']._serialized_start=1054
+  _globals['_FRAMES']._serialized_end=1094
+  _globals['_REFUSAL']._serialized_start=1096
+  _globals['_REFUSAL']._serialized_end=1136
+  _globals['_CANCEL']._serialized_start=1138
+  _globals['_CANCEL']._serialized_end=1146
+  _globals['_GOINGAWAY']._serialized_start=1148
+  _globals['_GOINGAWAY']._serialized_end=1175
+  _globals['_MESH']._serialized_start=1177
+  _globals['_MESH']._serialized_end=1291
 # @@protoc_insertion_point(module_scope)
