@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from support.meshdir import MeshDir
+from support.cli import run_mesh
 from support.peers import Peer, Peers
 
 import mesh
@@ -290,3 +291,39 @@ def test_a_forged_call_for_a_line_no_path_allows_is_refused(shop) -> None:
 def test_the_checkout_digest_is_the_same_on_every_machine(shop, tmp_path: Path) -> None:
     node, _ = shop
     assert node.flows["checkout"].controlled
+
+
+def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: Path) -> None:
+    """mesh call as web, then mesh logs over every machine's log: a skipped row is not
+    missing, each element ran once, the sub-flow is a run of its own under the flow's id."""
+    _, started = shop
+    web_log = tmp_path / "web.log"
+    called = run_mesh(
+        "call",
+        "checkout",
+        "user=ada",
+        "email=ada@x",
+        f"card={GOOD_CARD}",
+        "total:=3",
+        'items:=[{"sku": "a"}, {"sku": "b"}, {"sku": "c"}]',
+        "--as",
+        "web",
+        "--json",
+        "--log-file",
+        web_log,
+        "-c",
+        started["config"],
+    )
+    assert called.returncode == 0, called.stderr
+    flow_id = json.loads(called.stdout)["flow_id"]
+    logs = [web_log, *(p.log_path for p in started["inventory"]), started["mailer"].log_path]
+    logs.append(started["payments"].log_path)
+    done = run_mesh("logs", *logs, "--flow", flow_id, "-c", started["config"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert f"checkout  flow {flow_id}  " in out
+    assert "(skipped: when not charged)" in out
+    assert f"receipt  flow {flow_id}/3  2 of 2 lines  ok" in out
+    for k in range(3):
+        assert f"checkout  flow {flow_id}/1[{k}]  1 of 1 lines  ok" in out
+    assert "problem:" not in out
