@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
-from support.meshdir import MeshDir
 from support.cli import run_mesh
+from support.meshdir import MeshDir
 from support.peers import Peer, Peers
 
 import mesh
