@@ -177,11 +177,12 @@ def measure(items: int, flows: int, rounds: int, io: float) -> dict[str, float]:
                 for warm in (fan, serial, lambda: run("plain"), lambda: run("cond")):
                     warm()
                 figures: dict[str, list[float]] = {"fan": [], "serial": [], "plain": [], "cond": []}
-                for _ in range(rounds):  # interleaved, so drift hits both sides alike
-                    figures["fan"].append(_time(fan, 1))
-                    figures["serial"].append(_time(serial, 1))
-                    figures["plain"].append(_time(lambda: run("plain"), 1) / flows)
-                    figures["cond"].append(_time(lambda: run("cond"), 1) / flows)
+                for n in range(rounds):  # interleaved, each side first in turn
+                    pairs = [("fan", fan), ("serial", serial)]
+                    pairs += [(k, lambda k=k: run(k)) for k in ("plain", "cond")]  # type: ignore[misc]
+                    for name, fn in pairs if n % 2 == 0 else pairs[::-1]:
+                        per = flows if name in ("plain", "cond") else 1
+                        figures[name].append(_time(fn, 1) / per)
             finally:
                 node.close()
         finally:
