@@ -219,9 +219,12 @@ async def _sub_flow(state: runtime.FlowState, index: int) -> None:
         _log.error("mesh.step_failed", error=str(error), **state.fields(index))
         raise error
     runtime.emit(state, index)
+    # The row's span is open while the sub-flow runs: the sub-flow's lines are its children.
+    span, inside = tracing.open_span(state.trace, line.text, state.fields(index), time.time())
     child = _child(
         state, f"{state.flow_id}/{index}", dict(state.context), flow=place.flows[line.sub], via=()
     )
+    child.trace = inside
 
     async def run() -> None:
         runtime.activate(child, 0)
@@ -235,9 +238,18 @@ async def _sub_flow(state: runtime.FlowState, index: int) -> None:
         raise
     except MeshError as exc:
         state.steps.extend(_marked(child.steps, line.sub, None))
-        raise _wrapped(state, index, exc, "") from exc
+        failure = _wrapped(state, index, exc, "")
+        tracing.close_span(span, str(failure))
+        raise failure from exc
+    finally:
+        tracing.close_span(span)  # a no-op once closed
     state.context.update(child.context)
-    runtime.close_line(state)
+    # The row's step, by hand: runtime.close_line would record a second span for it.
+    duration = time.perf_counter() - state._t0
+    state.steps.append((index, state._rendered, state.machine, state._wall, duration))
+    state.current = -1
+    if span is not None:
+        state.trace = inside  # the next line here is the row's child, as after any line
     state.steps.extend(_marked(child.steps, line.sub, None))
 
 
