@@ -7,14 +7,17 @@ owns the following line.
 
 from mesh.current import CurrentFlow, current_flow
 from mesh.distribution import version as _version
+from mesh.durable import StepId, step_id, step_transaction
 from mesh.errors import (
     AccessDenied,
     ConfigError,
     ContextError,
     FlowError,
     FlowFileError,
+    FlowNotFound,
     FlowTimeout,
     FlowViolation,
+    JournalError,
     MeshError,
     PeerError,
     PeerRefused,
@@ -34,9 +37,11 @@ __all__ = [
     "CurrentFlow",
     "FlowError",
     "FlowFileError",
+    "FlowNotFound",
     "FlowResult",
     "FlowTimeout",
     "FlowViolation",
+    "JournalError",
     "MeshError",
     "Node",
     "PeerError",
@@ -44,6 +49,7 @@ __all__ = [
     "PeerUnavailable",
     "RegistryError",
     "Step",
+    "StepId",
     "configure_logging",
     "connect",
     "current_context",
@@ -51,6 +57,8 @@ __all__ = [
     "handler",
     "mask_secrets",
     "processor",
+    "step_id",
+    "step_transaction",
 ]
 
 #: The installed distribution's version (``structlog-mesh``), one source: its metadata.

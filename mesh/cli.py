@@ -14,25 +14,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from mesh import analysis, deadlines, supervisor
+from mesh import analysis, deadlines, supervisor, versions
 from mesh.addresses import dialable
 from mesh.colour import Palette, palette
 from mesh.config import Config, check_machine, find_config, load_config
 from mesh.distribution import DISTRIBUTION, install_hint, version
 from mesh.errors import MeshError
-from mesh.flowfile import Flow
+from mesh.flowfile import Flow, FlowSet, load_flows
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
 from mesh.peer import wait_serving
@@ -64,7 +66,14 @@ def make_argument_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("check", "validate flow files, config and services; print each request's plan")
+    check = add("check", "validate flow files, config and services; print each request's plan")
+    check.add_argument(
+        "--against",
+        metavar="OLD_FILE",
+        action="append",
+        help="also say whether changing from this flow file (repeat for several) to the"
+        " config's is safe for flows in flight: exit 1 if not",
+    )
 
     peer = add("peer", "serve one machine's lines")
     peer.add_argument(
@@ -201,6 +210,28 @@ def _check(args: argparse.Namespace) -> int:
         f"{out.green('ok:')} {len(config.flows)} requests, {len(config.machines)} machines,"
         f" {found.handlers} handlers"
     )
+    if args.against:
+        return _against(load_flows(args.against), config.flows, out)
+    return 0
+
+
+def _against(old: FlowSet, new: FlowSet, out: Palette) -> int:
+    """``mesh check --against``: each change from the old file, and whether flows in flight
+    on it can go on (mesh.versions)."""
+    changes = versions.compare(old, new)
+    print()
+    print(out.bold(f"against {', '.join(old.paths)}:"))
+    for change in changes:
+        mark = out.green("safe:  ") if change.safe else out.red("unsafe:")
+        print(f"  {mark} {change.request}: {change.what}")
+    unsafe = sum(not c.safe for c in changes)
+    if unsafe:
+        print(
+            f"{out.red('unsafe:')} {unsafe} change(s) would stop flows in flight on the old"
+            " file; drain them first (mesh flows --state running) or keep the old rows"
+        )
+        return EXIT_FAILURE
+    print(f"{out.green('ok:')} safe for flows in flight" + ("" if changes else " (no changes)"))
     return 0
 
 
@@ -476,6 +507,33 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _add_tool_commands(add: Any) -> None:
+    flows = add(
+        "flows",
+        "list durable flows on every machine, show one, cancel, retry or print its result",
+    )
+    flows.add_argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=["list", "show", "cancel", "retry", "result"],
+        help="list (default), or show|cancel|retry|result FLOW_ID",
+    )
+    flows.add_argument("flow_id", nargs="?", metavar="FLOW_ID", help="the flow, for an action")
+    flows.add_argument(
+        "--state", choices=["running", "waiting", "failed", "done", "cancelled"], help="list only"
+    )
+    flows.add_argument("--request", metavar="REQUEST", help="only flows of this request")
+    flows.add_argument(
+        "--since", metavar="DURATION", help='only flows updated within, e.g. "10m", "2h", "7d"'
+    )
+    flows.add_argument(
+        "--as",
+        dest="machine",
+        metavar="MACHINE",
+        help="whose credentials to ask with (mutual TLS); default: an originator's",
+    )
+    flows.add_argument("--json", action="store_true", help="print JSON")
+
     stubs = add("scaffold", "write a services module with a handler for each line of a request")
     stubs.add_argument("request", metavar="REQUEST", help="the request, as the flow file names it")
     stubs.add_argument("--out", metavar="PATH", help="default: services/REQUEST.py")
@@ -642,4 +700,107 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-_TOOL_COMMANDS = {"scaffold": _scaffold, "diagram": _diagram, "logs": _logs, "deploy": _deploy}
+def _ago(at: float) -> str:
+    seconds = max(time.time() - at, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def _flows(args: argparse.Namespace) -> int:
+    from mesh.config import duration  # noqa: PLC0415
+    from mesh.tools import flows as tool  # noqa: PLC0415 - only this command needs it
+
+    config = load_config(find_config(args.config))
+    if args.action != "list" and not args.flow_id:
+        raise MeshError(f"mesh flows {args.action} needs a FLOW_ID")
+    out = palette(sys.stdout)
+    if args.action == "list":
+        since = None
+        if args.since:
+            since = duration(args.since)
+            if since is None:
+                raise MeshError(
+                    f'--since must be a duration like "10m", "2h", "7d", not {args.since!r}'
+                )
+        found = tool.list_flows(
+            config, state=args.state, request=args.request, since=since, as_machine=args.machine
+        )
+        if args.json:
+            print(json.dumps([dataclasses.asdict(f) for f in found], ensure_ascii=False))
+            return 0
+        rows: list[tuple[str, ...]] = [("flow", "request", "state", "where", "updated", "why")]
+        for f in found:
+            why = f.waiting or f.error or ""
+            rows.append(
+                (f.flow_id, f.request, f.state, f"{f.machine} line {f.line}", _ago(f.updated), why)
+            )
+        if found:
+            _table(rows, header=out)
+        sizes = ", ".join(f"{k} {_size(v)}" for k, v in sorted(found.journal_bytes.items()))
+        print(f"{len(found)} flows; journals: {sizes or 'none'}")
+        for problem in found.unreachable:
+            print(f"{palette(sys.stderr).yellow('unreachable:')} {problem}", file=sys.stderr)
+        return 0
+    if args.action == "show":
+        detail = tool.show_flow(config, args.flow_id, as_machine=args.machine)
+        if args.json:
+            print(json.dumps(dataclasses.asdict(detail), ensure_ascii=False))
+            return 0
+        s = detail.summary
+        print(f"{out.bold(s.request)}  flow {s.flow_id}  {s.state}")
+        print(f"  started {_ago(s.started)}, last record {_ago(s.updated)}")
+        print(f"  now: {s.machine} line {s.line}")
+        if s.waiting:
+            print(f"  {out.yellow(s.waiting)}")
+        if s.error:
+            print(f"  {out.red('error:')} {s.error}")
+        print(out.bold("timeline:"))
+        rows = [("#", "machine", "state", "line", "at", "")]
+        rows += [
+            (str(p.line), p.machine, p.state, p.error or p.log, _ago(p.at), "")
+            for p in detail.steps
+        ]
+        _table(rows, "  ", header=out)
+        print(out.bold("context:"))
+        for key, value in detail.context.items():
+            print(f"  {key} = {json.dumps(value, ensure_ascii=False)}")
+        return 0
+    if args.action == "result":
+        detail = tool.show_flow(config, args.flow_id, as_machine=args.machine)
+        s = detail.summary
+        if s.state == "done" and detail.result is not None:
+            if args.json:
+                print(json.dumps({"flow_id": s.flow_id, "context": detail.result}))
+            else:
+                print(f"{out.bold(s.request)}  flow {s.flow_id}  {out.green('done')}")
+                for key, value in detail.result.items():
+                    print(f"  {key} = {json.dumps(value, ensure_ascii=False)}")
+            return 0
+        why = s.error or s.waiting or f"at {s.machine} line {s.line}"
+        raise MeshError(f"flow {s.flow_id} is {s.state}: {why}")
+    steer = tool.cancel_flow if args.action == "cancel" else tool.retry_flow
+    summary = steer(config, args.flow_id, as_machine=args.machine)
+    print(f"flow {summary.flow_id}: {summary.state} ({summary.machine} line {summary.line})")
+    return 0
+
+
+_TOOL_COMMANDS = {
+    "scaffold": _scaffold,
+    "diagram": _diagram,
+    "logs": _logs,
+    "deploy": _deploy,
+    "flows": _flows,
+}

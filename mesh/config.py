@@ -39,7 +39,15 @@ from mesh.tls import TLSConfig, parse_tls
 from mesh.token import Token, load_token
 from mesh.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["Config", "MachineConfig", "check_machine", "find_config", "load_config"]
+__all__ = [
+    "Config",
+    "JournalConfig",
+    "MachineConfig",
+    "check_machine",
+    "duration",
+    "find_config",
+    "load_config",
+]
 
 _FILENAME = "mesh.toml"
 
@@ -63,11 +71,23 @@ _TOP_KEYS = frozenset(
         "link_window",
         "max_depth",
         "max_fan_out",
+        "durable",
+        "journal",
+        "requests",
     }
     | {"tls", "token_file", "max_message_bytes", "max_flow_file_bytes"}  # mesh/tls.py, token.py
 )
 _MACHINE_KEYS = frozenset({"address", "listen", "replicas", "tls"})  # tls: read by mesh/tls.py
 _TLS_KEYS = frozenset({"ca", "cert", "key", "require_client_cert"})  # mesh/tls.py checks them
+_JOURNAL_KEYS = frozenset({"url", "keep", "synchronous"})
+_REQUEST_KEYS = frozenset({"timeout"})
+
+#: Where a machine's journal is, unless ``[journal] url`` says otherwise: relative to mesh.toml.
+DEFAULT_JOURNAL_URL = "sqlite:///.mesh-data/{machine}.db"
+#: How long finished durable flows stay in the journal unless ``[journal] keep`` says.
+DEFAULT_KEEP = 7 * 24 * 3600.0
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -92,6 +112,19 @@ class MachineConfig:
         if self.replicas:
             return self.replicas
         return (self.listen,) if self.listen else ()
+
+
+@dataclass(frozen=True, slots=True)
+class JournalConfig:
+    """Where a machine keeps the journal of its durable flows, and for how long.
+
+    ``url`` is ``sqlite:///PATH`` (relative to mesh.toml unless absolute; ``{machine}`` is
+    the machine's name) or ``postgresql://...`` (shared by a machine's replicas).
+    """
+
+    url: str = DEFAULT_JOURNAL_URL
+    keep: float = DEFAULT_KEEP
+    synchronous: str = "full"  # or "normal": SQLite's PRAGMA synchronous in WAL mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +157,31 @@ class Config:
     dedup_size: int = 20_000
     dedup_age: float = 300.0
     dedup_bytes: int = DEFAULT_DEDUP_BYTES
+    #: Requests whose flows are journaled (``durable = true`` or a list of names).
+    durable: frozenset[str] = frozenset()
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    #: ``[requests.NAME] timeout``: a request's own default deadline, in seconds.
+    request_timeouts: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
         """The config's folder: flow paths and service modules are found relative to it."""
         return self.path.parent
+
+    def timeout_of(self, request: str) -> float:
+        """The default deadline of a flow of ``request``: its own, else ``timeout``."""
+        return self.request_timeouts.get(request, self.timeout)
+
+    def journal_url(self, machine: str) -> str:
+        """``[journal] url`` for ``machine``: ``{machine}`` filled in, a relative SQLite path
+        made absolute against the config's folder."""
+        url = self.journal.url.replace("{machine}", machine)
+        if url.startswith("sqlite:///"):
+            path = Path(url[len("sqlite:///") :])
+            if not path.is_absolute():
+                path = self.root / path
+            return f"sqlite:///{path}"
+        return url
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -180,10 +233,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     max_flow_file_bytes = _bytes(where, data, "max_flow_file_bytes", DEFAULT_MAX_FLOW_FILE_BYTES)
     tls = parse_tls(where, config_path.parent, data)
     token = load_token(where, config_path.parent, data)
+    journal = _journal(where, data)
 
     # Config keys are checked before flow files are read: they are cheaper to fix first.
     flows = load_flows(flow_paths, max_bytes=max_flow_file_bytes)
     _check_flow_machines(where, config_path.parent, flows, machines)
+    durable = _durable(where, data, flows)
+    request_timeouts = _request_timeouts(where, data, flows)
 
     return Config(
         path=config_path,
@@ -205,6 +261,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         dedup_size=dedup_size,
         dedup_age=dedup_age,
         dedup_bytes=dedup_bytes,
+        durable=durable,
+        journal=journal,
+        request_timeouts=MappingProxyType(request_timeouts),
     )
 
 
@@ -345,6 +404,101 @@ def _strict(where: str, data: Mapping[str, object]) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: strict must be true or false, not {_show(value)}")
     return value
+
+
+def duration(value: object) -> float | None:
+    """Seconds in ``value``: a positive number, or a string like ``"30s"``, ``"10m"``,
+    ``"2h"``, ``"7d"`` (no unit: seconds); None when it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value)
+        if match is None:
+            return None
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    else:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(seconds, MAX_SECONDS)
+
+
+def _duration(where: str, key: str, value: object) -> float:
+    seconds = duration(value)
+    if seconds is None:
+        raise ConfigError(
+            f"{where}: {key} must be a positive duration (seconds, or a string like"
+            f' "30s", "10m", "2h", "7d"), not {_show(value)}'
+        )
+    return seconds
+
+
+def _durable(where: str, data: Mapping[str, object], flows: FlowSet) -> frozenset[str]:
+    value = data.get("durable", False)
+    if isinstance(value, bool):
+        return frozenset(flows) if value else frozenset()
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{where}: durable must be true, false or a list of request names, not {_show(value)}"
+        )
+    names: set[str] = set()
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: durable[{i}] must be a request name, not {_show(item)}")
+        if item not in flows.flows:
+            hint = _did_you_mean(item, flows) or f" (known: {', '.join(flows) or 'none'})"
+            raise ConfigError(f"{where}: durable[{i}]: no request {item!r} in the flow files{hint}")
+        names.add(item)
+    return frozenset(names)
+
+
+def _journal(where: str, data: Mapping[str, object]) -> JournalConfig:
+    raw = data.get("journal", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: journal must be a table ([journal]), not {_show(raw)}")
+    for k in raw:
+        if k not in _JOURNAL_KEYS:
+            raise ConfigError(f"{where}: journal: {_unknown_key(k, _JOURNAL_KEYS)}")
+    url = raw.get("url", DEFAULT_JOURNAL_URL)
+    if not isinstance(url, str) or not url.startswith(
+        ("sqlite:///", "postgresql://", "postgres://")
+    ):
+        raise ConfigError(
+            f"{where}: journal.url must be a string starting sqlite:/// or postgresql://,"
+            f" not {_show(url)}"
+        )
+    if url.startswith("sqlite:///") and len(url) == len("sqlite:///"):
+        raise ConfigError(f"{where}: journal.url {url!r} names no file")
+    keep = _duration(where, "journal.keep", raw.get("keep", DEFAULT_KEEP))
+    synchronous = raw.get("synchronous", "full")
+    if synchronous not in ("full", "normal"):
+        raise ConfigError(
+            f'{where}: journal.synchronous must be "full" or "normal", not {_show(synchronous)}'
+        )
+    return JournalConfig(url=url, keep=keep, synchronous=str(synchronous))
+
+
+def _request_timeouts(where: str, data: Mapping[str, object], flows: FlowSet) -> dict[str, float]:
+    raw = data.get("requests", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: requests must be a table ([requests.NAME]), not {_show(raw)}")
+    out: dict[str, float] = {}
+    for name, entry in raw.items():
+        if name not in flows.flows:
+            hint = _did_you_mean(name, flows) or f" (known: {', '.join(flows) or 'none'})"
+            raise ConfigError(
+                f"{where}: requests.{name}: no request {name!r} in the flow files{hint}"
+            )
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: requests.{name} must be a table, not {_show(entry)}")
+        for k in entry:
+            if k not in _REQUEST_KEYS:
+                raise ConfigError(f"{where}: requests.{name}: {_unknown_key(k, _REQUEST_KEYS)}")
+        if "timeout" in entry:
+            out[name] = _duration(where, f"requests.{name}.timeout", entry["timeout"])
+    return out
 
 
 # --- machines ------------------------------------------------------------------------------
@@ -551,7 +705,10 @@ def _check_placement(where: str, data: Mapping[str, object]) -> None:
     ``token_file`` after ``[tls]`` as a TLS setting; either would otherwise be reported as
     something wrong with that table, which sends the author looking in the wrong place.
     """
-    tables: list[tuple[str, object, frozenset[str]]] = [("tls", data.get("tls"), _TLS_KEYS)]
+    tables: list[tuple[str, object, frozenset[str]]] = [
+        ("tls", data.get("tls"), _TLS_KEYS),
+        ("journal", data.get("journal"), _JOURNAL_KEYS),
+    ]
     machines = data.get("machines")
     if isinstance(machines, dict):
         for name, entry in machines.items():

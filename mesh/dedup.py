@@ -238,6 +238,16 @@ class Replies(Generic[T]):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def forget(self, key: Key) -> None:
+        """Forget a finished step (a durable flow's failed step, to be run again)."""
+        done = self._finished.pop(key, None)
+        if done is None:
+            return
+        self._forget_flow(key[0])
+        if done.reply is not None:
+            done.reply = None
+            self.bytes -= done.size
+
     def _forget_flow(self, flow_id: str) -> None:
         left = self._flows[flow_id] - 1
         if left:

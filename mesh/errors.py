@@ -112,3 +112,12 @@ class PeerRefused(PeerError):
 class AccessDenied(PeerRefused):
     """The peer refused the caller itself: no or a wrong token (UNAUTHENTICATED), or a
     machine the flow file does not let send that line (PERMISSION_DENIED)."""
+
+
+class JournalError(MeshError):
+    """A peer's journal (durable flows, mesh/journal.py) cannot be used: a corrupt file, one
+    written by a newer mesh, or a database that cannot be opened. The message names it."""
+
+
+class FlowNotFound(MeshError):
+    """No journal this process can read knows the flow id asked about."""

@@ -51,6 +51,9 @@ LINK_METHOD: Final = "/mesh.v1.Mesh/Link"
 #: Backoff between dials of a replica that could not be reached: first, growth, cap.
 BACKOFF: Final = (0.05, 2.0, 1.0)
 
+#: Seconds at most between the attempts of a durable flow's call to a machine that is down.
+PATIENT_BACKOFF: Final = 2.0
+
 #: How many times one call may find no replica reachable before it fails, like the
 #: five attempts of the unary retry policy (within the call's deadline either way).
 ATTEMPTS: Final = 5
@@ -409,10 +412,46 @@ class Links:
         return self._addresses.get(machine, "")
 
     async def call(
-        self, machine: str, payload: bytes, deadline: float, traceparent: str = ""
+        self,
+        machine: str,
+        payload: bytes,
+        deadline: float,
+        traceparent: str = "",
+        *,
+        waiting: Callable[[str, str], None] | None = None,
     ) -> Answer:
         """Send a serialized ``ContinueRequest`` to ``machine``; its answer, by ``deadline``
-        (``time.monotonic()``). Cancelling the awaiting task cancels the call there too."""
+        (``time.monotonic()``). Cancelling the awaiting task cancels the call there too.
+
+        ``waiting``: the call is a durable flow's, whose machines journal what they ran, so
+        sending it again is safe anywhere and any number of times: while ``machine`` cannot
+        be reached (down, restarting, or it went away while running the call), it is sent
+        again with backoff (up to :data:`PATIENT_BACKOFF` seconds apart) until it is
+        answered or its deadline passes, and ``waiting(address, problem)`` is told each
+        time (None when it is answered)."""
+        if waiting is None:
+            return await self._call(machine, payload, deadline, traceparent)
+        pause = BACKOFF[0]
+        while True:
+            answer = await self._call(machine, payload, deadline, traceparent, patient=True)
+            if answer.code is not UNAVAILABLE or self.closed:
+                return answer
+            left = deadline - time.monotonic()
+            if left <= pause:
+                return answer
+            waiting(answer.address or self.address(machine), answer.message)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PATIENT_BACKOFF)
+
+    async def _call(
+        self,
+        machine: str,
+        payload: bytes,
+        deadline: float,
+        traceparent: str = "",
+        *,
+        patient: bool = False,
+    ) -> Answer:
         target = self._machines.get(machine)
         if target is None:
             address = self.address(machine)
@@ -441,7 +480,9 @@ class Links:
             if isinstance(link, float):
                 attempts += 1
                 wait = link - time.monotonic()
-                if attempts > ATTEMPTS or time.monotonic() + max(wait, 0) >= deadline:
+                if (attempts > ATTEMPTS and not patient) or time.monotonic() + max(
+                    wait, 0
+                ) >= deadline:
                     return Answer(b"", UNAVAILABLE, target.problem(), target.address)
                 await asyncio.sleep(max(wait, 0.0))
                 continue

@@ -31,16 +31,26 @@ import structlog
 from mesh import deadlines, tracing
 from mesh import processors as _processors
 from mesh.config import Config, find_config, load_config
-from mesh.errors import ConfigError, MeshError
+from mesh.durable import Waits, deadline_left
+from mesh.errors import ConfigError, FlowError, FlowNotFound, FlowTimeout, MeshError
 from mesh.flowfile import Flow, FlowSet
+from mesh.journal import Journal, Stay, open_journal
 from mesh.links import Answer, Links
 from mesh.logconfig import chain_problem, configure_logging
 from mesh.peer import Abandoned, Server
 from mesh.registry import Handler, Registry, default_registry, import_services
 from mesh.result import FlowResult
-from mesh.runtime import FlowState, current, finish, originate, originate_async
+from mesh.runtime import (
+    FlowState,
+    current,
+    finish,
+    originate,
+    originate_async,
+    resume_origin,
+)
 from mesh.transport import Transport
-from mesh.wire import check_values
+from mesh.v1 import mesh_pb2 as _pb2
+from mesh.wire import as_steps, check_values, failure_to_error, load_context
 from mesh.workers import LoopThread, Workers
 
 T = TypeVar("T")
@@ -81,6 +91,11 @@ class Node:
         # Calls this node's flows are waiting on below, now: a peer's limit on the steps it
         # runs (max_calls) does not count a flow that waits for another machine.
         self.waiting_below = 0
+        # Durable flows (mesh/journal.py): the machine's journal, opened when first needed,
+        # and why durable flows wait here for another machine.
+        self._journal: Journal | None = None
+        self.waits = Waits()
+        self._recovering: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<mesh.Node {self.machine} of {self.config.path}>"
@@ -121,13 +136,29 @@ class Node:
             trace=tracing.started_here(),
         )
 
-    def call(self, machine: str, payload: bytes, deadline: float, traceparent: str) -> Answer:
+    def call(
+        self,
+        machine: str,
+        payload: bytes,
+        deadline: float,
+        traceparent: str,
+        *,
+        patient: str = "",
+    ) -> Answer:
         # The link's own timer answers by the deadline; the wait here is a safety net.
         wait = max(deadline - time.monotonic(), 0.0) + 10.0
-        return self.run_on_loop(self.call_async(machine, payload, deadline, traceparent), wait)
+        return self.run_on_loop(
+            self.call_async(machine, payload, deadline, traceparent, patient=patient), wait
+        )
 
     async def call_async(
-        self, machine: str, payload: bytes, deadline: float, traceparent: str
+        self,
+        machine: str,
+        payload: bytes,
+        deadline: float,
+        traceparent: str,
+        *,
+        patient: str = "",
     ) -> Answer:
         links = self._links
         if links is None:
@@ -139,9 +170,137 @@ class Node:
             )
         self.waiting_below += 1
         try:
-            return await links.call(machine, payload, deadline, traceparent)
+            if not patient:
+                return await links.call(machine, payload, deadline, traceparent)
+            waits = self.waits
+
+            def waiting(address: str, problem: str) -> None:
+                waits.waiting(patient, machine, address, problem)
+
+            try:
+                return await links.call(machine, payload, deadline, traceparent, waiting=waiting)
+            finally:
+                waits.reached(patient)
         finally:
             self.waiting_below -= 1
+
+    # -- durable flows ---------------------------------------------------------------
+
+    def durable(self, request: str) -> bool:
+        """Whether flows of ``request`` are journaled (``durable`` in mesh.toml)."""
+        return request in self.config.durable
+
+    @property
+    def journal(self) -> Journal:
+        """This machine's journal, opened (and recovered from) on first use."""
+        journal = self._journal
+        if journal is None:
+            with self._lock:
+                journal = self._journal
+                if journal is None:
+                    journal = self._journal = open_journal(
+                        self.config.journal_url(self.machine),
+                        synchronous=self.config.journal.synchronous,
+                    )
+        return journal
+
+    def journal_for(self, request: str) -> Journal | None:
+        """The journal for a flow of ``request`` here, None when it is not durable."""
+        if request not in self.config.durable:
+            return None
+        return self.journal
+
+    def recover_origins(self) -> list[str]:
+        """Go on, in the background, with the durable flows a dead process of this machine
+        started and did not finish (an address-less originator calls it on connect, a
+        peer when it starts). Returns their flow ids."""
+        if not self.config.durable:
+            return []
+        journal = self.journal
+        resumed: list[str] = []
+        for stay in journal.orphans():
+            if not stay.origin or stay.flow_id in self._recovering:
+                continue
+            if stay.request not in self.flows.flows:
+                continue
+            if not journal.claim(stay.flow_id, stay.line):
+                continue
+            resumed.append(stay.flow_id)
+            self._recovering.add(stay.flow_id)
+            self.loop().submit(self._resume_origin(stay))
+        return resumed
+
+    async def _resume_origin(self, stay: Stay) -> None:
+        flow = self.flows.flows[stay.request]
+        left = deadline_left(stay)
+        state = FlowState(
+            self, flow, stay.flow_id, load_context(stay.context), time.monotonic() + left, ()
+        )
+        state.journal = self.journal
+        state.stay = 0
+        state.origin = True
+        pending = (stay.call_machine, stay.call) if stay.call and stay.call_machine else None
+        try:
+            await asyncio.get_running_loop().create_task(
+                resume_origin(state, stay.position, pending), context=contextvars.Context()
+            )
+        finally:
+            self._recovering.discard(stay.flow_id)
+
+    def result(self, flow_id: str, /, *, timeout: float | None = None) -> FlowResult:
+        """The result of durable flow ``flow_id`` started by this machine (by this process
+        or another, even one that was killed), waiting up to ``timeout`` seconds (default
+        the request's timeout) for it to finish. Raises the flow's error if it failed,
+        FlowNotFound if this machine's journal does not know it, FlowTimeout if it is not
+        done in time."""
+        if not self.config.durable:
+            raise FlowNotFound(f"{self.machine}: no request is durable, so no flow is journaled")
+        journal = self.journal
+        self.recover_origins()
+        stay = journal.stay(flow_id, 0)
+        if stay is None or not stay.origin:
+            raise FlowNotFound(
+                f"{self.machine}: no durable flow {flow_id} was started here"
+                f" (journal {journal.where})"
+            )
+        flow = self.flows.flows.get(stay.request)
+        wait = self.config.timeout_of(stay.request) if timeout is None else timeout
+        end = time.monotonic() + deadlines.seconds(wait)
+        while stay is not None and stay.state == "running":
+            if time.monotonic() >= end:
+                raise FlowTimeout(
+                    f"{stay.request} flow {flow_id} is not done after {wait:g} s (still"
+                    f" running, at line {stay.position})",
+                    request=stay.request,
+                    flow_id=flow_id,
+                    machine=self.machine,
+                    line_index=stay.position,
+                )
+            time.sleep(0.05)
+            stay = journal.stay(flow_id, 0)
+        assert stay is not None
+        lines = tuple(line.text for line in flow.lines) if flow is not None else ()
+        secrets = flow.secrets if flow is not None else frozenset()
+        if stay.state == "cancelled" or stay.outcome is None:
+            raise FlowError(
+                f"{stay.request} flow {flow_id} was {stay.state}: {stay.error or 'no result'}",
+                request=stay.request,
+                flow_id=flow_id,
+                machine=self.machine,
+                line="",
+                line_index=stay.position,
+                error_type="Cancelled",
+            )
+        reply = _pb2.ContinueReply.FromString(stay.outcome)
+        if reply.WhichOneof("outcome") == "failed":
+            raise failure_to_error(reply.failed, request=stay.request, flow_id=flow_id, lines=lines)
+        return FlowResult(
+            stay.request,
+            flow_id,
+            load_context(reply.done.context),
+            as_steps([reply.steps]),
+            secrets,
+        )
 
     def run_on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         loop = self.loop()
@@ -186,7 +345,19 @@ class Node:
         if timeout is not None:
             timeout = deadlines.seconds(timeout)  # refused before anything runs
         check_values(context)
-        return self.new_state(flow, context, timeout)
+        journal = None
+        if request in self.config.durable and self.machine in self.config.machines:
+            journal = self.journal
+            if timeout is None:
+                timeout = self.config.timeout_of(request)
+        elif timeout is None and request in self.config.request_timeouts:
+            timeout = self.config.timeout_of(request)
+        state = self.new_state(flow, context, timeout)
+        if journal is not None:
+            state.journal = journal
+            state.stay = 0
+            state.origin = True
+        return state
 
     def start(self, request: str, /, *, timeout: float | None = None, **context: Any) -> FlowResult:
         """Run flow ``request`` from its line 0 until it is done; return its result.
@@ -265,6 +436,9 @@ class Node:
             if self._workers is not None:
                 self._workers.stop()
             loop.stop()
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            journal.close()
         _processors.uninstall(self)
         state = current.get()
         if state is not None and state.place is self:  # an inline flow left unfinished here
@@ -303,6 +477,10 @@ def connect(
         if problem:
             raise ConfigError(problem)
     _processors.install(node)
+    if cfg.durable and not cfg.machines[machine].address:
+        # An address-less originator: the durable flows a dead process of it started go
+        # on now (a peer does the same as it starts).
+        node.recover_origins()
     return node
 
 

@@ -40,10 +40,14 @@ from grpc_reflection.v1alpha import reflection_pb2 as _reflection_pb2
 from mesh import deadlines, frames, runtime
 from mesh.config import Config
 from mesh.dedup import Forgotten, Replayed, Replies, _Done, _Running
+from mesh.durable import Waits, answer_flows, deadline_left, payload_of, steer
 from mesh.errors import MeshError
 from mesh.guard import Admitted, Guard, Refusal
+from mesh.journal import Journal
 from mesh.links import LINK_METHOD
 from mesh.transport import LIMIT_KEY, Transport
+from mesh.v1 import mesh_pb2 as _pb2
+from mesh.wire import load_context
 
 _log = structlog.get_logger("mesh")
 
@@ -83,6 +87,17 @@ class Node(runtime.Place, Protocol):
     def waiting_below(self) -> int:
         """Calls the node's flows wait on at another machine, now."""
 
+    @property
+    def journal(self) -> Journal:
+        """The machine's journal of durable flows (opened on first use)."""
+
+    @property
+    def waits(self) -> Waits:
+        """Why durable flows wait here for another machine."""
+
+    def recover_origins(self) -> list[str]:
+        """Go on with durable flows a dead process of this machine started."""
+
 
 @dataclass(frozen=True, slots=True)
 class Abandoned:
@@ -103,6 +118,7 @@ class _Serving:
         "abandoned",
         "callers",
         "done",
+        "durable",
         "expiry",
         "key",
         "reply",
@@ -129,6 +145,10 @@ class _Serving:
         self.state: runtime.FlowState | None = None  # the flow, once its task began
         self.task: asyncio.Task[None] | None = None
         self.abandoned = False
+        # A durable flow's stay: its journal has it, so it goes on when its caller goes
+        # away (the caller sends the call again, as often as it takes), and a stopping
+        # peer leaves it to the next start rather than failing it.
+        self.durable = False
 
     def began(self, state: runtime.FlowState) -> None:
         self.state = state
@@ -185,6 +205,8 @@ class Peer:
         self.draining = False
         self._idle: asyncio.Event | None = None
         self._max_calls = config.max_calls
+        self._durable = config.durable
+        self._pruner: asyncio.Task[None] | None = None
 
     # -- the door, for both kinds of call ---------------------------------------------
 
@@ -200,6 +222,12 @@ class Peer:
             )
         except (Replayed, Forgotten) as exc:
             raise _repeat_refusal(self._node.machine, request, exc) from None
+        journal = None
+        if known is None and request.request in self._durable:
+            journal = self._node.journal
+            recorded = self._journaled_reply(journal, admitted)
+            if recorded is not None:
+                return recorded
         if known is not None:
             _log.info(
                 "mesh.step_repeated",
@@ -226,6 +254,12 @@ class Peer:
         running = self.replies.start(request.flow_id, request.line_index, admitted.fingerprint)
         deadline = deadlines.local_deadline(time.monotonic(), timeout)
         serving = self.serving[key] = _Serving(key, request, running)
+        journaled = None
+        if journal is not None:
+            serving.durable = True
+            journaled = runtime.Journaled(
+                journal, admitted.fingerprint, request.SerializeToString()
+            )
         coro = runtime.serve(
             self._node,
             request,
@@ -233,12 +267,119 @@ class Peer:
             deadline,
             traceparent=traceparent,
             started=serving.began,
+            journaled=journaled,
         )
         # A fresh context per call: nothing of one flow may leak into another.
         serving.task = asyncio.get_running_loop().create_task(
             self._serve(serving, coro), context=contextvars.Context()
         )
         return serving
+
+    def _journaled_reply(self, journal: Any, admitted: Admitted) -> bytes | None:
+        """The reply a durable stay gave before this process (it is in the journal, not in
+        the record in memory): the very call that ran it gets it again, nothing runs; any
+        other call naming it is refused as the record would."""
+        request = admitted.request
+        stay = journal.stay(request.flow_id, request.line_index)
+        if stay is None or stay.state == "running":
+            return None  # running: recovered at start (in self.serving), or not ours
+        if stay.fingerprint != admitted.fingerprint:
+            raise _repeat_refusal(self._node.machine, request, Replayed(request.flow_id))
+        _log.info(
+            "mesh.step_repeated",
+            caller=request.via[-1] if request.via else "caller",
+            flow_id=request.flow_id,
+            request=request.request,
+            line_index=request.line_index,
+            machine=self._node.machine,
+            journaled=True,
+        )
+        if stay.outcome is None:
+            return runtime.stopped_reply(self._node, request, f"the flow was {stay.state}")
+        return stay.outcome  # type: ignore[no-any-return]
+
+    def recover(self) -> int:
+        """Go on with the durable stays a dead process of this machine accepted and did not
+        finish, before this peer serves: each as if its call had just come (a resend of it
+        joins it); a step whose outcome is recorded is not run again. How many."""
+        node = self._node
+        if not node.config.durable:
+            return 0
+        journal = node.journal
+        count = 0
+        loop = asyncio.get_running_loop()
+        steps_by_stay: dict[tuple[str, int], list[Any]] = {}
+        for stay in journal.orphans():
+            if stay.origin or stay.request not in node.flows.flows or stay.payload is None:
+                continue
+            if not journal.claim(stay.flow_id, stay.line):
+                continue
+            request = payload_of(stay)
+            key = (stay.flow_id, stay.line)
+            if key in self.serving:
+                continue
+            steps_by_stay[key] = [
+                (r.line, r.log, r.machine, r.at, r.duration)
+                for r in journal.steps(stay.flow_id)
+                if r.stay == stay.line and r.state == "done"
+            ]
+            running = self.replies.start(stay.flow_id, stay.line, stay.fingerprint or b"")
+            serving = self.serving[key] = _Serving(key, request, running)
+            serving.durable = True
+            left = deadline_left(stay)
+            deadline = deadlines.local_deadline(time.monotonic(), max(left, 0.0))
+            journaled = runtime.Journaled(
+                journal, stay.fingerprint or b"", stay.payload, stay, steps_by_stay[key]
+            )
+            coro = runtime.serve(
+                node,
+                request,
+                load_context(stay.context),
+                deadline,
+                started=serving.began,
+                journaled=journaled,
+            )
+            serving.task = loop.create_task(
+                self._serve(serving, coro), context=contextvars.Context()
+            )
+            count += 1
+            _log.info(
+                "mesh.flow_recovered",
+                flow_id=stay.flow_id,
+                request=stay.request,
+                line_index=stay.position,
+                machine=node.machine,
+                resend=stay.call_machine or "",
+            )
+        return count
+
+    def prune_soon(self) -> None:
+        """Forget finished durable flows older than ``[journal] keep``, now and every hour,
+        off the event loop; log the journal's size each time."""
+        node = self._node
+
+        def prune() -> None:
+            journal = node.journal
+            try:
+                pruned = journal.prune(node.config.journal.keep)
+            except MeshError as exc:
+                _log.warning("mesh.journal_prune_failed", error=str(exc), machine=node.machine)
+                return
+            _log.info(
+                "mesh.journal",
+                machine=node.machine,
+                journal=journal.where,
+                bytes=journal.size(),
+                pruned=pruned,
+            )
+
+        async def every_hour() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                await loop.run_in_executor(None, prune)
+                await asyncio.sleep(3600)
+
+        self._pruner = asyncio.get_running_loop().create_task(every_hour())
 
     async def _serve(self, serving: _Serving, coro: Coroutine[Any, Any, bytes]) -> None:
         """Run a step's task, then record its reply and give it to its callers at once; a
@@ -269,6 +410,8 @@ class Peer:
             return
         if cancel:
             serving.stop(cancel)
+        elif serving.durable:
+            return  # the caller will send it again; the journal keeps its reply meanwhile
         elif serving.expiry is None:
             serving.expiry = asyncio.get_running_loop().call_later(
                 deadlines.ADOPT_WINDOW, self._orphaned, serving
@@ -313,6 +456,51 @@ class Peer:
             f" {serving.request.line_index} was stopped: its caller gave up on it",
         )
         raise AssertionError("unreachable: abort raises")
+
+    # -- durable flows: inspection and steering (mesh flows) ----------------------------
+
+    async def Flows(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """The stays of durable flows this machine's journal holds (behind the token)."""
+        node = self._node
+        request = _pb2.FlowsRequest.FromString(raw)
+        if not node.config.durable:
+            return _pb2.FlowsReply(machine=node.machine).SerializeToString()  # type: ignore[no-any-return]
+        reply = answer_flows(node.journal, node.machine, node.flows, request, node.waits.as_map())
+        return reply.SerializeToString()  # type: ignore[no-any-return]
+
+    async def Steer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Cancel a durable flow's stays here, or run its failed ones again."""
+        node = self._node
+        request = _pb2.SteerRequest.FromString(raw)
+        if request.action not in ("cancel", "retry"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"action must be cancel or retry, not {request.action!r}",
+            )
+        if not node.config.durable:
+            return _pb2.SteerReply(changed=0).SerializeToString()  # type: ignore[no-any-return]
+        journal = node.journal
+        flow_id = request.flow_id
+        if request.action == "retry":
+            for stay in journal.stays(flow_id=flow_id):
+                if stay.state in ("failed", "cancelled"):
+                    self.replies.forget((stay.flow_id, stay.line))
+        changed = steer(journal, request.action, flow_id)
+        if request.action == "cancel":
+            for key, serving in list(self.serving.items()):
+                if key[0] == flow_id and not serving.done:
+                    serving.abandoned = True
+                    reply = runtime.stopped_reply(
+                        node, serving.request, "cancelled by mesh flows cancel"
+                    )
+                    self.replies.finish(serving.key, serving.running, (reply,))
+                    serving.finish(reply)
+                    serving.stop("cancelled by mesh flows cancel")
+        else:
+            self.recover()
+            node.recover_origins()
+        _log.info("mesh.flow_steered", action=request.action, flow_id=flow_id, stays=changed)
+        return _pb2.SteerReply(changed=changed).SerializeToString()  # type: ignore[no-any-return]
 
     # -- Link -------------------------------------------------------------------------
 
@@ -376,6 +564,19 @@ class Peer:
         abandoned: list[Abandoned] = []
         for serving in list(self.serving.values()):
             request = serving.request
+            if serving.durable:
+                # Journaled: the next start of this machine goes on with it, and its caller
+                # sends the call again until then. Not failed, not answered.
+                _log.info(
+                    "mesh.flow_left",
+                    flow_id=request.flow_id,
+                    request=request.request,
+                    line_index=request.line_index,
+                    machine=self._node.machine,
+                    reason="a durable flow: the next start of this machine goes on with it",
+                )
+                serving.abandoned = True
+                continue
             step = Abandoned(request.request, request.line_index, request.flow_id)
             abandoned.append(step)
             _log.warning(
@@ -578,6 +779,12 @@ class Server:
             "Link": grpc.stream_stream_rpc_method_handler(
                 self.peer.Link, request_deserializer=None, response_serializer=None
             ),
+            "Flows": grpc.unary_unary_rpc_method_handler(
+                self.peer.Flows, request_deserializer=None, response_serializer=None
+            ),
+            "Steer": grpc.unary_unary_rpc_method_handler(
+                self.peer.Steer, request_deserializer=None, response_serializer=None
+            ),
         }
         self._server.add_generic_rpc_handlers(
             (
@@ -592,6 +799,11 @@ class Server:
         port = transport.add_port(self._server, self.listen)
         if not port:
             raise MeshError(f"{node.machine} cannot listen on {self.listen}: address in use")
+        if node.config.durable:
+            # Before serving: a resend of a stay it had accepted finds it running again.
+            self.peer.recover()
+            node.recover_origins()
+            self.peer.prune_soon()
         await self._server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

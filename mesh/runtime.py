@@ -25,9 +25,11 @@ the structlog processor, find it: a peer serves each call in a fresh
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import inspect
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -74,6 +76,7 @@ __all__ = [
     "WAITING",
     "FlowState",
     "HandOff",
+    "Journaled",
     "Place",
     "Rendered",
     "advance",
@@ -81,6 +84,7 @@ __all__ = [
     "current",
     "originate",
     "originate_async",
+    "resume_origin",
     "serve",
 ]
 
@@ -152,11 +156,27 @@ class Place(Protocol):
         self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
     ) -> FlowState: ...
 
-    def call(self, machine: str, payload: bytes, deadline: float, traceparent: str) -> Answer:
-        """Send a call over the node's links and wait for its answer (a blocking thread)."""
+    def call(
+        self,
+        machine: str,
+        payload: bytes,
+        deadline: float,
+        traceparent: str,
+        *,
+        patient: str = "",
+    ) -> Answer:
+        """Send a call over the node's links and wait for its answer (a blocking thread).
+        ``patient``: the flow id of a durable flow, whose call waits for a machine that
+        cannot be reached until its deadline, instead of failing after a few attempts."""
 
     async def call_async(
-        self, machine: str, payload: bytes, deadline: float, traceparent: str
+        self,
+        machine: str,
+        payload: bytes,
+        deadline: float,
+        traceparent: str,
+        *,
+        patient: str = "",
     ) -> Answer:
         """The same, on the node's event loop."""
 
@@ -203,6 +223,17 @@ class FlowState:
     stopped: str = ""
     # The tracing parent of this flow's next line here (mesh/tracing.py), if tracing.
     trace: Any = None
+    # Durable flows (mesh/journal.py): the machine's journal, None for every other flow
+    # (which then pays nothing); the line this stay began at (its key with flow_id); how
+    # many of ``steps`` are journaled; the handler's own transaction (step_transaction),
+    # and whether it recorded the step's progress already.
+    journal: Any = None
+    stay: int = -1
+    recorded: int = 0
+    tx: Any = None
+    tx_done: bool = False
+    origin: bool = False
+    wall_deadline: float = 0.0
     _bound: int = -1  # the line_index bound in the log context
     _wall: float = 0.0
     _t0: float = 0.0
@@ -432,7 +463,46 @@ def run_handler(state: FlowState, index: int, fn: Handler) -> None:
         fn(state.context)
         _end_handler(state, fn)
     except BaseException as exc:
+        if state.tx is not None:
+            _rollback(state)
         raise _handler_failed(state, index, fn, exc) from exc
+    if state.tx is not None:
+        _commit_step(state)
+
+
+def _commit_step(state: FlowState) -> None:
+    """A handler wrote in its step's transaction (mesh.step_transaction): the step's
+    progress record joins those writes, and both commit now, in this thread."""
+    conn, state.tx = state.tx, None
+    try:
+        state.journal.progress_in(
+            conn,
+            state.flow_id,
+            state.stay,
+            state.steps[-1][0] + 1,
+            dump_context(state.context),
+            _unrecorded(state),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
+        raise
+    state.tx_done = True
+
+
+def _rollback(state: FlowState) -> None:
+    conn, state.tx = state.tx, None
+    with contextlib.suppress(Exception):
+        conn.execute("ROLLBACK")
+
+
+def _unrecorded(state: FlowState) -> list[LocalStep]:
+    """The lines run here since the last journal record (they go into the next)."""
+    steps = state.steps
+    new = [s for s in steps[state.recorded :] if type(s) is tuple]
+    state.recorded = len(steps)
+    return new
 
 
 async def run_handler_async(state: FlowState, index: int, fn: Handler) -> None:
@@ -443,9 +513,15 @@ async def run_handler_async(state: FlowState, index: int, fn: Handler) -> None:
         _end_handler(state, fn)
     except asyncio.CancelledError:
         state.in_handler = False
+        if state.tx is not None:
+            _rollback(state)
         raise  # the flow was stopped here: the caller of the loop says so
     except BaseException as exc:
+        if state.tx is not None:
+            _rollback(state)
         raise _handler_failed(state, index, fn, exc) from exc
+    if state.tx is not None:
+        _commit_step(state)
 
 
 async def _async_handler_from_thread(state: FlowState, index: int, fn: Handler) -> None:
@@ -502,12 +578,20 @@ def _call_failed(state: FlowState, index: int, exc: ContextError) -> MeshError:
     return fail_step(state, index - 1, exc)
 
 
-def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
+def advance(
+    state: FlowState,
+    index: int,
+    *,
+    inline: bool = False,
+    pending: tuple[str, bytes] | None = None,
+) -> Outcome:
     """Carry the flow on from line ``index`` until it leaves this machine or ends,
     blocking this thread (``node.start`` and inline code).
 
     ``inline`` is set when inline code logged "next" itself: a local line with no
     handler then waits for that code to log it, instead of passing through.
+    ``pending``: a durable flow's call for line ``index`` that was in flight when its
+    process died, (machine, bytes): sent again, unchanged, before anything else.
     Raises the MeshError of a failed step, refused call or passed deadline.
     """
     place = state.place
@@ -515,6 +599,17 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
     handlers = place.handlers[state.flow.name]
     controlled = state.flow.controlled
     while True:
+        if pending is not None:
+            machine, payload = pending
+            pending = None
+            answer = place.call(machine, payload, state.deadline, "", patient=_patient(state))
+            back = absorb(state, machine, index, answer)
+            if back is None:
+                return FINISHED
+            if back.machine == me:
+                index = back.index
+                continue
+            return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
             from mesh import control  # noqa: PLC0415 - it imports this module
 
@@ -546,13 +641,23 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
             else:
                 run_handler(state, index, fn)
             index = state.steps[-1][0] + 1  # the handler's last line (LocalStep)
+            if state.journal is not None:
+                _checkpoint(state, index).result()
         elif type(decision) is Call:
             machine = decision.machine
             try:
                 payload = request_bytes(state, machine, index)
             except ContextError as exc:
                 raise _call_failed(state, index, exc) from exc
-            answer = place.call(machine, payload, state.deadline, tracing.traceparent(state.trace))
+            if state.journal is not None:
+                _record_call(state, index, machine, payload).result()
+            answer = place.call(
+                machine,
+                payload,
+                state.deadline,
+                tracing.traceparent(state.trace),
+                patient=_patient(state),
+            )
             back = absorb(state, machine, index, answer)
             if back is None:
                 return FINISHED
@@ -566,13 +671,28 @@ def advance(state: FlowState, index: int, *, inline: bool = False) -> Outcome:
             return FINISHED
 
 
-async def advance_async(state: FlowState, index: int) -> Outcome:
+async def advance_async(
+    state: FlowState, index: int, *, pending: tuple[str, bytes] | None = None
+) -> Outcome:
     """:func:`advance` on the node's event loop: a peer serving a call, ``start_async``."""
     place = state.place
     me = place.machine
     handlers = place.handlers[state.flow.name]
     controlled = state.flow.controlled
     while True:
+        if pending is not None:
+            machine, payload = pending
+            pending = None
+            answer = await place.call_async(
+                machine, payload, state.deadline, "", patient=_patient(state)
+            )
+            back = absorb(state, machine, index, answer)
+            if back is None:
+                return FINISHED
+            if back.machine == me:
+                index = back.index
+                continue
+            return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
             from mesh import control  # noqa: PLC0415 - it imports this module
 
@@ -601,14 +721,22 @@ async def advance_async(state: FlowState, index: int) -> Outcome:
             else:
                 await _in_worker(place, state, index, fn)
             index = state.steps[-1][0] + 1
+            if state.journal is not None:
+                await asyncio.wrap_future(_checkpoint(state, index))
         elif type(decision) is Call:
             machine = decision.machine
             try:
                 payload = request_bytes(state, machine, index)
             except ContextError as exc:
                 raise _call_failed(state, index, exc) from exc
+            if state.journal is not None:
+                await asyncio.wrap_future(_record_call(state, index, machine, payload))
             answer = await place.call_async(
-                machine, payload, state.deadline, tracing.traceparent(state.trace)
+                machine,
+                payload,
+                state.deadline,
+                tracing.traceparent(state.trace),
+                patient=_patient(state),
             )
             back = absorb(state, machine, index, answer)
             if back is None:
@@ -628,6 +756,51 @@ async def _fan_out_from_thread(state: FlowState, index: int, machine: str) -> No
 
     activate(state, index)
     await control.fan_out(state, index, machine)
+
+
+# -- the journal of a durable flow (mesh/journal.py) ------------------------------------
+
+_NOTHING: concurrent.futures.Future[None] = concurrent.futures.Future()
+_NOTHING.set_result(None)
+
+
+def _patient(state: FlowState) -> str:
+    """The flow id when the flow is durable (its calls wait for a machine that is down)."""
+    return state.flow_id if state.journal is not None else ""
+
+
+def _checkpoint(state: FlowState, index: int) -> concurrent.futures.Future[None]:
+    """After a step of a durable flow: record that it goes on here at line ``index``, with
+    its context, when it does; a call or the stay's end is recorded as such instead."""
+    if state.tx_done:  # the handler's own transaction recorded it
+        state.tx_done = False
+        return _NOTHING
+    if type(route(state.flow, state.place.machine, index, state.via)) is not RunHere:
+        return _NOTHING
+    return state.journal.progress(  # type: ignore[no-any-return]
+        state.flow_id,
+        state.stay,
+        index,
+        dump_context(state.context),
+        None,
+        None,
+        _unrecorded(state),
+    )
+
+
+def _record_call(
+    state: FlowState, index: int, machine: str, payload: bytes
+) -> concurrent.futures.Future[None]:
+    """Before a durable flow's call leaves: its bytes, to send again after a crash."""
+    return state.journal.progress(  # type: ignore[no-any-return]
+        state.flow_id,
+        state.stay,
+        index,
+        dump_context(state.context),
+        payload,
+        machine,
+        _unrecorded(state),
+    )
 
 
 # -- calls to other machines: the request out, the answer in ----------------------------
@@ -904,9 +1077,17 @@ def originate(state: FlowState) -> FlowResult:
     """Run a flow started here from its line 0, blocking this thread (``node.start``)."""
     activate(state)
     try:
+        if state.journal is not None:
+            _accept_origin(state).result()
         advance(state, 0)
+    except MeshError as exc:
+        if state.journal is not None:
+            _finish_origin(state, exc).result()
+        raise
     finally:
         finish(state)
+    if state.journal is not None:
+        _finish_origin(state, None).result()
     return _result(state)
 
 
@@ -915,10 +1096,106 @@ async def originate_async(state: FlowState) -> FlowResult:
     own context: it sets the flow's log bindings there."""
     activate(state)
     try:
+        if state.journal is not None:
+            await asyncio.wrap_future(_accept_origin(state))
         await advance_async(state, 0)
+    except MeshError as exc:
+        if state.journal is not None:
+            await asyncio.wrap_future(_finish_origin(state, exc))
+        raise
     finally:
         finish(state)
+    if state.journal is not None:
+        await asyncio.wrap_future(_finish_origin(state, None))
     return _result(state)
+
+
+async def resume_origin(state: FlowState, position: int, pending: tuple[str, bytes] | None) -> None:
+    """Go on with a durable flow started here by a process that died: from its last record
+    (``position``, or the call ``pending`` then), to its result in the journal."""
+    activate(state, position)
+    try:
+        await advance_async(state, position, pending=pending)
+    except MeshError as exc:
+        await asyncio.wrap_future(_finish_origin(state, exc))
+        _log.warning("mesh.flow_failed", error=str(exc), **state.fields(max(state.current, 0)))
+        return
+    finally:
+        finish(state)
+    await asyncio.wrap_future(_finish_origin(state, None))
+
+
+def _accept_origin(state: FlowState) -> concurrent.futures.Future[None]:
+    from mesh.journal import RUNNING, Stay  # noqa: PLC0415 - durable flows only
+
+    now = time.time()
+    return state.journal.accept(  # type: ignore[no-any-return]
+        Stay(
+            flow_id=state.flow_id,
+            line=0,
+            request=state.flow.name,
+            digest=state.flow.digest,
+            sender="",
+            origin=True,
+            fingerprint=None,
+            payload=None,
+            context=dump_context(state.context),
+            position=0,
+            call=None,
+            call_machine=None,
+            state=RUNNING,
+            outcome=None,
+            error=None,
+            deadline=now + max(state.remaining(), 0.0),
+            owner=os.getpid(),
+            started=now,
+            updated=now,
+        )
+    )
+
+
+def _finish_origin(state: FlowState, exc: MeshError | None) -> concurrent.futures.Future[None]:
+    """Record a durable flow's result where it started: its final context and timeline,
+    or the failure, as a ContinueReply (``node.result`` reads it back)."""
+    from mesh.journal import DONE, FAILED  # noqa: PLC0415 - durable flows only
+
+    if exc is not None:
+        failure = error_to_failure(exc, machine=state.machine, line_index=max(state.current, 0))
+        reply = _pb2.ContinueReply(failed=failure)
+        status, error = FAILED, str(exc)
+    else:
+        reply = _pb2.ContinueReply(done={"context": dump_context(state.context)})
+        status, error = DONE, None
+    for step in as_steps(state.steps):
+        reply.steps.add(
+            line_index=step.index,
+            line=step.line,
+            machine=step.machine,
+            start=step.start,
+            duration=step.duration,
+        )
+    return state.journal.finish(  # type: ignore[no-any-return]
+        state.flow_id,
+        0,
+        status,
+        reply.SerializeToString(),
+        error,
+        None,
+        _unrecorded(state),
+    )
+
+
+@dataclass(slots=True)
+class Journaled:
+    """A call of a durable request a peer serves: its journal, the call's fingerprint and
+    bytes (for the accept record), or the stay to go on from (recovery) and the lines it
+    had run (``steps``)."""
+
+    journal: Any
+    fingerprint: bytes
+    payload: bytes
+    resume: Any = None  # mesh.journal.Stay
+    steps: list[Any] = field(default_factory=list)
 
 
 async def serve(
@@ -929,6 +1206,7 @@ async def serve(
     *,
     traceparent: str = "",
     started: Callable[[FlowState], None] | None = None,
+    journaled: Journaled | None = None,
 ) -> bytes:
     """A peer's whole handling of one admitted call: run ``request``'s line, and what
     follows here, until the flow leaves this machine; the serialized reply.
@@ -936,8 +1214,10 @@ async def serve(
     No exception escapes but ``CancelledError`` (the call was given up, the flow stopped
     waiting below: the peer answers nobody): a failure is a ``Failure`` in the reply.
     ``started`` gets the flow's state, for a peer to :func:`stop` it when nobody waits
-    any more. Run it as a task in a fresh ``contextvars.Context``: it makes the flow
-    current there.
+    any more. ``journaled``: the request is durable; the stay is recorded as accepted
+    before it runs and its reply before it is returned (or, with ``resume``, it goes on
+    from its last record). Run it as a task in a fresh ``contextvars.Context``: it makes
+    the flow current there.
     """
     index = request.line_index
     state = FlowState(
@@ -953,17 +1233,111 @@ async def serve(
     if started is not None:
         started(state)
     activate(state, index)
-    outcome: Outcome
+    if journaled is None:
+        reply, _ = await _serve(state, index, None)
+        return reply
+    state.journal = journaled.journal
+    state.stay = index
+    pending = None
+    position = index
     try:
+        if journaled.resume is None:
+            await asyncio.wrap_future(_accept(state, request, journaled))
+        else:
+            stay = journaled.resume
+            state.steps = list(journaled.steps)
+            state.recorded = len(state.steps)
+            position = stay.position
+            if stay.call is not None and stay.call_machine:
+                pending = (stay.call_machine, stay.call)
+    except MeshError as exc:  # the journal cannot record it: the step does not run
+        failure = error_to_failure(exc, machine=state.machine, line_index=index)
+        return _pb2.ContinueReply(failed=failure).SerializeToString()  # type: ignore[no-any-return]
+    reply, error = await _serve(state, position, pending)
+    await asyncio.wrap_future(_finish_stay(state, reply, error))
+    return reply
+
+
+def _accept(
+    state: FlowState, request: _pb2.ContinueRequest, journaled: Journaled
+) -> concurrent.futures.Future[None]:
+    from mesh.journal import RUNNING, Stay  # noqa: PLC0415 - durable flows only
+
+    now = time.time()
+    return state.journal.accept(  # type: ignore[no-any-return]
+        Stay(
+            flow_id=state.flow_id,
+            line=request.line_index,
+            request=request.request,
+            digest=request.digest,
+            sender=request.via[-1] if request.via else "",
+            origin=False,
+            fingerprint=journaled.fingerprint,
+            payload=journaled.payload,
+            context=request.context or b"{}",
+            position=request.line_index,
+            call=None,
+            call_machine=None,
+            state=RUNNING,
+            outcome=None,
+            error=None,
+            deadline=now + max(state.remaining(), 0.0),
+            owner=os.getpid(),
+            started=now,
+            updated=now,
+        )
+    )
+
+
+def _finish_stay(
+    state: FlowState, reply: bytes, error: str | None
+) -> concurrent.futures.Future[None]:
+    from mesh.journal import DONE, FAILED, StepRow  # noqa: PLC0415 - durable flows only
+
+    failed = None
+    if error is not None and state.current >= 0:
+        failed = StepRow(
+            state.flow_id,
+            state.stay,
+            state.current,
+            state.machine,
+            state._rendered,
+            "failed",
+            state._wall or time.time(),
+            0.0,
+            error,
+        )
+    try:
+        context: bytes | None = dump_context(state.context)
+    except ContextError:
+        context = None
+    return state.journal.finish(  # type: ignore[no-any-return]
+        state.flow_id,
+        state.stay,
+        DONE if error is None else FAILED,
+        reply,
+        error,
+        context,
+        _unrecorded(state),
+        failed,
+    )
+
+
+async def _serve(
+    state: FlowState, index: int, pending: tuple[str, bytes] | None
+) -> tuple[bytes, str | None]:
+    """Run the flow here from ``index``: the reply, and the failure's message if it failed."""
+    try:
+        outcome: Outcome
         if state.flow.controlled and "[" in state.flow_id:
             from mesh import control  # noqa: PLC0415 - it imports this module
 
             if control.element_of(state.flow_id, index) is not None:  # one run of a fan-out
                 outcome = await control.serve_element(state, index)
             else:
-                outcome = await advance_async(state, index)
+                outcome = await advance_async(state, index, pending=pending)
         else:
-            outcome = await advance_async(state, index)
+            outcome = await advance_async(state, index, pending=pending)
     except MeshError as exc:
         if isinstance(exc, FlowTimeout) and exc.machine == state.machine:
             # The flow stops here: say so where it happened, not only at the originator.
@@ -974,7 +1348,7 @@ async def serve(
                 **state.fields(exc.line_index),
             )
         failure = error_to_failure(exc, machine=state.machine, line_index=max(state.current, index))
-        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
+        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps), failure.message
     except asyncio.CancelledError:
         stop(state, "cancelled")
         _log.warning(
@@ -994,21 +1368,23 @@ async def serve(
             error_type=type(exc).__name__,
             message=state.scrub(f"internal error on {state.machine}: {exc}"),
         )
-        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps)
+        return encode_reply(_pb2.ContinueReply(failed=failure), state.steps), failure.message
     if outcome is FINISHED and state.done_below:
-        return encode_reply(None, state.steps)  # the reply from below says so, context included
+        # The reply from below says so, context included.
+        return encode_reply(None, state.steps), None
     try:
         dumped = dump_context(state.context)
     except ContextError as exc:
         # A handler put a value JSON cannot carry straight into the dict, behind "next"'s
         # back: fail the last line run here, naming the key, rather than the whole call.
-        return encode_reply(_unsendable(state, index, exc), state.steps)
+        failed = _unsendable(state, index, exc)
+        return encode_reply(failed, state.steps), failed.failed.message
     if outcome is FINISHED:
-        return encode_reply(_pb2.ContinueReply(done={"context": dumped}), state.steps)
+        return encode_reply(_pb2.ContinueReply(done={"context": dumped}), state.steps), None
     assert isinstance(outcome, HandOff)
     hand_off = {"machine": outcome.machine, "line_index": outcome.index, "context": dumped}
     # Sub-messages as dicts: upb builds them faster than from message objects.
-    return encode_reply(_pb2.ContinueReply(hand_off=hand_off), state.steps)
+    return encode_reply(_pb2.ContinueReply(hand_off=hand_off), state.steps), None
 
 
 def _cause(state: FlowState) -> str:

@@ -14,9 +14,11 @@ def test_exact_public_exports() -> None:
         "CurrentFlow",
         "FlowError",
         "FlowFileError",
+        "FlowNotFound",
         "FlowResult",
         "FlowTimeout",
         "FlowViolation",
+        "JournalError",
         "MeshError",
         "Node",
         "PeerError",
@@ -24,6 +26,7 @@ def test_exact_public_exports() -> None:
         "PeerUnavailable",
         "RegistryError",
         "Step",
+        "StepId",
         "configure_logging",
         "connect",
         "current_context",
@@ -31,6 +34,8 @@ def test_exact_public_exports() -> None:
         "handler",
         "mask_secrets",
         "processor",
+        "step_id",
+        "step_transaction",
     ]
     for name in mesh.__all__:
         assert hasattr(mesh, name), name

@@ -142,3 +142,95 @@ class GoingAway(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class FlowsRequest(_message.Message):
+    __slots__ = ("state", "request", "since", "flow_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    request: str
+    since: float
+    flow_id: str
+    def __init__(self, state: _Optional[str] = ..., request: _Optional[str] = ..., since: _Optional[float] = ..., flow_id: _Optional[str] = ...) -> None: ...
+
+class FlowStep(_message.Message):
+    __slots__ = ("line", "machine", "log", "state", "at", "duration", "error")
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    line: int
+    machine: str
+    log: str
+    state: str
+    at: float
+    duration: float
+    error: str
+    def __init__(self, line: _Optional[int] = ..., machine: _Optional[str] = ..., log: _Optional[str] = ..., state: _Optional[str] = ..., at: _Optional[float] = ..., duration: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class FlowStay(_message.Message):
+    __slots__ = ("flow_id", "line", "request", "state", "machine", "position", "started", "updated", "waiting", "error", "origin", "sender", "context", "result", "steps", "call_machine")
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CALL_MACHINE_FIELD_NUMBER: _ClassVar[int]
+    flow_id: str
+    line: int
+    request: str
+    state: str
+    machine: str
+    position: int
+    started: float
+    updated: float
+    waiting: str
+    error: str
+    origin: bool
+    sender: str
+    context: bytes
+    result: bytes
+    steps: _containers.RepeatedCompositeFieldContainer[FlowStep]
+    call_machine: str
+    def __init__(self, flow_id: _Optional[str] = ..., line: _Optional[int] = ..., request: _Optional[str] = ..., state: _Optional[str] = ..., machine: _Optional[str] = ..., position: _Optional[int] = ..., started: _Optional[float] = ..., updated: _Optional[float] = ..., waiting: _Optional[str] = ..., error: _Optional[str] = ..., origin: _Optional[bool] = ..., sender: _Optional[str] = ..., context: _Optional[bytes] = ..., result: _Optional[bytes] = ..., steps: _Optional[_Iterable[_Union[FlowStep, _Mapping]]] = ..., call_machine: _Optional[str] = ...) -> None: ...
+
+class FlowsReply(_message.Message):
+    __slots__ = ("machine", "stays", "journal_bytes")
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    STAYS_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    machine: str
+    stays: _containers.RepeatedCompositeFieldContainer[FlowStay]
+    journal_bytes: int
+    def __init__(self, machine: _Optional[str] = ..., stays: _Optional[_Iterable[_Union[FlowStay, _Mapping]]] = ..., journal_bytes: _Optional[int] = ...) -> None: ...
+
+class SteerRequest(_message.Message):
+    __slots__ = ("action", "flow_id")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    flow_id: str
+    def __init__(self, action: _Optional[str] = ..., flow_id: _Optional[str] = ...) -> None: ...
+
+class SteerReply(_message.Message):
+    __slots__ = ("changed", "message")
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    changed: int
+    message: str
+    def __init__(self, changed: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,16 @@ class MeshStub:
                 request_serializer=mesh_dot_v1_dot_mesh__pb2.Frames.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_mesh__pb2.Frames.FromString,
                 _registered_method=True)
+        self.Flows = channel.unary_unary(
+                '/mesh.v1.Mesh/Flows',
+                request_serializer=mesh_dot_v1_dot_mesh__pb2.FlowsRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_mesh__pb2.FlowsReply.FromString,
+                _registered_method=True)
+        self.Steer = channel.unary_unary(
+                '/mesh.v1.Mesh/Steer',
+                request_serializer=mesh_dot_v1_dot_mesh__pb2.SteerRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_mesh__pb2.SteerReply.FromString,
+                _registered_method=True)
 
 
 class MeshServicer:
@@ -68,6 +78,22 @@ class MeshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flows(self, request, context):
+        """Durable flows (docs/durability.md): the stays of durable flows this peer's journal
+        holds, for `mesh flows`. Behind the token (and mutual TLS) like Continue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Steer(self, request, context):
+        """Steer a durable flow on this peer: "cancel" stops its stays here, "retry" runs its
+        failed stays here again from their last record. Behind the token like Continue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +106,16 @@ def add_MeshServicer_to_server(servicer, server):
                     servicer.Link,
                     request_deserializer=mesh_dot_v1_dot_mesh__pb2.Frames.FromString,
                     response_serializer=mesh_dot_v1_dot_mesh__pb2.Frames.SerializeToString,
+            ),
+            'Flows': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flows,
+                    request_deserializer=mesh_dot_v1_dot_mesh__pb2.FlowsRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_mesh__pb2.FlowsReply.SerializeToString,
+            ),
+            'Steer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Steer,
+                    request_deserializer=mesh_dot_v1_dot_mesh__pb2.SteerRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_mesh__pb2.SteerReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +172,60 @@ class Mesh:
             '/mesh.v1.Mesh/Link',
             mesh_dot_v1_dot_mesh__pb2.Frames.SerializeToString,
             mesh_dot_v1_dot_mesh__pb2.Frames.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Mesh/Flows',
+            mesh_dot_v1_dot_mesh__pb2.FlowsRequest.SerializeToString,
+            mesh_dot_v1_dot_mesh__pb2.FlowsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Steer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Mesh/Steer',
+            mesh_dot_v1_dot_mesh__pb2.SteerRequest.SerializeToString,
+            mesh_dot_v1_dot_mesh__pb2.SteerReply.FromString,
             options,
             channel_credentials,
             insecure,

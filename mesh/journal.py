@@ -1,0 +1,673 @@
+"""The journal of a machine's durable flows: what each stay of a flow here did, on disk.
+
+A *stay* is a flow's visit to this machine: a call served (keyed by the flow id and the
+line the call was for), or a flow started here (``node.start``: line 0, ``origin``). For
+each durable stay the runtime records, one transaction each:
+
+* **accept**: the call as received (its bytes, so a recovered stay can be answered to a
+  resend of the very same call), the context, who sent it, its deadline (wall clock),
+  before any handler runs;
+* **progress**: after a step, the context after it and where the flow goes next here: a
+  local line, or a call downstream (its bytes, to resend them unchanged after a crash);
+* **finish**: the reply the stay gave (or, for a flow started here, its result), before it
+  leaves: the exactly-once record of a durable step, which survives restarts.
+
+Writes go through one writer thread that commits whatever is queued in one transaction
+(group commit), so 32 flows in flight cost a few commits, not 32. A handler may write to
+the journal's database in its step's own transaction (``mesh.step_transaction()``): its
+connection is one per worker thread, and the runtime commits the handler's writes with the
+step's progress record.
+
+:class:`Journal` is the protocol the runtime uses; :class:`SqliteJournal` the one
+implementation for now (SQL kept portable, connection handling in the class, so a
+Postgres journal shared by a machine's replicas can be added beside it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from mesh.errors import JournalError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Journal",
+    "SqliteJournal",
+    "Stay",
+    "StepRow",
+    "open_journal",
+]
+
+#: The schema this code writes; a file with a higher one is refused (a newer mesh wrote it).
+SCHEMA_VERSION = 1
+
+#: A stay's states: running (accepted, not finished), and how it finished.
+RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS mesh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # One row per stay of a durable flow on this machine.
+    "CREATE TABLE IF NOT EXISTS mesh_stays ("
+    " flow_id TEXT NOT NULL, line INTEGER NOT NULL, request TEXT NOT NULL,"
+    " digest TEXT NOT NULL, sender TEXT NOT NULL, origin INTEGER NOT NULL,"
+    " fingerprint BLOB, payload BLOB, context BLOB NOT NULL, position INTEGER NOT NULL,"
+    " call BLOB, call_machine TEXT, state TEXT NOT NULL, outcome BLOB, error TEXT,"
+    " deadline REAL NOT NULL, owner INTEGER NOT NULL, started REAL NOT NULL,"
+    " updated REAL NOT NULL, PRIMARY KEY (flow_id, line))",
+    "CREATE INDEX IF NOT EXISTS mesh_stays_state ON mesh_stays (state, updated)",
+    # The lines a stay ran, for its timeline (and a recovered stay's reply).
+    "CREATE TABLE IF NOT EXISTS mesh_steps ("
+    " flow_id TEXT NOT NULL, stay INTEGER NOT NULL, line INTEGER NOT NULL,"
+    " machine TEXT NOT NULL, log TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,"
+    " duration REAL NOT NULL, error TEXT)",
+    "CREATE INDEX IF NOT EXISTS mesh_steps_flow ON mesh_steps (flow_id, stay)",
+)
+
+_STAY_COLUMNS = (
+    "flow_id, line, request, digest, sender, origin, fingerprint, payload, context,"
+    " position, call, call_machine, state, outcome, error, deadline, owner, started, updated"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Stay:
+    """One stay of a durable flow on this machine, as the journal has it."""
+
+    flow_id: str
+    line: int
+    request: str
+    digest: str
+    sender: str
+    origin: bool
+    fingerprint: bytes | None
+    payload: bytes | None
+    context: bytes
+    position: int
+    call: bytes | None
+    call_machine: str | None
+    state: str
+    outcome: bytes | None
+    error: str | None
+    deadline: float
+    owner: int
+    started: float
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """A line a stay ran (or failed), for the timeline: the log line is rendered, masked."""
+
+    flow_id: str
+    stay: int
+    line: int
+    machine: str
+    log: str
+    state: str  # done | failed
+    at: float
+    duration: float
+    error: str | None
+
+
+#: (index, rendered line, machine, start, duration): runtime.LocalStep.
+LocalStep = tuple[int, str, str, float, float]
+
+Op = tuple[str, Sequence[Any]]
+
+
+class Journal(Protocol):
+    """What the runtime and the inspection tools need of a journal."""
+
+    where: str
+
+    def accept(self, stay: Stay) -> concurrent.futures.Future[None]: ...
+
+    def progress(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        call: bytes | None,
+        call_machine: str | None,
+        steps: Sequence[LocalStep],
+    ) -> concurrent.futures.Future[None]: ...
+
+    def finish(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        state: str,
+        outcome: bytes | None,
+        error: str | None,
+        context: bytes | None,
+        steps: Sequence[LocalStep],
+        failed: StepRow | None = None,
+    ) -> concurrent.futures.Future[None]: ...
+
+    def progress_in(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        conn: Any,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        steps: Sequence[LocalStep],
+    ) -> None: ...
+
+    def step_connection(self) -> Any: ...
+
+    def stay(self, flow_id: str, line: int) -> Stay | None: ...
+
+    def stays(
+        self,
+        *,
+        flow_id: str | None = None,
+        states: Iterable[str] = (),
+        since: float | None = None,
+    ) -> list[Stay]: ...
+
+    def steps(self, flow_id: str) -> list[StepRow]: ...
+
+    def orphans(self) -> list[Stay]: ...
+
+    def claim(self, flow_id: str, line: int) -> bool: ...
+
+    def set_state(self, flow_id: str, line: int, state: str, error: str | None = None) -> None: ...
+
+    def reset(self, flow_id: str, line: int) -> bool: ...
+
+    def prune(self, keep: float) -> int: ...
+
+    def size(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def open_journal(url: str, *, synchronous: str = "full", create: bool = True) -> Journal:
+    """The journal at ``url`` (``sqlite:///ABSOLUTE/PATH``); JournalError when it cannot be
+    used. ``create``: make the file (and its folder) when missing."""
+    if url.startswith("sqlite:///"):
+        return SqliteJournal(Path(url[len("sqlite:///") :]), synchronous=synchronous, create=create)
+    raise JournalError(f"{url}: only sqlite:/// journals are supported by this mesh for now")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (the owner of a stay in a local file)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Stop:
+    """Tells the writer thread to end."""
+
+
+class SqliteJournal:
+    """A journal in one SQLite file, in WAL mode; every write through one writer thread."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full", create: bool = True) -> None:
+        self.path = path
+        self.where = str(path)
+        self.synchronous = "FULL" if synchronous == "full" else "NORMAL"
+        if not path.exists():
+            if not create:
+                raise JournalError(f"{path}: no such journal")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise JournalError(f"{path}: cannot make its folder: {exc.strerror}") from None
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        writer = self._connect()
+        self._check_schema(writer)
+        self._queue: queue.SimpleQueue[tuple[list[Op], concurrent.futures.Future[None]] | _Stop]
+        self._queue = queue.SimpleQueue()
+        self._writer_conn = writer
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_loop, name="mesh-journal", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<SqliteJournal {self.where}>"
+
+    # -- connections --------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.where, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.where}: not a usable journal: {exc}") from None
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def step_connection(self) -> sqlite3.Connection:
+        """This thread's connection, for a handler's writes in its step's transaction."""
+        return self._reader()
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            tables = {
+                row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if "mesh_meta" in tables:
+                row = conn.execute(
+                    "SELECT value FROM mesh_meta WHERE key = 'schema_version'"
+                ).fetchone()
+                version = int(row[0]) if row is not None and str(row[0]).isdigit() else None
+                if version is None:
+                    raise JournalError(f"{self.where}: journal has no schema version row")
+                if version > SCHEMA_VERSION:
+                    raise JournalError(
+                        f"{self.where}: journal schema version {version} was written by a newer"
+                        f" mesh (this one reads up to {SCHEMA_VERSION}); upgrade the mesh"
+                    )
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT OR IGNORE INTO mesh_meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute("COMMIT")
+            check = conn.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise JournalError(f"{self.where}: journal is corrupt ({check and check[0]})")
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.where}: journal is corrupt or not SQLite: {exc}") from None
+
+    # -- the writer ---------------------------------------------------------------------
+
+    def _submit(self, ops: list[Op]) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(JournalError(f"{self.where}: journal is closed"))
+            return future
+        self._queue.put((ops, future))
+        return future
+
+    def _write_loop(self) -> None:
+        conn = self._writer_conn
+        q = self._queue
+        while True:
+            item = q.get()
+            batch: list[tuple[list[Op], concurrent.futures.Future[None]]] = []
+            stop = False
+            while True:
+                if isinstance(item, _Stop):
+                    stop = True
+                else:
+                    batch.append(item)
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(conn, batch)
+            if stop:
+                return
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[list[Op], concurrent.futures.Future[None]]],
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for ops, _ in batch:
+                    for sql, params in ops:
+                        conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            error = JournalError(f"{self.where}: journal write failed: {exc}")
+        for _, future in batch:
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    # -- records ------------------------------------------------------------------------
+
+    def accept(self, stay: Stay) -> concurrent.futures.Future[None]:
+        """Record a stay as accepted (running), before any handler of it runs."""
+        values = (
+            stay.flow_id,
+            stay.line,
+            stay.request,
+            stay.digest,
+            stay.sender,
+            int(stay.origin),
+            stay.fingerprint,
+            stay.payload,
+            stay.context,
+            stay.position,
+            stay.call,
+            stay.call_machine,
+            stay.state,
+            stay.outcome,
+            stay.error,
+            stay.deadline,
+            stay.owner,
+            stay.started,
+            stay.updated,
+        )
+        marks = ", ".join("?" * len(values))
+        return self._submit(
+            [(f"INSERT OR REPLACE INTO mesh_stays ({_STAY_COLUMNS}) VALUES ({marks})", values)]
+        )
+
+    def _step_ops(self, flow_id: str, line: int, steps: Sequence[LocalStep]) -> list[Op]:
+        return [
+            (
+                "INSERT INTO mesh_steps (flow_id, stay, line, machine, log, state, at, duration,"
+                " error) VALUES (?, ?, ?, ?, ?, 'done', ?, ?, NULL)",
+                (flow_id, line, s[0], s[2], s[1], s[3], s[4]),
+            )
+            for s in steps
+        ]
+
+    def _progress_ops(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        call: bytes | None,
+        call_machine: str | None,
+        steps: Sequence[LocalStep],
+    ) -> list[Op]:
+        return [
+            (
+                "UPDATE mesh_stays SET position = ?, context = ?, call = ?, call_machine = ?,"
+                " updated = ? WHERE flow_id = ? AND line = ?",
+                (position, context, call, call_machine, time.time(), flow_id, line),
+            ),
+            *self._step_ops(flow_id, line, steps),
+        ]
+
+    def progress(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        call: bytes | None,
+        call_machine: str | None,
+        steps: Sequence[LocalStep],
+    ) -> concurrent.futures.Future[None]:
+        """Record where a stay goes on (``position``, or the ``call`` downstream) and the
+        context it goes on with, and the lines it ran since the last record."""
+        return self._submit(
+            self._progress_ops(flow_id, line, position, context, call, call_machine, steps)
+        )
+
+    def progress_in(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        conn: sqlite3.Connection,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        steps: Sequence[LocalStep],
+    ) -> None:
+        """:meth:`progress` in ``conn``'s open transaction (a handler's step_transaction)."""
+        for sql, params in self._progress_ops(flow_id, line, position, context, None, None, steps):
+            conn.execute(sql, params)
+
+    def finish(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        state: str,
+        outcome: bytes | None,
+        error: str | None,
+        context: bytes | None,
+        steps: Sequence[LocalStep],
+        failed: StepRow | None = None,
+    ) -> concurrent.futures.Future[None]:
+        """Record how a stay ended: its reply (or the flow's result, where it started)."""
+        ops: list[Op] = [
+            (
+                "UPDATE mesh_stays SET state = ?, outcome = ?, error = ?,"
+                " context = COALESCE(?, context), call = NULL, updated = ?"
+                " WHERE flow_id = ? AND line = ?",
+                (state, outcome, error, context, time.time(), flow_id, line),
+            ),
+            *self._step_ops(flow_id, line, steps),
+        ]
+        if failed is not None:
+            ops.append(
+                (
+                    "INSERT INTO mesh_steps (flow_id, stay, line, machine, log, state, at,"
+                    " duration, error) VALUES (?, ?, ?, ?, ?, 'failed', ?, 0, ?)",
+                    (flow_id, line, failed.line, failed.machine, failed.log, failed.at, error),
+                )
+            )
+        return self._submit(ops)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._reader().execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.where}: cannot read the journal: {exc}") from None
+
+    def stay(self, flow_id: str, line: int) -> Stay | None:
+        rows = self._rows(
+            f"SELECT {_STAY_COLUMNS} FROM mesh_stays WHERE flow_id = ? AND line = ?",
+            (flow_id, line),
+        )
+        return _stay(rows[0]) if rows else None
+
+    def stays(
+        self,
+        *,
+        flow_id: str | None = None,
+        states: Iterable[str] = (),
+        since: float | None = None,
+    ) -> list[Stay]:
+        where: list[str] = []
+        params: list[Any] = []
+        if flow_id is not None:
+            where.append("flow_id = ?")
+            params.append(flow_id)
+        wanted = list(states)
+        if wanted:
+            where.append(f"state IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        if since is not None:
+            where.append("updated >= ?")
+            params.append(since)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self._rows(
+            f"SELECT {_STAY_COLUMNS} FROM mesh_stays{clause} ORDER BY started", params
+        )
+        return [_stay(r) for r in rows]
+
+    def steps(self, flow_id: str) -> list[StepRow]:
+        rows = self._rows(
+            "SELECT flow_id, stay, line, machine, log, state, at, duration, error"
+            " FROM mesh_steps WHERE flow_id = ? ORDER BY at, line",
+            (flow_id,),
+        )
+        return [StepRow(*r) for r in rows]
+
+    def orphans(self) -> list[Stay]:
+        """Running stays whose process is gone: to recover."""
+        return [s for s in self.stays(states=(RUNNING,)) if not _alive(s.owner)]
+
+    def claim(self, flow_id: str, line: int) -> bool:
+        """Make this process the owner of a running stay whose owner is gone; False when
+        another live process has it (it claimed it first)."""
+        conn = self._reader()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT owner, state FROM mesh_stays WHERE flow_id = ? AND line = ?",
+                (flow_id, line),
+            ).fetchone()
+            if row is None or row[1] != RUNNING or (row[0] != os.getpid() and _alive(row[0])):
+                conn.execute("ROLLBACK")
+                return False
+            conn.execute(
+                "UPDATE mesh_stays SET owner = ? WHERE flow_id = ? AND line = ?",
+                (os.getpid(), flow_id, line),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return True
+
+    def set_state(self, flow_id: str, line: int, state: str, error: str | None = None) -> None:
+        """Mark a stay (cancelled, say), at once: an operator's steering, not a flow's step."""
+        self._submit(
+            [
+                (
+                    "UPDATE mesh_stays SET state = ?, error = COALESCE(?, error), updated = ?"
+                    " WHERE flow_id = ? AND line = ?",
+                    (state, error, time.time(), flow_id, line),
+                )
+            ]
+        ).result()
+
+    def reset(self, flow_id: str, line: int) -> bool:
+        """A failed stay runs again from its last progress record (``mesh flows retry``):
+        running again, owned by nobody (so this or the next process recovers it)."""
+        stay = self.stay(flow_id, line)
+        if stay is None or stay.state not in (FAILED, CANCELLED):
+            return False
+        self._submit(
+            [
+                (
+                    "UPDATE mesh_stays SET state = 'running', outcome = NULL, error = NULL,"
+                    " owner = 0, deadline = MAX(deadline, ?), updated = ?"
+                    " WHERE flow_id = ? AND line = ?",
+                    (time.time() + 30.0, time.time(), flow_id, line),
+                ),
+                (
+                    "DELETE FROM mesh_steps WHERE flow_id = ? AND stay = ? AND state = 'failed'",
+                    (flow_id, line),
+                ),
+            ]
+        ).result()
+        return True
+
+    def prune(self, keep: float) -> int:
+        """Forget finished stays last updated more than ``keep`` seconds ago; how many."""
+        horizon = time.time() - keep
+        old = self._rows(
+            "SELECT flow_id, line FROM mesh_stays WHERE state != 'running' AND updated < ?",
+            (horizon,),
+        )
+        if not old:
+            return 0
+        ops: list[Op] = []
+        for flow_id, line in old:
+            ops.append(("DELETE FROM mesh_stays WHERE flow_id = ? AND line = ?", (flow_id, line)))
+            ops.append(("DELETE FROM mesh_steps WHERE flow_id = ? AND stay = ?", (flow_id, line)))
+        self._submit(ops).result()
+        return len(old)
+
+    def size(self) -> int:
+        """Bytes the journal takes on disk (the file and its write-ahead log)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(self.where + suffix)
+        return total
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_Stop())
+        self._thread.join(10.0)
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+def _stay(row: Sequence[Any]) -> Stay:
+    (
+        flow_id,
+        line,
+        request,
+        digest,
+        sender,
+        origin,
+        fingerprint,
+        payload,
+        context,
+        position,
+        call,
+        call_machine,
+        state,
+        outcome,
+        error,
+        deadline,
+        owner,
+        started,
+        updated,
+    ) = row
+    return Stay(
+        flow_id,
+        int(line),
+        request,
+        digest,
+        sender,
+        bool(origin),
+        None if fingerprint is None else bytes(fingerprint),
+        None if payload is None else bytes(payload),
+        bytes(context),
+        int(position),
+        None if call is None else bytes(call),
+        call_machine,
+        state,
+        None if outcome is None else bytes(outcome),
+        error,
+        float(deadline),
+        int(owner),
+        float(started),
+        float(updated),
+    )

@@ -1,0 +1,332 @@
+"""Durable flows end to end: real peers, real ``kill -9``, real SQLite journals.
+
+A 4-machine chain, ``client`` (no address) -> ``a`` -> ``b`` -> ``c`` -> ``client``, every
+machine's step writing a ledger row in its step's transaction (``mesh.step_transaction``):
+each test kills or stops something mid-flow and checks that the flow still finishes and
+that every (flow, line) is in the ledger exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.cli import mesh_env, run_mesh
+from support.meshdir import MeshDir
+from support.peers import Peer, Peers
+
+import mesh
+from mesh.config import load_config
+from mesh.tools import flows as flows_tool
+
+ORDER_FLOW = (
+    "Request\tLog\tMachine\n"
+    "order\tOrder placed for :item by #card\tclient\n"
+    "order\tReserving :item\ta\n"
+    "order\tCharging :item\tb\n"
+    "order\tShipping :item\tc\n"
+    "order\tOrder done for :item\tclient\n"
+    "plain\tPlain request for :item\tclient\n"
+    "plain\tPlain step for :item\tc\n"
+)
+
+#: Each machine's step: pause when the flow asks it to (so a test can kill it mid-step),
+#: fail while a flag file exists, and write its ledger row in the step's transaction.
+ORDER_SERVICE = """
+import os
+import pathlib
+import time
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+HERE = pathlib.Path(__file__).parent
+
+
+def _step(ctx, me):
+    if ctx.get("pause_on") == me:
+        (HERE / f"started-{me}-{ctx['item']}").write_text(str(os.getpid()))
+        time.sleep(float(ctx.get("pause", 2)))
+    if (HERE / f"fail-{me}").exists():
+        raise RuntimeError(f"{me} is broken (remove fail-{me} to fix it)")
+    with mesh.step_transaction() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS ledger (flow_id TEXT, line INTEGER, pid INTEGER)")
+        step = mesh.step_id()
+        conn.execute("INSERT INTO ledger VALUES (?, ?, ?)", (step.flow_id, step.line, os.getpid()))
+    log.info("next", **{me: os.getpid()})
+
+
+@mesh.handler("order", "Reserving :item")
+def reserve(ctx):
+    _step(ctx, "a")
+
+
+@mesh.handler("order", "Charging :item")
+def charge(ctx):
+    _step(ctx, "b")
+
+
+@mesh.handler("order", "Shipping :item")
+def ship(ctx):
+    _step(ctx, "c")
+
+
+@mesh.handler("plain", "Plain step for :item")
+def plain(ctx):
+    log.info("next", plain=True)
+"""
+
+
+def order_mesh(mesh_dir: MeshDir, durable: str = "true", extra: str = "") -> MeshDir:
+    mesh_dir.flow(ORDER_FLOW)
+    mesh_dir.service(ORDER_SERVICE)
+    mesh_dir.write_config(
+        {"client": False, "a": True, "b": True, "c": True},
+        extra=f"durable = {durable}\ntimeout = 60\ngrace = 2\n{extra}",
+    )
+    return mesh_dir
+
+
+def start_chain(peers: Peers, mesh_dir: MeshDir) -> dict[str, Peer]:
+    # The last machine first: each peer reads its config once, with the ports so far.
+    return {m: peers.start(mesh_dir, m) for m in ("c", "b", "a")}
+
+
+def restart(peers: Peers, mesh_dir: MeshDir, peer: Peer) -> Peer:
+    return peers.start(mesh_dir, peer.machine)
+
+
+def ledger(mesh_dir: MeshDir, machine: str) -> list[tuple[str, int]]:
+    path = mesh_dir.root / ".mesh-data" / f"{machine}.db"
+    with sqlite3.connect(path) as conn:
+        try:
+            return [tuple(r) for r in conn.execute("SELECT flow_id, line FROM ledger")]
+        except sqlite3.OperationalError:
+            return []
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    pytest.fail(f"{what} not within {timeout} s")
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def exactly_once(mesh_dir: MeshDir, flow_ids: list[str]) -> None:
+    for machine, line in (("a", 1), ("b", 2), ("c", 3)):
+        rows = ledger(mesh_dir, machine)
+        for flow_id in flow_ids:
+            assert rows.count((flow_id, line)) == 1, (machine, flow_id, rows)
+
+
+def test_middle_machine_killed_mid_step(mesh_dir: MeshDir, peers: Peers, connect: Any) -> None:
+    """kill -9 of b while its step runs: b restarts, runs the step again (its ledger row of
+    the killed run was never committed), the flow finishes; each step in a ledger once."""
+    order_mesh(mesh_dir)
+    chain = start_chain(peers, mesh_dir)
+    node = connect(mesh_dir.config, "client")
+    thread, out = in_thread(
+        lambda: node.start("order", item="tea", card="4242424242424242", pause_on="b", pause=1.5)
+    )
+    wait_for((mesh_dir.root / "started-b-tea").exists, 20, "b's step")
+    chain["b"].kill()
+    again = restart(peers, mesh_dir, chain["b"])
+    thread.join(60)
+    assert any(e["event"] == "mesh.flow_recovered" for e in again.events())
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result.context["c"] > 0
+    assert [s.index for s in result.steps][-1] == 4
+    exactly_once(mesh_dir, [result.flow_id])
+
+
+ORIGINATOR = """
+import sys
+
+import mesh
+
+node = mesh.connect(sys.argv[1], machine="client")
+result = node.start("order", item=sys.argv[2], card="4242424242424242", pause_on="c", pause=3)
+print("finished", result.flow_id, flush=True)
+"""
+
+
+def test_originator_killed_result_fetched(
+    mesh_dir: MeshDir, peers: Peers, connect: Any, tmp_path: Path
+) -> None:
+    """kill -9 of the originator while c runs its step: the flow goes on without it; the
+    next process of client (mesh.connect) finishes its last line; node.result and
+    `mesh flows result` give the result."""
+    order_mesh(mesh_dir)
+    start_chain(peers, mesh_dir)
+    script = tmp_path / "originate.py"
+    script.write_text(ORIGINATOR, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(mesh_dir.config), "kettle"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=mesh_env(),
+        cwd=mesh_dir.root,
+    )
+    try:
+        wait_for((mesh_dir.root / "started-c-kettle").exists, 30, "c's step")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    config = load_config(mesh_dir.config)
+    running = flows_tool.list_flows(config, request="order")
+    assert len(running) == 1, running
+    flow_id = running[0].flow_id
+    assert running[0].state in ("running", "waiting")
+    time.sleep(3.5)  # c's step ends; the flow is handed back to a client that is gone
+    node = connect(mesh_dir.config, "client")  # recovers the flow this machine started
+    result = node.result(flow_id, timeout=30)
+    assert result.context["item"] == "kettle"
+    assert result.context["c"] > 0
+    assert result.steps[-1].index == 4
+    assert result.masked_context()["card"] == "***"
+    exactly_once(mesh_dir, [flow_id])
+    shown = run_mesh("flows", "result", flow_id, "-c", mesh_dir.config)
+    assert shown.returncode == 0, shown.stderr
+    assert "kettle" in shown.stdout
+    assert "4242424242424242" not in shown.stdout
+    assert '"***"' in shown.stdout
+    listed = run_mesh("flows", "--state", "done", "-c", mesh_dir.config)
+    assert flow_id in listed.stdout, listed.stdout + listed.stderr
+
+
+def test_machine_down_for_long_flows_wait_then_finish(
+    mesh_dir: MeshDir, peers: Peers, connect: Any
+) -> None:
+    """c is down for 8 s, longer than a plain flow's retries (a few seconds): durable flows
+    wait for it, `mesh flows` says why, and they finish once it is back."""
+    order_mesh(mesh_dir)
+    chain = start_chain(peers, mesh_dir)
+    chain["c"].kill()
+    node = connect(mesh_dir.config, "client")
+    runs = [
+        in_thread(lambda i=i: node.start("order", item=f"cup{i}", card="1111222233334444"))
+        for i in range(3)
+    ]
+    config = load_config(mesh_dir.config)
+
+    def waiting() -> list[flows_tool.FlowSummary]:
+        return list(flows_tool.list_flows(config, state="waiting"))
+
+    found = wait_for(lambda: len(waiting()) == 3 and waiting(), 20, "3 waiting flows")
+    assert all("waiting for c (" in (f.waiting or "") for f in found), found
+    assert all(f.machine in ("b", "c") for f in found), found
+    time.sleep(6)
+    assert all(thread.is_alive() for thread, _ in runs)
+    restart(peers, mesh_dir, chain["c"])
+    ids = []
+    for thread, out in runs:
+        thread.join(60)
+        assert "error" not in out, out.get("error")
+        ids.append(out["result"].flow_id)
+    exactly_once(mesh_dir, ids)
+
+
+def test_plain_flows_fail_fast_as_before(mesh_dir: MeshDir, peers: Peers, connect: Any) -> None:
+    """A request that is not durable is not journaled, and a machine down fails it after
+    the usual retries, not at its deadline."""
+    order_mesh(mesh_dir, durable='["order"]')
+    chain = start_chain(peers, mesh_dir)
+    chain["c"].kill()
+    node = connect(mesh_dir.config, "client")
+    began = time.monotonic()
+    with pytest.raises(mesh.PeerUnavailable):
+        node.start("plain", item="x")
+    assert time.monotonic() - began < 15
+    assert flows_tool.list_flows(load_config(mesh_dir.config), request="plain") == []
+
+
+def test_flows_cli_show_retry_cancel(mesh_dir: MeshDir, peers: Peers, connect: Any) -> None:
+    """A durable flow that fails at b is listed as failed, shown with its error (secrets
+    masked); after the fix, `mesh flows retry` runs it again from b and it is done. A flow
+    waiting for a machine that is down is cancelled with `mesh flows cancel`."""
+    order_mesh(mesh_dir)
+    chain = start_chain(peers, mesh_dir)
+    (mesh_dir.root / "fail-b").write_text("", encoding="utf-8")
+    node = connect(mesh_dir.config, "client")
+    with pytest.raises(mesh.FlowError) as failed:
+        node.start("order", item="pot", card="5555666677778888")
+    flow_id = failed.value.flow_id
+    listed = run_mesh("flows", "--state", "failed", "-c", mesh_dir.config)
+    assert listed.returncode == 0, listed.stderr
+    assert flow_id in listed.stdout
+    assert "b is broken" in listed.stdout
+    shown = run_mesh("flows", "show", flow_id, "-c", mesh_dir.config)
+    assert shown.returncode == 0, shown.stderr
+    assert "Reserving pot" in shown.stdout
+    assert "failed" in shown.stdout
+    assert "5555666677778888" not in shown.stdout
+    (mesh_dir.root / "fail-b").unlink()
+    retried = run_mesh("flows", "retry", flow_id, "-c", mesh_dir.config)
+    assert retried.returncode == 0, retried.stderr
+    result = node.result(flow_id, timeout=30)
+    assert result.context["c"] > 0
+    exactly_once(mesh_dir, [flow_id])
+
+    chain["c"].kill()
+    thread, out = in_thread(lambda: node.start("order", item="pan", card="5555666677778888"))
+    config = load_config(mesh_dir.config)
+    waiting = wait_for(lambda: flows_tool.list_flows(config, state="waiting"), 20, "a waiting flow")
+    cancelled = run_mesh("flows", "cancel", waiting[0].flow_id, "-c", mesh_dir.config)
+    assert cancelled.returncode == 0, cancelled.stderr
+    thread.join(30)
+    assert isinstance(out.get("error"), mesh.MeshError), out
+    assert flows_tool.show_flow(config, waiting[0].flow_id).summary.state in ("cancelled", "failed")
+
+
+def test_corrupt_or_newer_journal_refuses_to_start(mesh_dir: MeshDir, tmp_path: Path) -> None:
+    """A journal file that is not SQLite, or from a newer schema: `mesh peer` exits 1 with
+    one line naming the file."""
+    order_mesh(mesh_dir)
+    mesh_dir.fix_ports()
+    data = mesh_dir.root / ".mesh-data"
+    data.mkdir()
+    bad = data / "c.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    done = run_mesh("peer", "c", "-c", mesh_dir.config, timeout=30)
+    assert done.returncode == 1
+    lines = [ln for ln in done.stderr.splitlines() if "c.db" in ln]
+    assert len(lines) == 1, done.stderr
+    assert str(bad) in lines[0]
+    assert "Traceback" not in done.stderr
+    bad.unlink()
+    with sqlite3.connect(bad) as conn:
+        conn.execute("CREATE TABLE mesh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO mesh_meta VALUES ('schema_version', '99')")
+    done = run_mesh("peer", "c", "-c", mesh_dir.config, timeout=30)
+    assert done.returncode == 1
+    assert "newer" in done.stderr and str(bad) in done.stderr, done.stderr
