@@ -195,7 +195,10 @@ def _check(args: argparse.Namespace) -> int:
     print()
     for flow in found.plans:
         print(f"{out.bold(flow.name)}  ({flow.path}, digest {flow.digest})")
-        _table([("#", "line", "machine", "handler", "how"), *flow.rows], "  ", header=out)
+        heading: tuple[str, ...] = ("#", "line", "machine", "handler", "how")
+        if any(len(row) > len(heading) for row in flow.rows):  # conditions, fan-out, sub-flows
+            heading = (*heading, "control")
+        _table([heading, *flow.rows], "  ", header=out)
         print()
     for warning in found.warnings:
         print(f"{err.yellow('warning:')} {warning}", file=sys.stderr)
@@ -654,7 +657,11 @@ def _scaffold(args: argparse.Namespace) -> int:
     if args.missing:
         import_services(config)
         registered = default_registry.registered()
-        only = {ln.index for ln in flow.lines if (flow.name, ln.text) not in registered}
+        only = {
+            ln.index
+            for ln in flow.lines
+            if (flow.name, ln.text) not in registered and not ln.sub  # a sub-flow row has none
+        }
         if not only:
             print(f"mesh scaffold: every line of {flow.name} has a handler; nothing to write")
             return 0
@@ -669,7 +676,7 @@ def _scaffold(args: argparse.Namespace) -> int:
         mesh_is_local=scaffold.mesh_is_local(config.root),
     )
     scaffold.write_module(out, text, force=args.force)
-    count = len(only) if only is not None else len(flow.lines)
+    count = len(only) if only is not None else len([ln for ln in flow.lines if not ln.sub])
     print(f"wrote {_shown(out)}: {count} handlers for {flow.name} ({_shown(flow.lines[0].path)})")
     module = scaffold.module_name(out, config.root)
     if module is None:
