@@ -26,9 +26,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# Debian packages the tests use (chromium: the HTML diagram test). The script installs the
+# Debian packages the tests use (chromium: the browser tests; postgresql: the shared journal). The script installs the
 # missing ones when it can; a test whose package is still missing is skipped, naming it.
-TEST_DEBS := chromium
+TEST_DEBS := chromium postgresql
 
 pytest: $(STAMP)
 	scripts/ensure-debian-packages.sh $(TEST_DEBS)

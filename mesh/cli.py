@@ -28,13 +28,13 @@ from typing import Any
 
 import structlog
 
-from mesh import analysis, deadlines, supervisor
+from mesh import analysis, deadlines, supervisor, versions
 from mesh.addresses import dialable
 from mesh.colour import Palette, palette
 from mesh.config import Config, check_machine, find_config, load_config
 from mesh.distribution import DISTRIBUTION, install_hint, version
 from mesh.errors import MeshError
-from mesh.flowfile import Flow
+from mesh.flowfile import Flow, FlowSet, load_flows
 from mesh.logconfig import configure_logging
 from mesh.node import Node, connect
 from mesh.peer import wait_serving
@@ -66,7 +66,14 @@ def make_argument_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("check", "validate flow files, config and services; print each request's plan")
+    check = add("check", "validate flow files, config and services; print each request's plan")
+    check.add_argument(
+        "--against",
+        metavar="OLD_FILE",
+        action="append",
+        help="also say whether changing from this flow file (repeat for several) to the"
+        " config's is safe for flows in flight: exit 1 if not",
+    )
 
     peer = add("peer", "serve one machine's lines")
     peer.add_argument(
@@ -188,7 +195,10 @@ def _check(args: argparse.Namespace) -> int:
     print()
     for flow in found.plans:
         print(f"{out.bold(flow.name)}  ({flow.path}, digest {flow.digest})")
-        _table([("#", "line", "machine", "handler", "how"), *flow.rows], "  ", header=out)
+        heading: tuple[str, ...] = ("#", "line", "machine", "handler", "how")
+        if any(len(row) > len(heading) for row in flow.rows):  # conditions, fan-out, sub-flows
+            heading = (*heading, "control")
+        _table([heading, *flow.rows], "  ", header=out)
         print()
     for warning in found.warnings:
         print(f"{err.yellow('warning:')} {warning}", file=sys.stderr)
@@ -200,6 +210,28 @@ def _check(args: argparse.Namespace) -> int:
         f"{out.green('ok:')} {len(config.flows)} requests, {len(config.machines)} machines,"
         f" {found.handlers} handlers"
     )
+    if args.against:
+        return _against(load_flows(args.against), config.flows, out)
+    return 0
+
+
+def _against(old: FlowSet, new: FlowSet, out: Palette) -> int:
+    """``mesh check --against``: each change from the old file, and whether flows in flight
+    on it can go on (mesh.versions)."""
+    changes = versions.compare(old, new)
+    print()
+    print(out.bold(f"against {', '.join(old.paths)}:"))
+    for change in changes:
+        mark = out.green("safe:  ") if change.safe else out.red("unsafe:")
+        print(f"  {mark} {change.request}: {change.what}")
+    unsafe = sum(not c.safe for c in changes)
+    if unsafe:
+        print(
+            f"{out.red('unsafe:')} {unsafe} change(s) would stop flows in flight on the old"
+            " file; drain them first (mesh flows --state running) or keep the old rows"
+        )
+        return EXIT_FAILURE
+    print(f"{out.green('ok:')} safe for flows in flight" + ("" if changes else " (no changes)"))
     return 0
 
 
@@ -625,7 +657,11 @@ def _scaffold(args: argparse.Namespace) -> int:
     if args.missing:
         import_services(config)
         registered = default_registry.registered()
-        only = {ln.index for ln in flow.lines if (flow.name, ln.text) not in registered}
+        only = {
+            ln.index
+            for ln in flow.lines
+            if (flow.name, ln.text) not in registered and not ln.sub  # a sub-flow row has none
+        }
         if not only:
             print(f"mesh scaffold: every line of {flow.name} has a handler; nothing to write")
             return 0
@@ -640,7 +676,7 @@ def _scaffold(args: argparse.Namespace) -> int:
         mesh_is_local=scaffold.mesh_is_local(config.root),
     )
     scaffold.write_module(out, text, force=args.force)
-    count = len(only) if only is not None else len(flow.lines)
+    count = len(only) if only is not None else len([ln for ln in flow.lines if not ln.sub])
     print(f"wrote {_shown(out)}: {count} handlers for {flow.name} ({_shown(flow.lines[0].path)})")
     module = scaffold.module_name(out, config.root)
     if module is None:

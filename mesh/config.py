@@ -69,6 +69,8 @@ _TOP_KEYS = frozenset(
         "dedup_bytes",
         "max_calls",
         "link_window",
+        "max_depth",
+        "max_fan_out",
         "durable",
         "journal",
         "requests",
@@ -143,6 +145,11 @@ class Config:
     # a machine, a call is refused as busy.
     link_window: int = 20_000
     grace: float = 10.0
+    # Control flow (docs/control-flow.md): how deep sub-flows may nest (a request that
+    # calls itself loops at most this many times), and how many runs of an ``Each`` row
+    # one machine has in flight at once.
+    max_depth: int = 16
+    max_fan_out: int = 32
     tls: TLSConfig = field(default_factory=TLSConfig)
     token: Token | None = field(default=None, repr=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -215,6 +222,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     workers = _positive_int(where, data, "workers", 256)
     max_calls = _positive_int(where, data, "max_calls", 20_000)
     link_window = _positive_int(where, data, "link_window", 20_000)
+    max_depth = _positive_int(where, data, "max_depth", 16)
+    max_fan_out = _positive_int(where, data, "max_fan_out", 32)
     dedup_size = _positive_int(where, data, "dedup_size", 20_000)
     dedup_age = _seconds(where, data, "dedup_age", 300.0)
     dedup_bytes = _byte_budget(where, data, "dedup_bytes", DEFAULT_DEDUP_BYTES)
@@ -242,6 +251,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         workers=workers,
         max_calls=max_calls,
         link_window=link_window,
+        max_depth=max_depth,
+        max_fan_out=max_fan_out,
         grace=grace,
         tls=tls,
         token=token,

@@ -26,6 +26,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from mesh.conditions import Condition, ConditionError, Each, parse_condition, parse_each
 from mesh.errors import FlowFileError
 from mesh.masking import MASK
 
@@ -43,6 +44,10 @@ _PLACEHOLDER = re.compile(r"([:#])([A-Za-z_][A-Za-z0-9_]*)")
 _MACHINE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _HEADER = ["request", "log", "machine"]
 _COLUMNS = "Request, Log, Machine"
+#: Optional columns, only after a header row that names them (mesh/conditions.py).
+_OPTIONAL = ("when", "each")
+#: A Log cell ``@REQUEST`` runs that request as a sub-flow.
+_SUB = "@"
 
 #: One placeholder of a compiled template and the literal text that follows it:
 #: ``(name, as_written, always_secret, literal_after)``.  A flat tuple rather than a
@@ -84,12 +89,19 @@ class Line:
     machine: str
     path: str
     row: int
+    #: Its ``When`` cell: the row runs only when this holds (None: always).
+    when: Condition | None = None
+    #: Its ``Each`` cell: the row runs once per element of a list (None: once).
+    each: Each | None = None
     placeholders: tuple[str, ...] = field(init=False)
     secrets: tuple[str, ...] = field(init=False)
+    #: The request a ``@REQUEST`` row runs as a sub-flow; "" for an ordinary row.
+    sub: str = field(init=False)
     _head: str = field(init=False, repr=False, compare=False)
     _slots: tuple[_Slot, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sub", self.text[1:] if self.text.startswith(_SUB) else "")
         head, slots, names, secrets = _compile(self.text)
         object.__setattr__(self, "placeholders", names)
         object.__setattr__(self, "secrets", secrets)
@@ -131,6 +143,7 @@ class Flow:
     digest: str = field(init=False)
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
     _machines: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _controlled: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index: dict[str, int] = {}
@@ -139,7 +152,13 @@ class Flow:
                 raise ValueError(
                     f"line {line!r} does not belong at index {i} of request {self.name!r}"
                 )
-            index[line.text] = i
+            if not line.sub:  # a sub-flow row is no line code logs; it may repeat
+                index[line.text] = i
+        object.__setattr__(
+            self,
+            "_controlled",
+            any(ln.when is not None or ln.each is not None or ln.sub for ln in self.lines),
+        )
         object.__setattr__(self, "secrets", frozenset(s for ln in self.lines for s in ln.secrets))
         object.__setattr__(self, "digest", _digest(self.name, self.lines))
         object.__setattr__(self, "_index", index)
@@ -151,6 +170,17 @@ class Flow:
     def machines(self) -> tuple[str, ...]:
         """The machines this request touches, in order of first appearance."""
         return self._machines
+
+    @property
+    def controlled(self) -> bool:
+        """Whether any row has a condition, a fan-out or a sub-flow: the runtime's plain
+        path (every line in order) is for the flows that have none."""
+        return self._controlled
+
+    @property
+    def calls(self) -> tuple[str, ...]:
+        """The requests its ``@REQUEST`` rows run as sub-flows, in order."""
+        return tuple(dict.fromkeys(line.sub for line in self.lines if line.sub))
 
     def index_of(self, text: str) -> int | None:
         """Where a logged text falls in this request; ``None`` if it is not a line of it."""
@@ -164,11 +194,19 @@ class Flow:
 def _digest(name: str, lines: Sequence[Line]) -> str:
     """Fingerprint what a request *means*, not how its file is spelled.
 
-    Only the name and each line's text and machine count: delimiter, quoting,
-    whitespace, line ends and other requests do not, so two machines agree on a
-    request's version exactly when they would run it the same way.
+    Only the name and each line's text and machine count (and its ``When`` and ``Each``
+    cells, when it has them): delimiter, quoting, whitespace, line ends and other
+    requests do not, so two machines agree on a request's version exactly when they
+    would run it the same way.
     """
-    normal = json.dumps([name, [[line.text, line.machine] for line in lines]])
+    rows: list[list[str]] = []
+    for line in lines:
+        row = [line.text, line.machine]
+        if line.when is not None or line.each is not None:
+            when = "" if line.when is None else line.when.text
+            row += [when, "" if line.each is None else line.each.text]
+        rows.append(row)
+    normal = json.dumps([name, rows])
     return hashlib.sha256(normal.encode("utf-8")).hexdigest()[:16]
 
 
@@ -319,6 +357,13 @@ def _merge(parsed: Sequence[tuple[str, dict[str, list[Line]]]]) -> FlowSet:
                     f"{before.path}:{before.row}"
                 )
             flows[name] = Flow(name, tuple(lines))
+    for flow in flows.values():
+        for line in flow.lines:
+            if line.sub and line.sub not in flows:
+                raise FlowFileError(
+                    f"{line.path}:{line.row}: {line.text!r} runs request {line.sub!r} as a"
+                    " sub-flow, but no flow file defines it"
+                )
     return FlowSet(flows, tuple(path for path, _ in parsed))
 
 
@@ -327,29 +372,45 @@ def _parse(text: str, path: str) -> dict[str, list[Line]]:
     requests: dict[str, list[Line]] = {}
     by_text: dict[tuple[str, str], Line] = {}
     first = True
+    extra: tuple[str, ...] = ()  # the optional columns the header names, in its order
     for row, raw in _records(text, path):
         cells = [cell.strip() for cell in raw]
         if not any(cells):
             continue
         while len(cells) > 3 and not cells[-1]:
             cells.pop()
-        if [cell.casefold() for cell in cells] == _HEADER:
+        if [cell.casefold() for cell in cells[:3]] == _HEADER:
             if first:
                 first = False
+                extra = _header(cells[3:], path, row)
                 continue
             raise FlowFileError(
                 f"{path}:{row}: a header row ({_COLUMNS}) may only be the first row; "
                 "were two files pasted together?"
             )
         first = False
-        if len(cells) != 3:
+        if len(cells) < 3 or len(cells) > 3 + len(extra):
+            columns = _COLUMNS + "".join(f", {c.title()}" for c in extra)
+            expected = f"3 to {3 + len(extra)}" if extra else "3"
             raise FlowFileError(
-                f"{path}:{row}: expected 3 columns ({_COLUMNS}), found {len(cells)}"
+                f"{path}:{row}: expected {expected} columns ({columns}), found {len(cells)}"
+                + (
+                    "; optional columns (When, Each) need a header row naming them"
+                    if len(cells) > 3 and not extra
+                    else ""
+                )
             )
-        request, log, machine = cells
-        for column, value in zip(("Request", "Log", "Machine"), cells, strict=True):
+        request, log, machine = cells[:3]
+        for column, value in zip(("Request", "Log", "Machine"), cells, strict=False):
             if not value:
                 raise FlowFileError(f"{path}:{row}: the {column} cell is empty")
+        optional = dict(zip(extra, cells[3:], strict=False))
+        when, each = _control(optional, path, row)
+        if log.startswith(_SUB) and not log[len(_SUB) :].strip():
+            raise FlowFileError(
+                f"{path}:{row}: a Log cell {_SUB}REQUEST names the request to run as a"
+                " sub-flow, and this one names none"
+            )
         if log == _RESERVED_TEXT:
             raise FlowFileError(
                 f"{path}:{row}: log text {_RESERVED_TEXT!r} is reserved: "
@@ -360,19 +421,50 @@ def _parse(text: str, path: str) -> dict[str, list[Line]]:
                 f"{path}:{row}: machine name {machine!r} is not valid: use letters, digits, "
                 "'_', '.' and '-', not starting with '.' or '-'"
             )
-        earlier = by_text.get((request, log))
+        earlier = None if log.startswith(_SUB) else by_text.get((request, log))
         if earlier is not None:
             raise FlowFileError(
                 f"{path}:{row}: log text {log!r} is already line {earlier.index} of "
                 f"{request} (row {earlier.row}); a request's log texts must be unique"
             )
         lines = requests.setdefault(request, [])
-        line = Line(request, len(lines), log, machine, path, row)
+        line = Line(request, len(lines), log, machine, path, row, when, each)
         lines.append(line)
         by_text[request, log] = line
     if not requests:
         raise FlowFileError(f"{path}: flow file has no lines")
     return requests
+
+
+def _header(cells: Sequence[str], path: str, row: int) -> tuple[str, ...]:
+    """The optional columns a header row names after the first three (any case, any order)."""
+    names: list[str] = []
+    for cell in cells:
+        name = cell.casefold()
+        if name not in _OPTIONAL:
+            raise FlowFileError(
+                f"{path}:{row}: unknown column {cell!r} in the header; after {_COLUMNS}"
+                " the optional columns are When and Each"
+            )
+        if name in names:
+            raise FlowFileError(f"{path}:{row}: column {cell!r} is named twice in the header")
+        names.append(name)
+    return tuple(names)
+
+
+def _control(
+    optional: Mapping[str, str], path: str, row: int
+) -> tuple[Condition | None, Each | None]:
+    """A row's parsed When and Each cells (None where empty or absent)."""
+    when = each = None
+    try:
+        if optional.get("when"):
+            when = parse_condition(optional["when"])
+        if optional.get("each"):
+            each = parse_each(optional["each"])
+    except ConditionError as e:
+        raise FlowFileError(f"{path}:{row}: {e}") from None
+    return when, each
 
 
 def _records(text: str, path: str) -> Iterator[tuple[int, list[str]]]:

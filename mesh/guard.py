@@ -16,7 +16,10 @@ Every call a peer serves passes here before anything runs, whether it came as a 
    another version of the flow is FAILED_PRECONDITION, naming both digests.
 4. **Access list.** Line 0 may come from any caller that got this far: it is a flow's entry.
    Line N > 0 only from the machine that owns line N-1, because that is the only machine that
-   hands a flow on to line N (a hand-back travels in a reply, never as a call). Anything else
+   hands a flow on to line N (a hand-back travels in a reply, never as a call). In a flow
+   with conditions (``When``, ``Each``), from the owner of any line that can run right
+   before it on some path, and from anyone when every line before it may be skipped
+   (``mesh.routing.predecessors``). Anything else
    is PERMISSION_DENIED, logged with the caller and the line; no handler runs.
 5. **Owner.** The line must be this machine's: FAILED_PRECONDITION, naming its owner.
 6. **Context.** A JSON object the mesh could send on as it is (no NaN, no lone surrogate,
@@ -49,6 +52,7 @@ import structlog
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from mesh.flowfile import Flow, FlowSet
+from mesh.routing import predecessors
 from mesh.token import Token
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.wire import load_context, step_error
@@ -249,7 +253,10 @@ class Guard:
                 " flow's digest)",
             )
         if index:  # line 0 is a flow's entry: any caller that passed the token may start one
-            self._entitled(flow, index, via, certified)
+            if flow.controlled:
+                self._entitled_on_some_path(flow, index, via, certified)
+            else:
+                self._entitled(flow, index, via, certified)
         owner = flow.lines[index].machine
         if owner != me:
             raise Refusal(
@@ -334,6 +341,35 @@ class Guard:
                 f"{self.machine}: {_name(who)} may not send {flow.name} line {index}"
                 f" {flow.lines[index].text!r}: only {owner}, which runs line {index - 1},"
                 " hands the flow on to it",
+                caller=who,
+                request=flow.name,
+                line_index=index,
+            )
+
+    def _entitled_on_some_path(
+        self, flow: Flow, index: int, via: Sequence[str], certified: frozenset[str] | None
+    ) -> None:
+        """The access list of a flow with conditions, fan-out or sub-flows: line ``index``
+        only from the owner of a line that can run right before it on some path (computed
+        from the file, not from the context: mesh.routing.predecessors); from anyone when
+        every line before it may be skipped, as line 0."""
+        owners = predecessors(flow, index)
+        if owners is None:
+            return
+        caller = via[-1] if via else ""
+        if certified is not None:
+            allowed = not owners.isdisjoint(certified)
+            who = "certificate for " + ", ".join(sorted(certified))
+        else:
+            allowed = caller in owners
+            who = caller or "a caller that names no machine"
+        if not allowed:
+            names = " or ".join(sorted(owners))
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{self.machine}: {_name(who)} may not send {flow.name} line {index}"
+                f" {flow.lines[index].text!r}: no path of the flow file runs a line of"
+                f" {_name(who)} right before it (only {names})",
                 caller=who,
                 request=flow.name,
                 line_index=index,

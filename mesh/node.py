@@ -34,7 +34,8 @@ from mesh.config import Config, find_config, load_config
 from mesh.durable import Waits, deadline_left
 from mesh.errors import ConfigError, FlowError, FlowNotFound, FlowTimeout, MeshError
 from mesh.flowfile import Flow, FlowSet
-from mesh.journal import Journal, Stay, open_journal
+from mesh.journal import Journal, Stay
+from mesh.journals import open_journal
 from mesh.links import Answer, Links
 from mesh.logconfig import chain_problem, configure_logging
 from mesh.peer import Abandoned, Server
@@ -201,6 +202,7 @@ class Node:
                     journal = self._journal = open_journal(
                         self.config.journal_url(self.machine),
                         synchronous=self.config.journal.synchronous,
+                        machine=self.machine,
                     )
         return journal
 

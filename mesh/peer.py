@@ -207,6 +207,8 @@ class Peer:
         self._max_calls = config.max_calls
         self._durable = config.durable
         self._pruner: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._shared: bool | None = None  # whether other live processes share the journal
 
     # -- the door, for both kinds of call ---------------------------------------------
 
@@ -222,9 +224,23 @@ class Peer:
             )
         except (Replayed, Forgotten) as exc:
             raise _repeat_refusal(self._node.machine, request, exc) from None
-        # A durable stay a previous process ran is found in the journal as the stay's
-        # accept record finds it there (runtime.serve), not here: no read per call.
-        journal = self._node.journal if request.request in self._durable else None
+        journal = None
+        if known is None and request.request in self._durable:
+            journal = self._node.journal
+            # A stay a previous process of this machine ran: with a journal of this process
+            # alone, the stay's accept record finds it (runtime.serve), and no read is paid
+            # per call; one shared with other live processes (replicas) is asked first.
+            if self._shared is None:
+                self._shared = journal.shared or bool(
+                    self._node.config.machines[self._node.machine].replicas
+                )
+            if self._shared:
+                recorded = self._journaled_reply(journal, admitted)
+                if recorded is not None:
+                    return recorded
+                resumed = self.serving.get(key)
+                if resumed is not None:  # a dead replica's stay, resumed here just now
+                    return resumed
         if known is not None:
             _log.info(
                 "mesh.step_repeated",
@@ -270,6 +286,42 @@ class Peer:
         )
         return serving
 
+    def _journaled_reply(self, journal: Any, admitted: Admitted) -> bytes | None:
+        """The reply a durable stay gave before this process (it is in the journal, not in
+        the record in memory): the very call that ran it gets it again, nothing runs; any
+        other call naming it is refused as the record would."""
+        request = admitted.request
+        stay = journal.stay(request.flow_id, request.line_index)
+        if stay is None:
+            return None
+        if stay.state == "running":
+            # Not in this process's record: another process of this machine accepted it.
+            # Dead (its lease lapsed): resume it here and answer this resend with it. Alive
+            # or not yet known dead: refuse for now; the durable caller sends it again.
+            if stay.fingerprint != admitted.fingerprint:
+                raise _repeat_refusal(self._node.machine, request, Replayed(request.flow_id))
+            if self._resume(journal, stay) is not None:
+                return None  # serving now: begin() joins it
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{self._node.machine}: {request.request} line {request.line_index} of flow"
+                f" {request.flow_id} is running in another process of this machine",
+            )
+        if stay.fingerprint != admitted.fingerprint:
+            raise _repeat_refusal(self._node.machine, request, Replayed(request.flow_id))
+        _log.info(
+            "mesh.step_repeated",
+            caller=request.via[-1] if request.via else "caller",
+            flow_id=request.flow_id,
+            request=request.request,
+            line_index=request.line_index,
+            machine=self._node.machine,
+            journaled=True,
+        )
+        if stay.outcome is None:
+            return runtime.stopped_reply(self._node, request, f"the flow was {stay.state}")
+        return stay.outcome  # type: ignore[no-any-return]
+
     def recover(self) -> int:
         """Go on with the durable stays a dead process of this machine accepted and did not
         finish, before this peer serves: each as if its call had just come (a resend of it
@@ -279,47 +331,65 @@ class Peer:
             return 0
         journal = node.journal
         count = 0
-        loop = asyncio.get_running_loop()
-        steps_by_stay: dict[tuple[str, int], list[Any]] = {}
         for stay in journal.orphans():
-            if stay.origin or stay.request not in node.flows.flows or stay.payload is None:
-                continue
-            if not journal.claim(stay.flow_id, stay.line):
-                continue
-            request = payload_of(stay)
-            key = (stay.flow_id, stay.line)
-            if key in self.serving:
-                continue
-            steps_by_stay[key] = journal.local_steps(stay.flow_id, stay.line)
-            running = self.replies.start(stay.flow_id, stay.line, stay.fingerprint or b"")
-            serving = self.serving[key] = _Serving(key, request, running)
-            serving.durable = True
-            left = deadline_left(stay)
-            deadline = deadlines.local_deadline(time.monotonic(), max(left, 0.0))
-            journaled = runtime.Journaled(
-                journal, stay.fingerprint or b"", stay.payload, stay, steps_by_stay[key]
-            )
-            coro = runtime.serve(
-                node,
-                request,
-                load_context(stay.context),
-                deadline,
-                started=serving.began,
-                journaled=journaled,
-            )
-            serving.task = loop.create_task(
-                self._serve(serving, coro), context=contextvars.Context()
-            )
-            count += 1
-            _log.info(
-                "mesh.flow_recovered",
-                flow_id=stay.flow_id,
-                request=stay.request,
-                line_index=stay.position,
-                machine=node.machine,
-                resend=stay.call_machine or "",
-            )
+            if self._resume(journal, stay) is not None:
+                count += 1
         return count
+
+    def _resume(self, journal: Any, stay: Any) -> _Serving | None:
+        """Claim one orphaned stay and serve it from its last record; None when it is not
+        this peer's to resume (another process claimed it first, or it runs here)."""
+        node = self._node
+        if stay.origin or stay.request not in node.flows.flows or stay.payload is None:
+            return None
+        key = (stay.flow_id, stay.line)
+        if key in self.serving or not journal.claim(stay.flow_id, stay.line):
+            return None
+        request = payload_of(stay)
+        steps = journal.local_steps(stay.flow_id, stay.line)
+        running = self.replies.start(stay.flow_id, stay.line, stay.fingerprint or b"")
+        serving = self.serving[key] = _Serving(key, request, running)
+        serving.durable = True
+        left = deadline_left(stay)
+        deadline = deadlines.local_deadline(time.monotonic(), max(left, 0.0))
+        journaled = runtime.Journaled(journal, stay.fingerprint or b"", stay.payload, stay, steps)
+        coro = runtime.serve(
+            node,
+            request,
+            load_context(stay.context),
+            deadline,
+            started=serving.began,
+            journaled=journaled,
+        )
+        serving.task = asyncio.get_running_loop().create_task(
+            self._serve(serving, coro), context=contextvars.Context()
+        )
+        _log.info(
+            "mesh.flow_recovered",
+            flow_id=stay.flow_id,
+            request=stay.request,
+            line_index=stay.position,
+            machine=node.machine,
+            resend=stay.call_machine or "",
+        )
+        return serving
+
+    def watch_orphans(self) -> None:
+        """For a journal other processes share while this one runs (replicas on other hosts,
+        one Postgres journal): take over, every second or so, what a replica that died
+        accepted, once its lease has lapsed; not only at start."""
+        node = self._node
+
+        async def every_second() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    self.recover()
+                    node.recover_origins()
+                except MeshError as exc:
+                    _log.warning("mesh.recover_failed", error=str(exc), machine=node.machine)
+
+        self._watcher = asyncio.get_running_loop().create_task(every_second())
 
     def prune_soon(self) -> None:
         """Forget finished durable flows older than ``[journal] keep``, now and every hour,
@@ -772,6 +842,8 @@ class Server:
             self.peer.recover()
             node.recover_origins()
             self.peer.prune_soon()
+            if node.journal.shared:
+                self.peer.watch_orphans()
         await self._server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -17,6 +17,12 @@ class Step:
     machine: str
     start: float
     duration: float  # seconds
+    #: Control flow: the sub-flow's request that ran it ("" for the flow's own request),
+    #: the position of its element in a fan-out (None when it is no fan-out's), and
+    #: whether its row was skipped by its condition (it ran nothing).
+    request: str = ""
+    element: int | None = None
+    skipped: bool = False
 
     @property
     def ms(self) -> float:

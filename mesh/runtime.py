@@ -29,7 +29,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import inspect
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -58,7 +57,7 @@ from mesh.loggers import BoundOnce
 from mesh.masking import scrub, secret_values
 from mesh.registry import Handler, describe
 from mesh.result import FlowResult
-from mesh.routing import DONE, Call, Decision, HandBack, RunHere, route
+from mesh.routing import DONE, Call, Decision, HandBack, RunHere, back_lines, route
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.wire import (
     as_steps,
@@ -597,6 +596,7 @@ def advance(
     place = state.place
     me = place.machine
     handlers = place.handlers[state.flow.name]
+    controlled = state.flow.controlled
     while True:
         if pending is not None:
             machine, payload = pending
@@ -609,6 +609,21 @@ def advance(
                 index = back.index
                 continue
             return back
+        if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
+            from mesh import control  # noqa: PLC0415 - it imports this module
+
+            index = control.skip(state, index)
+            line = state.flow.lines[index] if index < len(state.flow.lines) else None
+            if line is not None and (line.sub or line.each is not None):
+                decision = _decide(state, index)
+                if type(decision) is RunHere:
+                    place.run_on_loop(control.run_row_from_thread(state, index))
+                    index += 1
+                    continue
+                if type(decision) is Call and line.each is not None:
+                    place.run_on_loop(_fan_out_from_thread(state, index, decision.machine))
+                    index += 1
+                    continue
         decision = _decide(state, index)
         if type(decision) is RunHere:
             fn = handlers[index]
@@ -662,6 +677,7 @@ async def advance_async(
     place = state.place
     me = place.machine
     handlers = place.handlers[state.flow.name]
+    controlled = state.flow.controlled
     while True:
         if pending is not None:
             machine, payload = pending
@@ -676,6 +692,21 @@ async def advance_async(
                 index = back.index
                 continue
             return back
+        if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
+            from mesh import control  # noqa: PLC0415 - it imports this module
+
+            index = control.skip(state, index)
+            line = state.flow.lines[index] if index < len(state.flow.lines) else None
+            if line is not None and (line.sub or line.each is not None):
+                decision = _decide(state, index)
+                if type(decision) is RunHere:
+                    await control.run_row(state, index)
+                    index += 1
+                    continue
+                if type(decision) is Call and line.each is not None:
+                    await control.fan_out(state, index, decision.machine)
+                    index += 1
+                    continue
         decision = _decide(state, index)
         if type(decision) is RunHere:
             fn = handlers[index]
@@ -725,6 +756,13 @@ async def advance_async(
             return HandOff(decision.machine, decision.index)
         else:
             return FINISHED
+
+
+async def _fan_out_from_thread(state: FlowState, index: int, machine: str) -> None:
+    from mesh import control  # noqa: PLC0415 - it imports this module
+
+    activate(state, index)
+    await control.fan_out(state, index, machine)
 
 
 # -- the journal of a durable flow (mesh/journal.py) ------------------------------------
@@ -888,6 +926,8 @@ def misrouted(state: FlowState, index: int, reply: _pb2.ContinueReply) -> str | 
     Checking costs the lines between, which the chain below ran anyway; the steps are
     decoded already, and only the first and the last are read.
     """
+    if state.flow.controlled:
+        return _misrouted_on_some_path(state, index, reply)
     lines = state.flow.lines
     me = state.place.machine
     via = state.via
@@ -926,6 +966,34 @@ def misrouted(state: FlowState, index: int, reply: _pb2.ContinueReply) -> str | 
             f"replied for {flow} lines {index} to {back - 1} with steps that ran {ran}"
             f" (a {'hand-off' if back < len(lines) else 'done'} to line {back})"
         )
+    return None
+
+
+def _misrouted_on_some_path(state: FlowState, index: int, reply: _pb2.ContinueReply) -> str | None:
+    """:func:`misrouted` for a flow with conditions: the flow may come back at any line
+    some path allows (``mesh.routing.back_lines``), and the steps of its own request
+    (skipped rows included; a sub-flow's steps name theirs) must run from ``index`` to
+    the line before."""
+    lines = state.flow.lines
+    me = state.place.machine
+    flow = state.flow.name
+    allowed = back_lines(state.flow, me, index, state.via)
+    if reply.WhichOneof("outcome") == "hand_off":
+        hand_off = reply.hand_off
+        back, owner = hand_off.line_index, hand_off.machine
+        if back not in allowed or back >= len(lines) or owner != lines[back].machine:
+            return (
+                f"handed {flow} line {back} back to {_shown(owner)}, which no path of the flow"
+                f" file allows after line {index}"
+            )
+    else:
+        back = len(lines)
+        if back not in allowed:
+            return f"said {flow} is done, but a line upstream of it is still to run"
+    own = [s.line_index for s in reply.steps if not s.request]
+    if not own or own[0] != index or own[-1] != back - 1:
+        ran = f"lines {own[0]} to {own[-1]}" if own else "no line"
+        return f"replied for {flow} lines {index} to {back - 1} with steps that ran {ran}"
     return None
 
 
@@ -1106,7 +1174,7 @@ def _accept_origin(state: FlowState, *, on_loop: bool = False) -> Any:
             outcome=None,
             error=None,
             deadline=now + max(state.remaining(), 0.0),
-            owner=os.getpid(),
+            owner=state.journal.owner,
             started=now,
             updated=now,
         )
@@ -1277,7 +1345,7 @@ def _accept(
             outcome=None,
             error=None,
             deadline=now + max(state.remaining(), 0.0),
-            owner=os.getpid(),
+            owner=state.journal.owner,
             started=now,
             updated=now,
         )
@@ -1318,7 +1386,16 @@ async def _serve(
 ) -> tuple[bytes, str | None]:
     """Run the flow here from ``index``: the reply, and the failure's message if it failed."""
     try:
-        outcome = await advance_async(state, index, pending=pending)
+        outcome: Outcome
+        if state.flow.controlled and "[" in state.flow_id:
+            from mesh import control  # noqa: PLC0415 - it imports this module
+
+            if control.element_of(state.flow_id, index) is not None:  # one run of a fan-out
+                outcome = await control.serve_element(state, index)
+            else:
+                outcome = await advance_async(state, index, pending=pending)
+        else:
+            outcome = await advance_async(state, index, pending=pending)
     except MeshError as exc:
         if isinstance(exc, FlowTimeout) and exc.machine == state.machine:
             # The flow stops here: say so where it happened, not only at the originator.

@@ -36,7 +36,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["enabled", "parent_from", "record", "started_here", "traceparent"]
+__all__ = ["enabled", "open_span", "parent_from", "record", "started_here", "traceparent"]
 
 _API = "opentelemetry.trace"
 TRACER = "mesh"
@@ -111,3 +111,34 @@ def parent_from(value: str) -> Any:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     return TraceContextTextMapPropagator().extract({"traceparent": value})
+
+
+def open_span(parent: Any, name: str, attributes: dict[str, Any], start: float) -> tuple[Any, Any]:
+    """Start a span that other lines nest under before it ends (a sub-flow's row: its
+    lines are its children); ``(span, context for the children)``, ``(None, parent)``
+    when tracing is off. End it with ``span.end()``."""
+    api = sys.modules.get(_API)
+    if api is None:
+        return None, parent
+    global _tracer
+    if _tracer is None:
+        _tracer = api.get_tracer(TRACER)
+    if parent is None:
+        from opentelemetry import context as otel_context
+
+        parent = otel_context.get_current()
+    span = _tracer.start_span(
+        name, context=parent, start_time=int(start * 1e9), attributes=attributes
+    )
+    return span, api.set_span_in_context(span, parent)
+
+
+def close_span(span: Any, error: str = "") -> None:
+    """End a span :func:`open_span` started (``error``: the step failed), once."""
+    if span is None or not span.is_recording():
+        return
+    if error:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end()

@@ -223,9 +223,14 @@ def encode_reply(outcome: _pb2.ContinueReply | None, steps: Sequence[Any]) -> by
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _add_step(reply: _pb2.ContinueReply, s: tuple[int, str, str, float, float]) -> None:
+def _add_step(reply: _pb2.ContinueReply, s: tuple[Any, ...]) -> None:
     # Field by field: several times cheaper than a Step message passed to the constructor.
-    reply.steps.add(line_index=s[0], line=s[1], machine=s[2], start=s[3], duration=s[4])
+    step = reply.steps.add(line_index=s[0], line=s[1], machine=s[2], start=s[3], duration=s[4])
+    if len(s) > 5:  # a control-flow step: (..., request, element, skipped), as result.Step
+        step.request = s[5]
+        if s[6] is not None:
+            step.element = s[6]
+        step.skipped = s[7]
 
 
 def steps_only(reply: _pb2.ContinueReply) -> bytes:
@@ -242,7 +247,21 @@ def as_steps(steps: Iterable[Any]) -> tuple[Step, ...]:
             out.append(Step(*s))
             continue
         field = _pb2.ContinueReply.FromString(s).steps if isinstance(s, bytes | memoryview) else s
-        out.extend(Step(m.line_index, m.line, m.machine, m.start, m.duration) for m in field)
+        out.extend(
+            Step(m.line_index, m.line, m.machine, m.start, m.duration)
+            if not (m.request or m.skipped or m.HasField("element"))
+            else Step(
+                m.line_index,
+                m.line,
+                m.machine,
+                m.start,
+                m.duration,
+                m.request,
+                m.element if m.HasField("element") else None,
+                m.skipped,
+            )
+            for m in field
+        )
     return tuple(out)
 
 

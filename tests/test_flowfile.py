@@ -529,7 +529,12 @@ def _flow_model(draw: st.DrawFn) -> list[tuple[str, list[tuple[str, str]]]]:
     model = []
     for name in names:
         texts = draw(
-            st.lists(_cell().filter(lambda s: s != "next"), min_size=1, max_size=5, unique=True)
+            st.lists(
+                _cell().filter(lambda s: s != "next" and not s.startswith("@")),
+                min_size=1,
+                max_size=5,
+                unique=True,
+            )
         )
         model.append((name, [(text, draw(_MACHINES)) for text in texts]))
     return model

@@ -28,6 +28,7 @@ PURE = (
     "mesh.flowfile",
     "mesh.routing",
     "mesh.analysis",
+    "mesh.versions",
     "mesh.masking",
     "mesh.addresses",
     "mesh.config",

@@ -56,6 +56,11 @@ class Event:
     ms: float | None = None  # runs only: the step's own time
     slowest: bool = False
     hop_ms: float | None = None  # runs only: from the previous step's end to this one's start
+    #: Control flow (flow diagrams): the row's condition, its fan-out list, the request it
+    #: runs as a sub-flow; Mermaid draws them as ``opt``/``alt``, ``loop`` and a call.
+    when: str = ""
+    each: str = ""
+    sub: str = ""
 
     @property
     def total_ms(self) -> float:
@@ -81,8 +86,22 @@ def from_flow(flow: Flow) -> Diagram:
         kind: Kind = "note"
         if line.machine != previous:
             kind = "back" if hop.how == "hand back" else "call"
-        events.append(Event(kind, line.index, previous, line.machine, line.text))
-        previous = line.machine
+        when = line.when.text if line.when is not None else ""
+        each = line.each.key if line.each is not None else ""
+        events.append(
+            Event(
+                kind,
+                line.index,
+                previous,
+                line.machine,
+                line.text,
+                when=when,
+                each=each,
+                sub=line.sub,
+            )
+        )
+        if hop.how != "fan-out":  # a fan-out's runs come back: the flow stays where it was
+            previous = line.machine
     return Diagram(flow.name, flow.machines, tuple(events))
 
 
@@ -94,17 +113,23 @@ def from_run(flow: Flow, steps: Sequence[Step], flow_id: str = "") -> Diagram:
     """
     hops = plan(flow, flow.lines[0].machine)
     events: list[Event] = []
+    steps = [s for s in steps if not s.skipped]  # the path taken: a skipped row ran nothing
     previous = steps[0].machine if steps else ""
     for i, step in enumerate(steps):
         kind: Kind = "note"
         hop_ms = None
         if step.machine != previous:
-            how = hops[step.index].how if step.index < len(hops) else "call"
+            how = hops[step.index].how if step.index < len(hops) and not step.request else "call"
             kind = "back" if how == "hand back" else "call"
             before = steps[i - 1]
             hop_ms = max(step.start - (before.start + before.duration), 0.0) * 1000.0
+        label = step.line
+        if step.element is not None:
+            label = f"[{step.element}] {label}"
+        if step.request:
+            label = f"{step.request}: {label}"
         events.append(
-            Event(kind, step.index, previous, step.machine, step.line, step.ms, hop_ms=hop_ms)
+            Event(kind, step.index, previous, step.machine, label, step.ms, hop_ms=hop_ms)
         )
         previous = step.machine
     if events:
@@ -118,8 +143,17 @@ def from_run(flow: Flow, steps: Sequence[Step], flow_id: str = "") -> Diagram:
     return Diagram(title, machines, tuple(events))
 
 
-def _label(event: Event) -> str:
+def _label(event: Event, control: bool = True) -> str:
+    """A row's text; with ``control`` (SVG, HTML), its condition, fan-out and sub-flow in
+    brackets (Mermaid draws them as blocks instead)."""
     text = f"{event.index}. {event.label}"
+    if control:
+        if event.sub:
+            text += f" [runs {event.sub}: see its diagram]"
+        if event.when:
+            text += f" [when {event.when}]"
+        if event.each:
+            text += f" [each item of {event.each}]"
     if event.ms is not None:
         hop = f" + {event.hop_ms:.2f} ms hop" if event.hop_ms is not None else ""
         text += f" ({event.ms:.2f} ms{hop}{', slowest' if event.slowest else ''})"
@@ -169,18 +203,40 @@ def to_mermaid(diagram: Diagram) -> str:
     for name in diagram.participants:
         pid = ids[name]
         out.append(f"    participant {pid}" + (f" as {name}" if pid != name else ""))
-    for event in diagram.events:
-        label = mermaid_text(_label(event))
+    events = diagram.events
+    for n, event in enumerate(events):
+        label = mermaid_text(_label(event, control=False))
+        if event.sub:
+            label += mermaid_text(f" (calls {event.sub}: its own diagram)")
         if event.kind == "note":
             row = f"Note over {ids[event.target]}: {label}"
         else:
             arrow = "->>" if event.kind == "call" else "-->>"
             row = f"{ids[event.source]}{arrow}{ids[event.target]}: {label}"
+        rows = [f"{row}"]
+        if event.each:
+            rows = [f"loop each item of {mermaid_text(event.each)}", *(f"    {r}" for r in rows)]
+            rows.append("end")
         if event.slowest:
-            out += ["    rect rgb(255, 224, 214)", f"        {row}", "    end"]
-        else:
-            out.append(f"    {row}")
+            rows = ["rect rgb(255, 224, 214)", *(f"    {r}" for r in rows), "end"]
+        before = events[n - 1] if n else None
+        after = events[n + 1] if n + 1 < len(events) else None
+        if event.when:
+            if before is not None and _opposite(before.when, event.when):
+                rows = [f"else {mermaid_text(event.when)}", *(f"    {r}" for r in rows), "end"]
+            elif after is not None and _opposite(event.when, after.when):
+                rows = [f"alt {mermaid_text(event.when)}", *(f"    {r}" for r in rows)]
+            else:
+                rows = [f"opt {mermaid_text(event.when)}", *(f"    {r}" for r in rows), "end"]
+        out.extend(f"    {r}" for r in rows)
     return "\n".join(out) + "\n"
+
+
+def _opposite(first: str, second: str) -> bool:
+    """Whether two rows in a row are an if and its else: ``X`` then ``not X`` (either way)."""
+    if not first or not second:
+        return False
+    return second == f"not {first}" or first == f"not {second}"
 
 
 def to_markdown(diagrams: Sequence[Diagram]) -> str:

@@ -134,7 +134,10 @@ def render_module(
     the project holds the ``mesh`` package itself, so import sorters count it as
     first-party and want it in a block of its own (see :func:`mesh_is_local`).
     """
-    indexes = [i for i in range(len(flow.lines)) if only is None or i in only]
+    # A sub-flow row (@REQUEST) runs its request: no handler of its own.
+    indexes = [
+        i for i in range(len(flow.lines)) if (only is None or i in only) and not flow.lines[i].sub
+    ]
     origin = f" from {_prose(source)}" if source else ""
     request = _prose(flow.name)
     out = [
@@ -165,8 +168,18 @@ def render_module(
         out += ["", "", *_decorator(flow.name, line.text)]
         out.append(f"def {name}(ctx: dict[str, Any]) -> None:")
         out += _docstring(flow, index)
-        out.append(f"    # TODO: the work of {_prose(flow.name)} line {index} goes here.")
-        out += _next_call(flow, index)
+        each = line.each
+        if each is not None:
+            out.append(
+                f'    item = ctx["item"]  # this run\'s element of {each.key}'
+                f' (its position: ctx["index"])'
+            )
+            out.append(f"    # TODO: the work of {_prose(flow.name)} line {index} for one item.")
+            out.append(f'    # What "next" logs lands, in order, in ctx["{each.results}"].')
+            out.append('    log.info("next", done=item)')
+        else:
+            out.append(f"    # TODO: the work of {_prose(flow.name)} line {index} goes here.")
+            out += _next_call(flow, index)
     return "\n".join(out) + "\n"
 
 

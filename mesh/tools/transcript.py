@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 
 from mesh.errors import MeshError
 from mesh.flowfile import Flow, FlowSet
@@ -54,6 +55,7 @@ class Entry:
     failed: str = ""  # a mesh.step_failed event: the error
     path: str = ""  # the file it was read from
     row: int = 0  # its line number in that file
+    skipped: str = ""  # a mesh.line_skipped event: why (its condition, or its empty list)
 
     @property
     def clock(self) -> tuple[str, str]:
@@ -129,9 +131,13 @@ def read_logs(paths: Sequence[str]) -> Logs:
             if not isinstance(index, int) or isinstance(index, bool):
                 continue
             text = str(event.get("event", ""))
-            failed = ""
+            failed = skipped = ""
             if text == "mesh.step_failed":
                 failed = str(event.get("error", "failed"))
+            elif text == "mesh.line_skipped":
+                condition = event.get("condition")
+                skipped = f"when {condition}" if condition else str(event.get("reason", "skipped"))
+                text = f"{event.get('line', '')} (skipped: {skipped})"
             logs.entries.append(
                 Entry(
                     str(event["flow_id"]),
@@ -144,6 +150,7 @@ def read_logs(paths: Sequence[str]) -> Logs:
                     failed,
                     path,
                     number,
+                    skipped,
                 )
             )
     return logs
@@ -186,19 +193,35 @@ def transcripts(logs: Logs, flows: FlowSet, flow_id: str | None = None) -> list[
             out.append(Transcript(fid, request, [], [], [problem], 0))
             continue
         matcher = matchers.setdefault(request, _Matcher(flow))
-        out.append(_check(fid, flow, entries, matcher, logs.machines))
+        out.append(_check(fid, flow, entries, matcher, logs.machines, groups=groups))
     out.sort(key=lambda t: min((e.time or 0.0 for e, _ in t.steps), default=0.0))
     return out
 
 
+#: A fan-out run's flow id ends with its row and its element: ``F/1[7]`` (mesh/control.py).
+_ELEMENT = re.compile(r"/(\d+)\[(\d+)\]\Z")
+
+
 def _check(
-    fid: str, flow: Flow, entries: list[Entry], matcher: _Matcher, machines: set[str]
+    fid: str,
+    flow: Flow,
+    entries: list[Entry],
+    matcher: _Matcher,
+    machines: set[str],
+    *,
+    groups: Mapping[str, object] = MappingProxyType({}),
 ) -> Transcript:
+    """Check one run (a flow, a sub-flow ``F/3`` or a fan-out's run ``F/1[7]``). A row its
+    condition skipped is not missing; nor is an ``Each`` row whose runs are logged as runs
+    of their own; a fan-out's run has one line, which runs once."""
     problems: list[str] = []
     ran: list[Entry] = []
     failures = [e for e in entries if e.failed]
+    skipped = {e.index: e for e in entries if e.skipped}
+    element = _ELEMENT.search(fid) if flow.controlled else None
+    expected = [flow.lines[int(element.group(1))]] if element else list(flow.lines)
     for entry in entries:
-        if entry.failed:
+        if entry.failed or entry.skipped:
             continue
         index = matcher.line_of(entry.text, entry.index)
         if index is None:
@@ -234,9 +257,13 @@ def _check(
             if failure.index < len(flow.lines)
             else f"{failure.where}: failed on {failure.machine}: {failure.failed}"
         )
-    for line in flow.lines:
-        if line.index in seen:
+    for line in expected:
+        if line.index in seen or line.index in skipped:
             continue
+        if line.each is not None and element is None:
+            prefix = f"{fid}/{line.index}["
+            if any(g.startswith(prefix) for g in groups):
+                continue  # its runs are transcripts of their own
         if failed_at is not None and line.index > failed_at:
             why = f" (not reached: the flow failed at line {failed_at})"
         elif line.machine not in machines:
@@ -254,7 +281,9 @@ def _check(
             duration = after.time - entry.time
         steps.append((entry, duration))
     notes = _skew(ordered)
-    return Transcript(fid, flow.name, steps, failures, problems, len(flow.lines), notes)
+    if skipped:
+        steps = sorted([*steps, *((e, None) for e in skipped.values())], key=lambda s: s[0].index)
+    return Transcript(fid, flow.name, steps, failures, problems, len(expected), notes)
 
 
 def _stamp(entry: Entry) -> tuple[float, str, int]:

@@ -24,18 +24,24 @@ class ContinueRequest(_message.Message):
     def __init__(self, request: _Optional[str] = ..., line_index: _Optional[int] = ..., context: _Optional[bytes] = ..., flow_id: _Optional[str] = ..., digest: _Optional[str] = ..., via: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("line_index", "machine", "line", "start", "duration")
+    __slots__ = ("line_index", "machine", "line", "start", "duration", "request", "element", "skipped")
     LINE_INDEX_FIELD_NUMBER: _ClassVar[int]
     MACHINE_FIELD_NUMBER: _ClassVar[int]
     LINE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     line_index: int
     machine: str
     line: str
     start: float
     duration: float
-    def __init__(self, line_index: _Optional[int] = ..., machine: _Optional[str] = ..., line: _Optional[str] = ..., start: _Optional[float] = ..., duration: _Optional[float] = ...) -> None: ...
+    request: str
+    element: int
+    skipped: bool
+    def __init__(self, line_index: _Optional[int] = ..., machine: _Optional[str] = ..., line: _Optional[str] = ..., start: _Optional[float] = ..., duration: _Optional[float] = ..., request: _Optional[str] = ..., element: _Optional[int] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class Done(_message.Message):
     __slots__ = ("context",)
