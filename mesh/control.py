@@ -139,7 +139,7 @@ async def _once(state: runtime.FlowState, index: int) -> None:
     if flow.lines[index].sub:
         await _sub_flow(state, index)
         return
-    fn = state.place.handlers[flow.name][index]
+    fn = state.place.handlers_of(flow)[index]
     if fn is None:
         runtime.emit(state, index)
         runtime.close_line(state)

@@ -151,6 +151,10 @@ class Place(Protocol):
 
     def unavailable_hint(self, machine: str, details: str) -> str: ...
 
+    def handlers_of(self, flow: Flow) -> tuple[Handler | None, ...]:
+        """Each line's handler of ``flow``: the config's version, or one kept from an
+        earlier flow file (mesh/versions.py) for a flow that started on it."""
+
     def new_state(
         self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
     ) -> FlowState: ...
@@ -595,7 +599,7 @@ def advance(
     """
     place = state.place
     me = place.machine
-    handlers = place.handlers[state.flow.name]
+    handlers = place.handlers_of(state.flow)
     controlled = state.flow.controlled
     while True:
         if pending is not None:
@@ -676,7 +680,7 @@ async def advance_async(
     """:func:`advance` on the node's event loop: a peer serving a call, ``start_async``."""
     place = state.place
     me = place.machine
-    handlers = place.handlers[state.flow.name]
+    handlers = place.handlers_of(state.flow)
     controlled = state.flow.controlled
     while True:
         if pending is not None:
@@ -1206,6 +1210,7 @@ async def serve(
     traceparent: str = "",
     started: Callable[[FlowState], None] | None = None,
     journaled: Journaled | None = None,
+    flow: Flow | None = None,
 ) -> bytes:
     """A peer's whole handling of one admitted call: run ``request``'s line, and what
     follows here, until the flow leaves this machine; the serialized reply.
@@ -1215,13 +1220,14 @@ async def serve(
     ``started`` gets the flow's state, for a peer to :func:`stop` it when nobody waits
     any more. ``journaled``: the request is durable; the stay is recorded as accepted
     before it runs and its reply before it is returned (or, with ``resume``, it goes on
-    from its last record). Run it as a task in a fresh ``contextvars.Context``: it makes
-    the flow current there.
+    from its last record). ``flow``: the version of the request the call is for, when it
+    is not the config's (a flow that started on an earlier flow file). Run it as a task in
+    a fresh ``contextvars.Context``: it makes the flow current there.
     """
     index = request.line_index
     state = FlowState(
         place,
-        place.flows.flows[request.request],
+        flow or place.flows.flows[request.request],
         request.flow_id,
         context,
         deadline,
