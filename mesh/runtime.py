@@ -192,6 +192,25 @@ class Place(Protocol):
         """Run ``fn(*args)`` on a worker thread, in ``context``; await its result."""
 
 
+#: mesh/control.py (conditions, fan-out, sub-flows), which imports this module and so
+#: registers itself here when it is imported (mesh.node imports it) rather than being
+#: imported from here: the import graph stays one-way.
+_control: Any = None
+
+
+def use_control(module: Any) -> None:
+    """Called by mesh/control.py as it is imported."""
+    global _control
+    _control = module
+
+
+def controller() -> Any:
+    """mesh/control.py, for a flow whose file has When, Each or @REQUEST rows."""
+    if _control is None:
+        raise MeshError("mesh.control is not imported: import mesh (or mesh.node) first")
+    return _control
+
+
 @dataclass(slots=True, eq=False)
 class FlowState:
     """One flow as this machine sees it, for the length of its stay here."""
@@ -614,7 +633,7 @@ def advance(
                 continue
             return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
-            from mesh import control  # noqa: PLC0415 - it imports this module
+            control = controller()
 
             index = control.skip(state, index)
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
@@ -697,7 +716,7 @@ async def advance_async(
                 continue
             return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
-            from mesh import control  # noqa: PLC0415 - it imports this module
+            control = controller()
 
             index = control.skip(state, index)
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
@@ -755,7 +774,7 @@ async def advance_async(
 
 
 async def _fan_out_from_thread(state: FlowState, index: int, machine: str) -> None:
-    from mesh import control  # noqa: PLC0415 - it imports this module
+    control = controller()
 
     activate(state, index)
     await control.fan_out(state, index, machine)
@@ -1335,7 +1354,7 @@ async def _serve(
     try:
         outcome: Outcome
         if state.flow.controlled and "[" in state.flow_id:
-            from mesh import control  # noqa: PLC0415 - it imports this module
+            control = controller()
 
             if control.element_of(state.flow_id, index) is not None:  # one run of a fan-out
                 outcome = await control.serve_element(state, index)
