@@ -43,8 +43,6 @@ class Gather:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # The ui is not a machine of the mesh: it dials as `mesh flows` and `mesh call` do.
-        self.transport = Transport.of(config, analysis.CALLER)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mesh-ui")
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, Any]] = {}
@@ -96,7 +94,9 @@ class Gather:
                     ("grpc.min_reconnect_backoff_ms", 100),
                     ("grpc.max_reconnect_backoff_ms", 1000),
                 ]
-                channel = self.transport.open_channel(machine, address, options)
+                # As `mesh health` asks: with the machine's own transport (TLS, token).
+                transport = Transport.of(self.config, machine)
+                channel = transport.open_channel(machine, address, options)
                 self._channels[address] = channel
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)

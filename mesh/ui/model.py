@@ -139,6 +139,8 @@ def machine_rows(
         for n, bind in enumerate(binds, 1):
             dial = dialable(bind)
             keys = {f"{machine.name}@{bind}", f"{machine.name}@{dial}"}
+            if not many:
+                keys.add(f"{machine.name}@{machine.address}")
             count = sum(flows_at.get(k, 0) for k in keys)
             if not many:
                 count += flows_at.get(machine.name, 0)
