@@ -9,16 +9,29 @@ tests/test_ui_model.py.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
 from support.chromium import Browser
-from support.meshdir import MeshDir
+from support.cli import mesh_env
+from support.meshdir import MeshDir, as_order_mesh
 from support.peers import Peers
 
+from mesh.config import load_config
+from mesh.journal import open_journal
+
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def order_mesh(mesh_dir: MeshDir) -> MeshDir:
+    """A durable order over client, stock and billing (tests/support/meshdir.py)."""
+    return as_order_mesh(mesh_dir)
 
 
 def fetch(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
@@ -118,3 +131,141 @@ def test_beyond_loopback_every_page_asks_for_the_token(
     assert status == 403 and "not sent from a page of this server" in body
     status, body = fetch(f"{base}/flows/some-flow/cancel", data=b"", headers={"Cookie": session})
     assert status == 403  # no Origin nor Referer at all: refused too
+
+
+# -- durable flows -----------------------------------------------------------------------
+
+CARD = "4242424242424242"
+
+
+def call_order(mesh_dir: MeshDir, item: str, *extra: str) -> subprocess.Popen[str]:
+    """``mesh call order …`` in the background, as a user starts a flow from a shell."""
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mesh", "call", "order", f"item={item}", "customer=ada"),
+            *(f"card={CARD}", *extra, "-c", str(mesh_dir.config)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=mesh_env(),
+        cwd=mesh_dir.root,
+    )
+
+
+def finished(call: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    out, _ = call.communicate(timeout=timeout)
+    return call.returncode, out
+
+
+ROWS = "[...document.querySelectorAll('table.flows tbody tr[data-flow]')]"
+
+
+def test_a_flow_started_with_the_page_open_appears_runs_and_shows_its_lines_masked(
+    order_mesh: MeshDir, peers: Peers, mesh_ui: Any, browser: Browser
+) -> None:
+    """The flows list, open with scripts on, shows a flow within 2 s of its start, running,
+    then done without a reload; its page shows its lines in order on their machines, the
+    path drawn, and the card as *** everywhere."""
+    peers.start(order_mesh, "billing")
+    peers.start(order_mesh, "stock")
+    ui = mesh_ui(order_mesh.config)
+    page = browser.page()
+    page.goto(ui.at("/flows"))
+    page.wait_for("document.querySelector('#live-status').textContent === 'live'")
+    assert page.count("table.flows tbody tr[data-flow]") == 0
+
+    call = call_order(order_mesh, "tea", "slow:=2")
+    try:
+        started = page.wait_for(f"{ROWS}.map(r => r.dataset.started)[0]", timeout=8)
+        seen = time.time()
+        assert seen - float(started) <= 2.0
+        assert page.evaluate(f"{ROWS}[0].dataset.state") in ("running", "waiting")
+        page.wait_for(f"{ROWS}[0].dataset.state === 'done'", timeout=10)
+        code, out = finished(call)
+    finally:
+        call.kill()
+    assert code == 0, out
+    flow_id = page.evaluate(f"{ROWS}[0].dataset.flow")
+    assert flow_id in out
+
+    page.click(f"tr[data-flow='{flow_id}'] a")
+    page.wait_path(f"/flows/{flow_id}")
+    timeline = json.loads(
+        page.evaluate(
+            "JSON.stringify([...document.querySelectorAll('table.timeline tbody tr')]"
+            ".map(r => [r.dataset.line, r.dataset.machine, r.dataset.state]))"
+        )
+    )
+    assert timeline == [
+        ["0", "client", "done"],
+        ["1", "stock", "done"],
+        ["2", "billing", "done"],
+        ["3", "client", "done"],
+    ]
+    assert "Order placed for ada: tea with card ***" in page.text("table.timeline")
+    assert page.count("svg.mesh-diagram g.participant") == 3
+    assert page.text("table.context tr[data-key='card']").endswith("***")
+    assert "r-ada" in page.text("table.result")
+    assert CARD not in page.html()
+    assert page.count("#cancel") == 0
+
+
+def test_a_failing_flow_shows_machine_line_and_error_without_javascript(
+    order_mesh: MeshDir, peers: Peers, mesh_ui: Any, browser: Browser
+) -> None:
+    """With scripts off, the list filtered to failed flows shows it, and its page names the
+    machine, the line and the error, and offers Retry."""
+    peers.start(order_mesh, "billing")
+    peers.start(order_mesh, "stock")
+    code, out = finished(call_order(order_mesh, "broken"))
+    assert code != 0 and "card declined" in out
+    ui = mesh_ui(order_mesh.config)
+
+    page = browser.page(javascript=False)
+    page.goto(ui.at("/flows?state=failed&request=order&age=5m"))
+    assert page.text("#live-status") == "static page"
+    assert page.count("table.flows tbody tr[data-state='failed']") == 1
+    assert "card declined" in page.text("table.flows")
+    page.click("table.flows tbody tr[data-state='failed'] a")
+    page.wait_for("location.pathname.startsWith('/flows/') && document.readyState === 'complete'")
+    failure = page.text("#failure")
+    assert "billing" in failure and "line 2" in failure and "card declined for broken" in failure
+    assert page.count("#retry") == 1
+    assert CARD not in page.html()
+    page.goto(ui.at("/flows?state=done"))
+    assert page.count("table.flows tbody tr[data-flow]") == 0
+
+
+def test_a_waiting_flow_says_where_it_waits_and_cancel_from_the_page_stops_it(
+    order_mesh: MeshDir, peers: Peers, mesh_ui: Any, browser: Browser
+) -> None:
+    """billing is down: the flow waits on stock, and its page says so, naming billing.
+    Cancel on the page stops it: the caller gets its error, the list shows it cancelled,
+    and stock's journal says cancelled."""
+    order_mesh.fix_ports("billing")  # never started: calls to it are refused
+    peers.start(order_mesh, "stock")
+    ui = mesh_ui(order_mesh.config)
+    call = call_order(order_mesh, "tea")
+    try:
+        page = browser.page()
+        page.goto(ui.at("/flows"))
+        page.wait_for(f"{ROWS}.some(r => r.dataset.state === 'waiting')", timeout=10)
+        flow_id = page.evaluate(f"{ROWS}[0].dataset.flow")
+        page.goto(ui.at(f"/flows/{flow_id}"))
+        waits = page.text("#waiting")
+        assert "stock" in waits and "line 2" in waits and "waiting for billing" in waits
+        page.click("#cancel")
+        page.wait_for("document.querySelector('h1 .state').dataset.state === 'cancelled'")
+        code, out = finished(call)
+    finally:
+        call.kill()
+    assert code != 0 and "cancelled" in out
+    page.goto(ui.at("/flows?state=cancelled"))
+    assert page.evaluate(f"{ROWS}.map(r => r.dataset.flow)") == [flow_id]
+    journal = open_journal(load_config(order_mesh.config).journal_url("stock"), create=False)
+    try:
+        assert [s.state for s in journal.stays(flow_id=flow_id)] == ["cancelled"]
+    finally:
+        journal.close()

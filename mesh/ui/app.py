@@ -23,9 +23,8 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from mesh import errors
 from mesh.config import Config
-from mesh.errors import MeshError
+from mesh.errors import FlowNotFound, MeshError
 from mesh.ui import model, pages
 from mesh.ui.access import COOKIE, Access
 from mesh.ui.gather import Gather
@@ -72,8 +71,6 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
         notes: list[str] = []
         try:
             flows_at = await run_in_threadpool(ask.flows_at)
-        except ImportError:
-            flows_at, notes = {}, [_NO_FLOWS]
         except MeshError as exc:
             flows_at, notes = {}, [f"flows could not be counted: {exc}"]
         rows = model.machine_rows(config, health, flows_at)
@@ -97,10 +94,13 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
         summaries: list[model.Summary] = []
         try:
             summaries, unreachable = await run_in_threadpool(ask.flows)
-        except ImportError:
-            unavailable = _NO_FLOWS
         except MeshError as exc:
             unavailable = f"flows could not be listed: {exc}"
+        if not config.durable:
+            unavailable = (
+                "no request of this config is durable, so no flow is journaled: set"
+                " durable = true (or a list of requests) in mesh.toml"
+            )
         rows = model.flow_rows(summaries, config, chosen)
         main = pages.flows_page(
             rows, chosen, requests, unreachable=unreachable, unavailable=unavailable
@@ -111,10 +111,8 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
         flow_id = request.path_params["flow_id"]
         try:
             detail, unreachable = await run_in_threadpool(ask.flow, flow_id)
-        except ImportError:
-            return page(request, "Flow", pages.error_page("No flows", _NO_FLOWS), "/flows", 404)
         except MeshError as exc:
-            code = 404 if _not_found(exc) else 502
+            code = 404 if isinstance(exc, FlowNotFound) else 502
             failed = pages.error_page(f"Flow {flow_id}", str(exc))
             return page(request, "Flow", failed, "/flows", code)
         view = model.flow_view(detail, config)
@@ -127,8 +125,6 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
             call = ask.cancel if name == "cancel" else ask.retry
             try:
                 await run_in_threadpool(call, flow_id)
-            except ImportError:
-                return page(request, "Flow", pages.error_page("No flows", _NO_FLOWS), "/flows", 404)
             except MeshError as exc:
                 return await flow(request, f"{name} failed: {exc}", 409)
             return RedirectResponse(f"/flows/{quote(flow_id)}", status_code=303)
@@ -200,14 +196,6 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
 
     middleware = [Middleware(BaseHTTPMiddleware, dispatch=guard)]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
-
-
-_NO_FLOWS = "this mesh cannot list durable flows: mesh.tools.flows is not installed"
-
-
-def _not_found(exc: MeshError) -> bool:
-    kind = getattr(errors, "FlowNotFound", None)
-    return kind is not None and isinstance(exc, kind)
 
 
 def _html(text: str, status: int = 200) -> HTMLResponse:

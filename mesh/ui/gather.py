@@ -10,7 +10,6 @@ Blocking calls; the web app runs them on worker threads.
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from mesh.config import Config
 from mesh.errors import MeshError
 from mesh.peer import SERVICE_NAME
 from mesh.registry import default_registry, import_services
+from mesh.tools import flows
 from mesh.transport import Transport
 from mesh.ui import model
 
@@ -132,33 +132,28 @@ class Gather:
 
     # -- durable flows -------------------------------------------------------------------
 
-    def _flows_module(self) -> Any:
-        return importlib.import_module("mesh.tools.flows")
-
     def flows(self) -> tuple[list[Any], list[str]]:
         """Every durable flow on every peer, and the peers that did not answer."""
-        return self._fresh("flows", lambda: self._named(self._flows_module().list_flows))
+        return self._fresh("flows", lambda: self._named(flows.list_flows))
 
     def flows_at(self) -> dict[str, int]:
         """Flows running or waiting per ``machine@address``."""
-        found, _ = self._fresh("flows_at", lambda: self._named(self._flows_module().machine_flows))
+        found, _ = self._fresh("flows_at", lambda: self._named(flows.machine_flows))
         return dict(found)
 
     def flow(self, flow_id: str) -> tuple[Any, list[str]]:
         """One flow in full (``FlowNotFound`` when no peer holds it)."""
-        return self._fresh(
-            f"flow:{flow_id}", lambda: self._named(self._flows_module().show_flow, flow_id)
-        )
+        return self._fresh(f"flow:{flow_id}", lambda: self._named(flows.show_flow, flow_id))
 
     def cancel(self, flow_id: str) -> Any:
         try:
-            return self._flows_module().cancel_flow(self.config, flow_id)
+            return flows.cancel_flow(self.config, flow_id)
         finally:
             self.forget()
 
     def retry(self, flow_id: str) -> Any:
         try:
-            return self._flows_module().retry_flow(self.config, flow_id)
+            return flows.retry_flow(self.config, flow_id)
         finally:
             self.forget()
 

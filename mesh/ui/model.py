@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from mesh.addresses import dialable
@@ -345,7 +345,7 @@ class FlowView:
     svg: str  # the sequence diagram of the path taken ("" when nothing ran yet)
     context: Mapping[str, Any]
     result: Mapping[str, Any] | None
-    waits_at: str  # "line 2 (Charging :card) on billing", when it waits
+    waits_at: str  # "stock, before line 2 (Charging :customer, on billing)", when it waits
     can_cancel: bool
     can_retry: bool
     lines: tuple[tuple[int, str, str], ...] = field(default=())  # the flow file's rows
@@ -379,7 +379,7 @@ def timeline(steps: Sequence[StepRecord]) -> tuple[TimelineRow, ...]:
 
 def run_diagram(flow: Flow | None, rows: Sequence[TimelineRow], title: str) -> str:
     """The path the flow took as an SVG sequence diagram (skipped lines left out)."""
-    ran = [r for r in rows if r.state != "skipped"]
+    ran = [r for r in rows if r.state != "skipped" and r.log]
     if flow is None or not ran:
         return ""
     steps = [Step(r.line, r.log, r.machine, r.at, (r.ms or 0.0) / 1000.0) for r in ran]
@@ -391,11 +391,16 @@ def flow_view(detail: Detail, config: Config) -> FlowView:
     """The page of one flow: its diagram, timeline, masked context, where it waits."""
     s = detail.summary
     flow = config.flows.flows.get(s.request)
-    rows = timeline(detail.steps)
+    rows = tuple(
+        replace(r, log=f"({r.state}) {line_text(config, s.request, r.line)}") if not r.log else r
+        for r in timeline(detail.steps)
+    )
     waits_at = ""
     if s.state == "waiting":
-        text = line_text(config, s.request, s.line)
-        waits_at = f"line {s.line}" + (f" ({text})" if text else "") + f" on {s.machine}"
+        waits_at = f"{s.machine}, before line {s.line}"
+        if flow is not None and 0 <= s.line < len(flow.lines):
+            line = flow.lines[s.line]
+            waits_at += f" ({line.text}, on {line.machine})"
     lines = tuple((ln.index, ln.text, ln.machine) for ln in flow.lines) if flow else ()
     return FlowView(
         summary=s,

@@ -229,7 +229,7 @@ def flows_page(
         where = f"{r.machine}, line {r.line}" + (f": {r.line_text}" if r.line_text else "")
         cells.append(
             f'<tr data-flow="{esc(r.flow_id)}" data-state="{esc(r.state)}"'
-            f' data-request="{esc(r.request)}">'
+            f' data-request="{esc(r.request)}" data-started="{r.started:.3f}">'
             f'<td><a href="/flows/{esc(r.flow_id)}"><code>{esc(r.flow_id[:12])}</code></a></td>'
             f"<td>{esc(r.request)}</td><td>{_state(r.state)}</td><td>{esc(where)}</td>"
             f'<td title="{esc(when(r.started))} UTC">{esc(ago(now - r.started))}</td>'
@@ -278,7 +278,7 @@ def flow_page(view: FlowView, *, unreachable: Sequence[str] = (), message: str =
         out.append(_notes("warning", [f"not answering: {', '.join(unreachable)}"]))
     if s.state == "waiting":
         out.append(
-            f'<p class="waiting" id="waiting">Waits at {esc(view.waits_at)}'
+            f'<p class="waiting" id="waiting">Waits on {esc(view.waits_at)}'
             f"{': ' + esc(s.waiting) if s.waiting else ''}</p>\n"
         )
     if s.state == "failed":
