@@ -206,7 +206,7 @@ def test_a_flow_started_with_the_page_open_appears_runs_and_shows_its_lines_mask
     ]
     assert "Order placed for ada: tea with card ***" in page.text("table.timeline")
     assert page.count("svg.mesh-diagram g.participant") == 3
-    assert page.text("table.context tr[data-key='card']").endswith("***")
+    assert page.text("table.result tr[data-key='card']").endswith("***")
     assert "r-ada" in page.text("table.result")
     assert CARD not in page.html()
     assert page.count("#cancel") == 0

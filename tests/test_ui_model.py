@@ -123,7 +123,8 @@ def test_flow_view_folds_records_and_says_where_it_waits(config: Any) -> None:
     )
     view = model.flow_view(detail, config)
     assert [(r.line, r.state) for r in view.timeline] == [(0, "done"), (1, "done")]
-    assert view.timeline[0].ms == pytest.approx(2.0)
+    assert view.timeline[0].ms == pytest.approx(10.0)  # to the next line: no duration given
+    assert not view.timeline[0].own_time
     assert view.waits_at == "server, before line 2 (Testing password for :username, on server)"
     assert view.can_cancel and not view.can_retry
     assert 'data-line="1"' in view.svg

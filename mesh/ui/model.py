@@ -322,7 +322,7 @@ def ago(seconds: float) -> str:
     return f"{seconds / 86400:.0f} d ago"
 
 
-# -- one flow ----------------------------------------------------------------------------
+# -- one flow ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,9 +331,10 @@ class TimelineRow:
     machine: str
     log: str  # rendered, secrets masked
     state: str
-    at: float
-    ms: float | None  # from the line's first record to its last, when it has several
+    at: float  # when the line began, by its machine's clock
+    ms: float | None  # its own time; else the time to the next line, the hop included
     error: str | None
+    own_time: bool = True  # False: ``ms`` is the time to the next line's record
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,39 +347,51 @@ class FlowView:
     context: Mapping[str, Any]
     result: Mapping[str, Any] | None
     waits_at: str  # "stock, before line 2 (Charging :customer, on billing)", when it waits
+    failed_at: tuple[str, int] | None  # the machine and line that failed
     can_cancel: bool
     can_retry: bool
     lines: tuple[tuple[int, str, str], ...] = field(default=())  # the flow file's rows
 
 
+def _seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
 def timeline(steps: Sequence[StepRecord]) -> tuple[TimelineRow, ...]:
-    """One row per line as it ran, in order: a line's records (accepted, then done or
-    failed) folded into one, its time the span between them."""
+    """One row per line as it ran, in order (two records of one line, as when it was
+    accepted and then finished, folded into one).
+
+    A record that carries its ``duration`` gives the line's own time; else a line's time
+    is the time to the next line's record, the hop included, as ``mesh logs`` shows it.
+    """
     rows: list[TimelineRow] = []
-    first_at: list[float] = []
     for step in steps:
+        own = _seconds(getattr(step, "duration", None))
+        ms = own * 1000.0 if own is not None else None
         last = rows[-1] if rows else None
         if last is not None and last.line == step.line and last.machine == step.machine:
-            start = first_at[-1]
             rows[-1] = TimelineRow(
                 step.line,
                 step.machine,
                 step.log or last.log,
                 step.state,
-                start,
-                (step.at - start) * 1000.0,
+                last.at,
+                ms if ms is not None else last.ms,
                 step.error or last.error,
             )
             continue
         rows.append(
-            TimelineRow(step.line, step.machine, step.log, step.state, step.at, None, step.error)
+            TimelineRow(step.line, step.machine, step.log, step.state, step.at, ms, step.error)
         )
-        first_at.append(step.at)
+    for i, row in enumerate(rows[:-1]):
+        if row.ms is None:
+            rows[i] = replace(row, ms=max(rows[i + 1].at - row.at, 0.0) * 1000.0, own_time=False)
     return tuple(rows)
 
 
 def run_diagram(flow: Flow | None, rows: Sequence[TimelineRow], title: str) -> str:
-    """The path the flow took as an SVG sequence diagram (skipped lines left out)."""
+    """The path the flow took as an SVG sequence diagram: the lines that ran (not the one
+    it waits to start, nor skipped ones), each with its time, the slowest marked."""
     ran = [r for r in rows if r.state != "skipped" and r.log]
     if flow is None or not ran:
         return ""
@@ -391,9 +404,12 @@ def flow_view(detail: Detail, config: Config) -> FlowView:
     """The page of one flow: its diagram, timeline, masked context, where it waits."""
     s = detail.summary
     flow = config.flows.flows.get(s.request)
+    ran = timeline(detail.steps)
+    svg = run_diagram(flow, ran, s.flow_id)
+    # The line a flow waits to start has no log yet: the flow file's text stands in.
     rows = tuple(
         replace(r, log=f"({r.state}) {line_text(config, s.request, r.line)}") if not r.log else r
-        for r in timeline(detail.steps)
+        for r in ran
     )
     waits_at = ""
     if s.state == "waiting":
@@ -401,14 +417,19 @@ def flow_view(detail: Detail, config: Config) -> FlowView:
         if flow is not None and 0 <= s.line < len(flow.lines):
             line = flow.lines[s.line]
             waits_at += f" ({line.text}, on {line.machine})"
+    failed_at = None
+    if s.state == "failed":
+        failed = [r for r in rows if r.state == "failed"]
+        failed_at = (failed[-1].machine, failed[-1].line) if failed else (s.machine, s.line)
     lines = tuple((ln.index, ln.text, ln.machine) for ln in flow.lines) if flow else ()
     return FlowView(
         summary=s,
         timeline=rows,
-        svg=run_diagram(flow, rows, s.flow_id),
+        svg=svg,
         context=dict(detail.context),
         result=dict(detail.result) if detail.result is not None else None,
         waits_at=waits_at,
+        failed_at=failed_at,
         can_cancel=s.state in ACTIVE,
         can_retry=s.state in RETRYABLE,
         lines=lines,

@@ -226,7 +226,9 @@ def flows_page(
         out.append(_notes("warning", [f"not answering: {', '.join(unreachable)}"]))
     cells = []
     for r in rows:
-        where = f"{r.machine}, line {r.line}" + (f": {r.line_text}" if r.line_text else "")
+        where = r.machine
+        if r.state in ("running", "waiting", "cancelled"):
+            where += f", line {r.line}" + (f": {r.line_text}" if r.line_text else "")
         cells.append(
             f'<tr data-flow="{esc(r.flow_id)}" data-state="{esc(r.state)}"'
             f' data-request="{esc(r.request)}" data-started="{r.started:.3f}">'
@@ -264,13 +266,20 @@ def _context(title: str, context: Mapping[str, Any], cls: str) -> str:
     return f"<h2>{esc(title)}</h2>\n" + _table(("key", "value"), rows, cls)
 
 
+def _where(view: FlowView) -> str:
+    s = view.summary
+    if view.can_cancel:
+        return f"now on <b>{esc(s.machine)}</b>, line {s.line}"
+    return f"ended on <b>{esc(s.machine)}</b>"
+
+
 def flow_page(view: FlowView, *, unreachable: Sequence[str] = (), message: str = "") -> str:
     s = view.summary
     out = [
         f'<h1 data-flow="{esc(s.flow_id)}">{esc(s.request)} '
         f"<code>{esc(s.flow_id)}</code> {_state(s.state)}</h1>\n",
         f'<p class="meta">started {esc(when(s.started))} UTC · last record'
-        f" {esc(when(s.updated))} UTC · now on <b>{esc(s.machine)}</b>, line {s.line}</p>\n",
+        f" {esc(when(s.updated))} UTC · {_where(view)}</p>\n",
     ]
     if message:
         out.append(f'<p class="error">{esc(message)}</p>\n')
@@ -281,9 +290,10 @@ def flow_page(view: FlowView, *, unreachable: Sequence[str] = (), message: str =
             f'<p class="waiting" id="waiting">Waits on {esc(view.waits_at)}'
             f"{': ' + esc(s.waiting) if s.waiting else ''}</p>\n"
         )
-    if s.state == "failed":
+    if view.failed_at is not None:
+        machine, line = view.failed_at
         out.append(
-            f'<p class="failure" id="failure">Failed on <b>{esc(s.machine)}</b> at line {s.line}'
+            f'<p class="failure" id="failure">Failed on <b>{esc(machine)}</b> at line {line}'
             f"{': ' + esc(s.error) if s.error else ''}</p>\n"
         )
     actions = []
@@ -305,6 +315,7 @@ def flow_page(view: FlowView, *, unreachable: Sequence[str] = (), message: str =
     start = view.timeline[0].at if view.timeline else 0.0
     for r in view.timeline:
         ms = f"{r.ms:.2f}" if r.ms is not None else ""
+        ms = ms if r.own_time else f'<span title="to the next line, the hop included">{ms}</span>'
         rows.append(
             f'<tr data-line="{r.line}" data-machine="{esc(r.machine)}"'
             f' data-state="{esc(r.state)}"><td class="num">{r.line}</td>'
@@ -316,7 +327,8 @@ def flow_page(view: FlowView, *, unreachable: Sequence[str] = (), message: str =
         rows.append('<tr class="empty"><td colspan="7">no line has run yet</td></tr>')
     out.append("<h2>Timeline</h2>\n")
     out.append(_table(("#", "line", "machine", "state", "at", "ms", "error"), rows, "timeline"))
-    out.append(_context("Context", view.context, "context"))
+    if view.result is None or dict(view.result) != dict(view.context):
+        out.append(_context("Context", view.context, "context"))
     if view.result is not None:
         out.append(_context("Result", view.result, "result"))
     if view.lines:
