@@ -239,11 +239,14 @@ def test_a_failing_flow_shows_machine_line_and_error_without_javascript(
 
 
 def test_a_waiting_flow_says_where_it_waits_and_cancel_from_the_page_stops_it(
-    order_mesh: MeshDir, peers: Peers, mesh_ui: Any, browser: Browser
+    mesh_dir: MeshDir, peers: Peers, mesh_ui: Any, browser: Browser
 ) -> None:
     """billing is down: the flow waits on stock, and its page says so, naming billing.
-    Cancel on the page stops it: the caller gets its error, the list shows it cancelled,
-    and stock's journal says cancelled."""
+    The mesh has a token: on loopback the page reads without it, but Cancel asks for it;
+    logged in, Cancel stops the flow: the caller gets its error, the list shows it
+    cancelled, and stock's journal says cancelled."""
+    token = "order-token-0123456789"
+    order_mesh = as_order_mesh(mesh_dir, token=token)
     order_mesh.fix_ports("billing")  # never started: calls to it are refused
     peers.start(order_mesh, "stock")
     ui = mesh_ui(order_mesh.config)
@@ -257,6 +260,12 @@ def test_a_waiting_flow_says_where_it_waits_and_cancel_from_the_page_stops_it(
         waits = page.text("#waiting")
         assert "stock" in waits and "line 2" in waits and "waiting for billing" in waits
         page.click("#cancel")
+        page.wait_path("/login")
+        page.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(token)}")
+        page.click("form.login button")
+        page.wait_path(f"/flows/{flow_id}")
+        assert page.evaluate("document.querySelector('h1 .state').dataset.state") == "waiting"
+        page.click("#cancel")
         page.wait_for("document.querySelector('h1 .state').dataset.state === 'cancelled'")
         code, out = finished(call)
     finally:
@@ -264,6 +273,7 @@ def test_a_waiting_flow_says_where_it_waits_and_cancel_from_the_page_stops_it(
     assert code != 0 and "cancelled" in out
     page.goto(ui.at("/flows?state=cancelled"))
     assert page.evaluate(f"{ROWS}.map(r => r.dataset.flow)") == [flow_id]
+    assert token not in page.html()
     journal = open_journal(load_config(order_mesh.config).journal_url("stock"), create=False)
     try:
         assert [s.state for s in journal.stays(flow_id=flow_id)] == ["cancelled"]

@@ -115,12 +115,15 @@ class Access:
             return True
         return self.authenticated(headers, cookies)
 
+    def same_origin(self, headers: Mapping[str, str]) -> bool:
+        return same_origin(headers)
+
     def post_refusal(
         self, path: str, headers: Mapping[str, str], cookies: Mapping[str, str]
     ) -> str | None:
         """Why a POST to ``path`` is refused, or None when it may go ahead."""
         scripted = self.bearer(headers)
-        if not scripted and not same_origin(headers):
+        if not scripted and not self.same_origin(headers):
             return (
                 "this form was not sent from a page of this server (its Origin or Referer"
                 " does not name this host)"

@@ -62,7 +62,12 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
             return _html(pages.main_only(main), status)
         logged_in = access.session(request.cookies)
         whole = pages.layout(
-            title, main, active=active, config_name=str(config.path), logged_in=logged_in
+            title,
+            main,
+            active=active,
+            config_name=str(config.path),
+            logged_in=logged_in,
+            can_log_in=access.token is not None,
         )
         return _html(whole, status)
 
@@ -175,8 +180,10 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
         if request.method == "POST":
             refusal = access.post_refusal(path, headers, request.cookies)
             if refusal is not None:
-                if not access.may_read(path, headers, request.cookies):
-                    return _to_login(request)
+                if access.same_origin(headers) and not access.authenticated(
+                    headers, request.cookies
+                ):
+                    return _to_login(request, back=_flow_page(path))
                 return _html(_bare("Refused", pages.error_page("Refused", refusal), config), 403)
         elif not access.may_read(path, headers, request.cookies):
             if request.headers.get("x-mesh-partial") == "1" or "authorization" in headers:
@@ -209,9 +216,16 @@ def _bare(title: str, main: str, config: Config) -> str:
     return pages.layout(title, main, active="", config_name=str(config.path), live=False)
 
 
-def _to_login(request: Request) -> Response:
+def _to_login(request: Request, back: str | None = None) -> Response:
+    """To the login form, which comes back to this page (or ``back``) once logged in."""
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+    return RedirectResponse(f"/login?next={quote(back or target, safe='')}", status_code=303)
+
+
+def _flow_page(path: str) -> str:
+    """``/flows/ID`` for a POST to ``/flows/ID/cancel`` or ``…/retry``: where to come back."""
+    head, _, action = path.rpartition("/")
+    return head if action in ("cancel", "retry") and head.startswith("/flows/") else "/"
 
 
 def _local(target: str) -> str:

@@ -65,7 +65,11 @@ class Gather:
             return value
         value = make()
         with self._lock:
-            self._cache[key] = (time.monotonic(), value)
+            now = time.monotonic()
+            self._cache[key] = (now, value)
+            # Pages of flows long closed: forget their answers.
+            for stale in [k for k, (at, _) in self._cache.items() if now - at > 60 * FRESH]:
+                del self._cache[stale]
         return value
 
     def forget(self) -> None:

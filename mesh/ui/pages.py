@@ -64,6 +64,7 @@ def layout(
     active: str,
     config_name: str,
     logged_in: bool = False,
+    can_log_in: bool = False,
     live: bool = True,
 ) -> str:
     """A whole page: header, navigation and ``main`` (the part that updates live)."""
@@ -75,6 +76,8 @@ def layout(
         '<form method="post" action="/logout" class="logout">'
         '<button type="submit">Log out</button></form>'
         if logged_in
+        else '<a class="login" href="/login">Log in</a>'
+        if can_log_in
         else ""
     )
     status = (

@@ -242,10 +242,15 @@ def charge(ctx):
 """
 
 
-def as_order_mesh(mesh_dir: MeshDir) -> MeshDir:
-    """Write the durable order flow, its service and a config into ``mesh_dir``: start
-    ``billing`` before ``stock``, which calls it."""
+def as_order_mesh(mesh_dir: MeshDir, token: str | None = None) -> MeshDir:
+    """Write the durable order flow, its service and a config into ``mesh_dir`` (with
+    ``token`` in a token_file when given): start ``billing`` before ``stock``, which
+    calls it."""
     mesh_dir.flow(ORDER_FLOW)
     mesh_dir.service(ORDER_SERVICE)
-    mesh_dir.write_config({"client": False, "stock": True, "billing": True}, extra="durable = true")
+    extra = "durable = true"
+    if token is not None:
+        (mesh_dir.root / "token").write_text(token + "\n", encoding="utf-8")
+        extra += '\ntoken_file = "token"'
+    mesh_dir.write_config({"client": False, "stock": True, "billing": True}, extra=extra)
     return mesh_dir
