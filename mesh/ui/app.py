@@ -59,7 +59,7 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
 
     def page(request: Request, title: str, main: str, active: str, status: int = 200) -> Response:
         if request.headers.get("x-mesh-partial") == "1":
-            return _html(pages.main_only(main), status)
+            return _html(main, status)  # a live update: the main part alone
         logged_in = access.session(request.cookies)
         whole = pages.layout(
             title,

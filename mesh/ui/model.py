@@ -226,15 +226,6 @@ class FlowFilter:
     max_age: float | None = None
     problems: tuple[str, ...] = ()
 
-    def query(self) -> str:
-        """The query string that asks for this filter again."""
-        parts = [(k, v) for k, v in (("state", self.state), ("request", self.request)) if v]
-        if self.age:
-            parts.append(("age", self.age))
-        from urllib.parse import urlencode  # noqa: PLC0415 - rarely needed
-
-        return urlencode(parts)
-
 
 def parse_filter(query: Mapping[str, str], requests: Collection[str]) -> FlowFilter:
     """``?state=failed&request=login&age=5m``: an unknown value is named and left out."""

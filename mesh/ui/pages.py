@@ -4,7 +4,7 @@ Pure: view values from :mod:`mesh.ui.model` in, markup out. Every value that cam
 a config, a flow file or a peer is escaped here, once, by :func:`esc`; the diagrams are
 :mod:`mesh.tools.diagram`'s SVG, which escapes its own text. A page is a layout around
 its ``<main id="live">``; with JavaScript on, ``static/mesh-ui.js`` fetches the same
-address again every second asking for the main part alone (:func:`main_only`) and puts
+address again every second asking for the main part alone (``X-Mesh-Partial: 1``) and puts
 it in place, so a page updates live and still means the same without a script.
 """
 
@@ -100,11 +100,6 @@ def layout(
         f'<main id="live" data-live="{"1" if live else "0"}">\n{main}</main>\n'
         "</body>\n</html>\n"
     )
-
-
-def main_only(main: str) -> str:
-    """What a live update fetches: the main part alone."""
-    return main
 
 
 def _notes(kind: str, notes: Iterable[str]) -> str:
