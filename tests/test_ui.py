@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from support.chromium import Browser
-from support.cli import mesh_env
+from support.cli import mesh_env, run_mesh
 from support.meshdir import MeshDir, as_order_mesh
 from support.peers import Peers
 
@@ -274,6 +274,8 @@ def test_a_waiting_flow_says_where_it_waits_and_cancel_from_the_page_stops_it(
     page.goto(ui.at("/flows?state=cancelled"))
     assert page.evaluate(f"{ROWS}.map(r => r.dataset.flow)") == [flow_id]
     assert token not in page.html()
+    shown = run_mesh("flows", "show", flow_id, "-c", order_mesh.config, cwd=order_mesh.root)
+    assert shown.returncode == 0 and "cancelled" in shown.stdout, shown.stderr
     journal = open_journal(load_config(order_mesh.config).journal_url("stock"), create=False)
     try:
         assert [s.state for s in journal.stays(flow_id=flow_id)] == ["cancelled"]
