@@ -256,6 +256,11 @@ def test_a_waiting_flow_says_where_it_waits_and_cancel_from_the_page_stops_it(
         page.goto(ui.at("/flows"))
         page.wait_for(f"{ROWS}.some(r => r.dataset.state === 'waiting')", timeout=10)
         flow_id = page.evaluate(f"{ROWS}[0].dataset.flow")
+        page.goto(ui.at("/"))  # Machines: the flow is held on stock; billing does not answer
+        machine = "document.querySelector(\"tr[data-machine='{}']\")"
+        assert page.evaluate(machine.format("billing") + ".dataset.health") == "unreachable"
+        assert page.evaluate(machine.format("stock") + ".dataset.health") == "SERVING"
+        assert page.text("tr[data-machine='stock'] td.num") == "1"
         page.goto(ui.at(f"/flows/{flow_id}"))
         waits = page.text("#waiting")
         assert "stock" in waits and "line 2" in waits and "waiting for billing" in waits

@@ -211,3 +211,12 @@ def test_static_assets_ship_in_the_package() -> None:
     assert {p.name for p in static.iterdir()} >= {"mesh-ui.css", "mesh-ui.js"}
     for asset in static.iterdir():
         assert "http://" not in asset.read_text() and "https://" not in asset.read_text()
+
+
+def test_the_ui_extra_is_starlette_and_uvicorn_and_the_tests_have_it() -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert {d.split(">")[0] for d in extras["ui"]} == {"starlette", "uvicorn"}
+    assert any(d.startswith("structlog-mesh[") and "ui" in d for d in extras["dev"])
