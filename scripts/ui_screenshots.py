@@ -5,7 +5,8 @@ places an order, ``stock`` reserves the item, ``billing`` charges the card), eac
 on a port of its own; runs two flows that finish, one that fails, and one that waits
 because billing was stopped; serves ``mesh ui`` and opens it in headless Chromium
 (tests/support/chromium.py); writes docs/images/ui-flows.png (the flows list),
-ui-flow.png (a finished flow's page) and ui-waiting.png (the waiting one's). Then it
+ui-flow.png (a finished flow's page), ui-waiting.png (the waiting one's) and
+ui-machines.png (the Machines page, billing down). Then it
 cancels the waiting flow and stops everything it started, by process id.
 """
 
@@ -117,13 +118,15 @@ def main() -> int:
             )
             page.screenshot(IMAGES / "ui-flows.png")
             held = page.evaluate("document.querySelector('tr[data-state=waiting]').dataset.flow")
+            page.goto(f"{url}/")
+            page.screenshot(IMAGES / "ui-machines.png")
             page.goto(f"{url}/flows/{held}")
             page.wait_for("document.querySelector('#waiting') !== null")
             page.screenshot(IMAGES / "ui-waiting.png")
             page.click("#cancel")
             page.wait_for("document.querySelector('h1 .state').dataset.state === 'cancelled'")
             waiting.communicate(timeout=30)
-            for name in ("ui-flows.png", "ui-flow.png", "ui-waiting.png"):
+            for name in ("ui-flows.png", "ui-flow.png", "ui-waiting.png", "ui-machines.png"):
                 print(f"wrote {(IMAGES / name).relative_to(ROOT)}")
         finally:
             if browser is not None:
