@@ -216,7 +216,7 @@ def test_a_failing_flow_shows_machine_line_and_error_without_javascript(
     order_mesh: MeshDir, peers: Peers, mesh_ui: Any, browser: Browser
 ) -> None:
     """With scripts off, the list filtered to failed flows shows it, and its page names the
-    machine, the line and the error, and offers Retry."""
+    machine, the line and the error; its Retry button runs it again."""
     peers.start(order_mesh, "billing")
     peers.start(order_mesh, "stock")
     code, out = finished(call_order(order_mesh, "broken"))
@@ -234,6 +234,14 @@ def test_a_failing_flow_shows_machine_line_and_error_without_javascript(
     assert "billing" in failure and "line 2" in failure and "card declined for broken" in failure
     assert page.count("#retry") == 1
     assert CARD not in page.html()
+    flow_path = page.evaluate("location.pathname")
+    before = page.text("p.meta")  # its start and last record
+    page.click("#retry")  # a POST form: no script needed
+    page.wait_for(
+        f"location.pathname === {json.dumps(flow_path)} && document.readyState === 'complete'"
+        f" && document.querySelector('p.meta').innerText !== {json.dumps(before)}"
+    )
+    assert page.count("main p.error") == 0  # retried: the flow has a record since
     page.goto(ui.at("/flows?state=done"))
     assert page.count("table.flows tbody tr[data-flow]") == 0
 
