@@ -79,6 +79,8 @@ def test_machines_and_flow_file_read_without_javascript_and_health_updates_live(
         ["5", "client", "no"],
     ]
     assert "test_password" in still.text(f"{login} tr[data-line='2']")
+    still.goto(ui.at("/flows"))  # login is not durable: nothing is journaled, and it says why
+    assert "durable = true" in still.text("main p.error")
 
     live = browser.page()
     live.goto(ui.at("/"))

@@ -97,15 +97,16 @@ def make_app(config: Config, access: Access, gather: Gather | None = None) -> St
         unavailable = ""
         unreachable: list[str] = []
         summaries: list[model.Summary] = []
-        try:
-            summaries, unreachable = await run_in_threadpool(ask.flows)
-        except MeshError as exc:
-            unavailable = f"flows could not be listed: {exc}"
         if not config.durable:
             unavailable = (
                 "no request of this config is durable, so no flow is journaled: set"
                 " durable = true (or a list of requests) in mesh.toml"
             )
+        else:
+            try:
+                summaries, unreachable = await run_in_threadpool(ask.flows)
+            except MeshError as exc:
+                unavailable = f"flows could not be listed: {exc}"
         rows = model.flow_rows(summaries, config, chosen)
         main = pages.flows_page(
             rows, chosen, requests, unreachable=unreachable, unavailable=unavailable
