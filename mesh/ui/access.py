@@ -51,8 +51,8 @@ class Access:
 
     token: Token | None
     loopback: bool
-    _sessions: set[str] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _sessions: set[str] = field(default_factory=set, init=False, repr=False)  # credentials
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def login_required(self) -> bool:
