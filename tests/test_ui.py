@@ -23,7 +23,7 @@ from support.meshdir import MeshDir, as_order_mesh
 from support.peers import Peers
 
 from mesh.config import load_config
-from mesh.journal import open_journal
+from mesh.journals import open_journal
 
 pytestmark = pytest.mark.timeout(120)
 
