@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -139,7 +140,7 @@ async def _once(state: runtime.FlowState, index: int) -> None:
     if flow.lines[index].sub:
         await _sub_flow(state, index)
         return
-    fn = state.place.handlers[flow.name][index]
+    fn = state.place.handlers_of(flow)[index]
     if fn is None:
         runtime.emit(state, index)
         runtime.close_line(state)
@@ -430,3 +431,6 @@ async def serve_element(state: runtime.FlowState, index: int) -> runtime._Finish
     await _once(state, index)
     state.context = _changes(before, state.context)
     return runtime.FINISHED
+
+
+runtime.use_control(sys.modules[__name__])

@@ -42,11 +42,13 @@ from mesh.config import Config
 from mesh.dedup import Forgotten, Replayed, Replies, _Done, _Running
 from mesh.durable import Waits, answer_flows, deadline_left, payload_of, steer
 from mesh.errors import MeshError
+from mesh.flowfile import Flow
 from mesh.guard import Admitted, Guard, Refusal
 from mesh.journal import Journal
 from mesh.links import LINK_METHOD
 from mesh.transport import LIMIT_KEY, Transport
 from mesh.v1 import mesh_pb2 as _pb2
+from mesh.versions import VersionStore
 from mesh.wire import load_context
 
 _log = structlog.get_logger("mesh")
@@ -94,6 +96,12 @@ class Node(runtime.Place, Protocol):
     @property
     def waits(self) -> Waits:
         """Why durable flows wait here for another machine."""
+
+    def keep_versions(self) -> VersionStore:
+        """Keep the config's flow files beside the journal (with earlier ones)."""
+
+    def flow_version(self, request: str, digest: str) -> Flow | None:
+        """A version of a request: the config's or a kept one."""
 
     def recover_origins(self) -> list[str]:
         """Go on with durable flows a dead process of this machine started."""
@@ -279,6 +287,7 @@ class Peer:
             traceparent=traceparent,
             started=serving.began,
             journaled=journaled,
+            flow=admitted.flow,
         )
         # A fresh context per call: nothing of one flow may leak into another.
         serving.task = asyncio.get_running_loop().create_task(
@@ -340,7 +349,10 @@ class Peer:
         """Claim one orphaned stay and serve it from its last record; None when it is not
         this peer's to resume (another process claimed it first, or it runs here)."""
         node = self._node
-        if stay.origin or stay.request not in node.flows.flows or stay.payload is None:
+        if stay.origin or stay.payload is None:
+            return None
+        flow = node.flow_version(stay.request, stay.digest)
+        if flow is None:
             return None
         key = (stay.flow_id, stay.line)
         if key in self.serving or not journal.claim(stay.flow_id, stay.line):
@@ -360,6 +372,7 @@ class Peer:
             deadline,
             started=serving.began,
             journaled=journaled,
+            flow=flow,
         )
         serving.task = asyncio.get_running_loop().create_task(
             self._serve(serving, coro), context=contextvars.Context()
@@ -838,6 +851,8 @@ class Server:
         if not port:
             raise MeshError(f"{node.machine} cannot listen on {self.listen}: address in use")
         if node.config.durable:
+            # Flows that started on an earlier flow file finish on it here (a rolling deploy).
+            self.peer.guard.versions = node.keep_versions()
             # Before serving: a resend of a stay it had accepted finds it running again.
             self.peer.recover()
             node.recover_origins()

@@ -29,7 +29,12 @@ from pathlib import Path
 from mesh.errors import MeshError
 from mesh.flowfile import Flow, FlowSet, parse_flows
 
-__all__ = ["Change", "VersionStore", "compare"]
+__all__ = ["VERSION_MISMATCH", "Change", "VersionStore", "compare"]
+
+#: What a peer's refusal of a version it does not hold says (mesh/guard.py): a durable
+#: caller waits and sends the call again, as a rolling deploy has yet to reach that peer
+#: (mesh/links.py); any other caller fails.
+VERSION_MISMATCH = "runs a different version of flow"
 
 
 @dataclass(frozen=True, slots=True)

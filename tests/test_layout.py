@@ -34,6 +34,9 @@ PURE = (
     "mesh.config",
     "mesh.token",
     "mesh.tls",
+    "mesh.ui.model",
+    "mesh.ui.pages",
+    "mesh.ui.access",
 )
 
 
