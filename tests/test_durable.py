@@ -224,11 +224,14 @@ def test_originator_killed_result_fetched(
     assert flow_id in listed.stdout, listed.stdout + listed.stderr
 
 
+@pytest.mark.parametrize(
+    "down", [8.0, pytest.param(30.0, marks=pytest.mark.slow)], ids=["8s", "30s"]
+)
 def test_machine_down_for_long_flows_wait_then_finish(
-    mesh_dir: MeshDir, peers: Peers, connect: Any
+    mesh_dir: MeshDir, peers: Peers, connect: Any, down: float
 ) -> None:
-    """c is down for 8 s, longer than a plain flow's retries (a few seconds): durable flows
-    wait for it, `mesh flows` says why, and they finish once it is back."""
+    """c is down for 8 s (30 s, slow), longer than a plain flow's retries (a few seconds):
+    durable flows wait for it, `mesh flows` says why, and they finish once it is back."""
     order_mesh(mesh_dir)
     chain = start_chain(peers, mesh_dir)
     chain["c"].kill()
@@ -245,7 +248,7 @@ def test_machine_down_for_long_flows_wait_then_finish(
     found = wait_for(lambda: len(waiting()) == 3 and waiting(), 20, "3 waiting flows")
     assert all("waiting for c (" in (f.waiting or "") for f in found), found
     assert all(f.machine in ("b", "c") for f in found), found
-    time.sleep(6)
+    time.sleep(down - 2)
     assert all(thread.is_alive() for thread, _ in runs)
     restart(peers, mesh_dir, chain["c"])
     ids = []
