@@ -99,6 +99,15 @@ class Stay:
     started: float
     updated: float
 
+    def last_context(self) -> bytes:
+        """The context last recorded: a record of a call in flight keeps it only in the
+        call's bytes (not twice)."""
+        if not self.context and self.call:
+            from mesh.v1 import mesh_pb2  # noqa: PLC0415 - only for a stay waiting on a call
+
+            return mesh_pb2.ContinueRequest.FromString(self.call).context  # type: ignore[no-any-return]
+        return self.context
+
 
 @dataclass(frozen=True, slots=True)
 class StepRow:
@@ -479,7 +488,8 @@ class SqliteJournal:
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
     ) -> concurrent.futures.Future[int]:
-        """Record how a stay ended: its reply (or the flow's result, where it started)."""
+        """Record how a stay ended: its reply (or the flow's result, where it started). Its
+        last call stays recorded: ``mesh flows retry`` resends those very bytes."""
         return self._submit(
             self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
         )
@@ -503,7 +513,7 @@ class SqliteJournal:
         return [
             (
                 "UPDATE mesh_stays SET state = ?, outcome = ?, error = ?,"
-                " context = COALESCE(?, context), call = NULL, updated = ?,"
+                " context = COALESCE(?, context), updated = ?,"
                 " steps = steps || ? WHERE flow_id = ? AND line = ?",
                 (state, outcome, error, context, time.time(), lines, flow_id, line),
             )

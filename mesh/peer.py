@@ -368,7 +368,7 @@ class Peer:
         coro = runtime.serve(
             node,
             request,
-            load_context(stay.context),
+            load_context(stay.last_context()),
             deadline,
             started=serving.began,
             journaled=journaled,

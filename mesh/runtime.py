@@ -756,7 +756,7 @@ async def advance_async(
                     state.flow_id,
                     state.stay,
                     index,
-                    dump_context(state.context),
+                    b"",  # the call's bytes hold the context (Stay.last_context)
                     payload,
                     machine,
                     _unrecorded(state),
@@ -844,7 +844,7 @@ def _record_call(
         state.flow_id,
         state.stay,
         index,
-        dump_context(state.context),
+        b"",  # the call's bytes hold the context (Stay.last_context)
         payload,
         machine,
         _unrecorded(state),
