@@ -254,6 +254,9 @@ class FlowState:
     recorded: int = 0
     tx: Any = None
     tx_done: bool = False
+    # A handler ran here since the last journal record: the stay's end must then be
+    # recorded before its reply leaves (else the end is implied by the last record).
+    ran_handler: bool = False
     origin: bool = False
     wall_deadline: float = 0.0
     _bound: int = -1  # the line_index bound in the log context
@@ -441,6 +444,7 @@ def _begin_handler(state: FlowState, index: int) -> None:
     emit(state, index)
     state.in_handler = True
     state.nexted = False
+    state.ran_handler = True
 
 
 def _end_handler(state: FlowState, fn: Handler) -> None:
@@ -524,6 +528,7 @@ def _unrecorded(state: FlowState) -> list[LocalStep]:
     steps = state.steps
     new = [s for s in steps[state.recorded :] if type(s) is tuple]
     state.recorded = len(steps)
+    state.ran_handler = False
     return new
 
 
@@ -1135,7 +1140,8 @@ def originate(state: FlowState) -> FlowResult:
     finally:
         finish(state)
     if state.journal is not None:
-        _finish_origin(state, None).result()
+        implied = _implied(state)
+        _settled(implied, _finish_origin(state, None))
     return _result(state)
 
 
@@ -1154,7 +1160,8 @@ async def originate_async(state: FlowState) -> FlowResult:
     finally:
         finish(state)
     if state.journal is not None:
-        await _finish_origin(state, None, on_loop=True)
+        implied = _implied(state)
+        await _settled_async(implied, _finish_origin(state, None, on_loop=True))
     return _result(state)
 
 
@@ -1170,7 +1177,37 @@ async def resume_origin(state: FlowState, position: int, pending: tuple[str, byt
         return
     finally:
         finish(state)
-    await _finish_origin(state, None, on_loop=True)
+    implied = _implied(state)
+    await _settled_async(implied, _finish_origin(state, None, on_loop=True))
+
+
+def _implied(state: FlowState) -> bool:
+    """Whether the stay's successful end follows from its records already: no handler ran
+    since the last one, so a recovery from it (pass-through lines, the same call resent
+    and answered from the journal below) ends the same way, running nothing twice. Its
+    end record then goes with the next commit instead of being waited for."""
+    return not state.ran_handler
+
+
+def _settled(implied: bool, record: concurrent.futures.Future[int]) -> None:
+    """Wait for the end record of a flow, unless it is ``implied`` (:func:`_implied`)."""
+    if not implied:
+        record.result()
+    else:
+        record.add_done_callback(_log_failed_record)
+
+
+async def _settled_async(implied: bool, record: asyncio.Future[int]) -> None:
+    """:func:`_settled` on the event loop."""
+    if not implied:
+        await record
+    else:
+        record.add_done_callback(_log_failed_record)
+
+
+def _log_failed_record(record: Any) -> None:
+    if not record.cancelled() and record.exception() is not None:
+        _log.warning("mesh.journal_write_failed", error=str(record.exception()))
 
 
 def _accept_origin(state: FlowState, *, on_loop: bool = False) -> Any:
@@ -1313,7 +1350,11 @@ async def serve(
         failure = error_to_failure(exc, machine=state.machine, line_index=index)
         return _pb2.ContinueReply(failed=failure).SerializeToString()  # type: ignore[no-any-return]
     reply, error = await _serve(state, position, pending)
-    await _finish_stay(state, reply, error)
+    if error is None:
+        implied = _implied(state)
+        await _settled_async(implied, _finish_stay(state, reply, error))
+    else:
+        await _finish_stay(state, reply, error)
     return reply
 
 
