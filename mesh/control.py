@@ -430,3 +430,17 @@ async def serve_element(state: runtime.FlowState, index: int) -> runtime._Finish
     await _once(state, index)
     state.context = _changes(before, state.context)
     return runtime.FINISHED
+
+
+class _Hooks:
+    """This module as the runtime's :class:`~mesh.runtime.Control`."""
+
+    skip = staticmethod(skip)
+    run_row = staticmethod(run_row)
+    run_row_from_thread = staticmethod(run_row_from_thread)
+    fan_out = staticmethod(fan_out)
+    element_of = staticmethod(element_of)
+    serve_element = staticmethod(serve_element)
+
+
+runtime.install_control(_Hooks())

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from mesh import control as _control  # noqa: F401 - installs the runtime's control flow
 from mesh import deadlines, tracing
 from mesh import processors as _processors
 from mesh.config import Config, find_config, load_config

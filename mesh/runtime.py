@@ -611,8 +611,7 @@ def advance(
                 continue
             return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
-            from mesh import control  # noqa: PLC0415 - it imports this module
-
+            control = _control()
             index = control.skip(state, index)
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
             if line is not None and (line.sub or line.each is not None):
@@ -694,8 +693,7 @@ async def advance_async(
                 continue
             return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
-            from mesh import control  # noqa: PLC0415 - it imports this module
-
+            control = _control()
             index = control.skip(state, index)
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
             if line is not None and (line.sub or line.each is not None):
@@ -752,10 +750,43 @@ async def advance_async(
 
 
 async def _fan_out_from_thread(state: FlowState, index: int, machine: str) -> None:
-    from mesh import control  # noqa: PLC0415 - it imports this module
-
     activate(state, index)
-    await control.fan_out(state, index, machine)
+    await _control().fan_out(state, index, machine)
+
+
+class Control(Protocol):
+    """The control flow of flow files (conditions, fan-out, sub-flows): mesh/control.py,
+    which installs itself with :func:`install_control` when imported (mesh.node imports
+    it). A protocol and a hook, not an import: that module builds on this one."""
+
+    def skip(self, state: FlowState, index: int) -> int: ...
+
+    async def run_row(self, state: FlowState, index: int) -> None: ...
+
+    async def run_row_from_thread(self, state: FlowState, index: int) -> None: ...
+
+    async def fan_out(self, state: FlowState, index: int, machine: str | None) -> None: ...
+
+    def element_of(self, flow_id: str, index: int) -> int | None: ...
+
+    async def serve_element(self, state: FlowState, index: int) -> _Finished: ...
+
+
+_controls: list[Control] = []
+
+
+def install_control(control: Control) -> None:
+    """Called by mesh/control.py when it is imported."""
+    _controls[:] = [control]
+
+
+def _control() -> Control:
+    if not _controls:
+        raise MeshError(
+            "a flow file with When, Each or @REQUEST needs mesh.control imported"
+            " (mesh.connect and mesh peer import it)"
+        )
+    return _controls[0]
 
 
 # -- the journal of a durable flow (mesh/journal.py) ------------------------------------
@@ -1330,8 +1361,7 @@ async def _serve(
     try:
         outcome: Outcome
         if state.flow.controlled and "[" in state.flow_id:
-            from mesh import control  # noqa: PLC0415 - it imports this module
-
+            control = _control()
             if control.element_of(state.flow_id, index) is not None:  # one run of a fan-out
                 outcome = await control.serve_element(state, index)
             else:
