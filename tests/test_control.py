@@ -311,6 +311,8 @@ def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: P
         "--json",
         "--log-file",
         web_log,
+        "--diagram",
+        tmp_path / "run.mmd",
         "-c",
         started["config"],
     )
@@ -327,3 +329,8 @@ def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: P
     for k in range(3):
         assert f"checkout  flow {flow_id}/1[{k}]  1 of 1 lines  ok" in out
     assert "problem:" not in out
+    # The path taken: three runs of line 1, the receipt's two lines, the skipped row absent.
+    drawn = (tmp_path / "run.mmd").read_text(encoding="utf-8")
+    assert sum("1. [" in row and "Reserving" in row for row in drawn.splitlines()) == 3
+    assert "0. receipt: Rendering receipt for ada" in drawn
+    assert "Payment declined" not in drawn
