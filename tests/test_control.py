@@ -334,3 +334,27 @@ def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: P
     assert sum("1. [" in row and "Reserving" in row for row in drawn.splitlines()) == 3
     assert "0. receipt: Rendering receipt for ada" in drawn
     assert "Payment declined" not in drawn
+
+
+def test_a_durable_flow_runs_every_construct(mesh_dir: MeshDir, peers: Peers, connect) -> None:
+    """With durable = true (a journal on every machine) conditions, fan-out and sub-flows
+    still run as they do without it."""
+    mesh_dir.flow(SHOP_FLOW)
+    mesh_dir.service(SHOP_SERVICE)
+    mesh_dir.write_config(
+        {"web": False, "inventory": 2, "payments": True, "mailer": True, "counter": True},
+        extra="durable = true\ntimeout = 60",
+    )
+    for k in (1, 2):
+        peers.start(mesh_dir, "inventory", replica=k)
+    for machine in ("mailer", "payments", "counter"):
+        peers.start(mesh_dir, machine)
+    node = connect(mesh_dir.config, "web")
+    result = node.start(
+        "checkout", user="ada", email="ada@x", card=GOOD_CARD, total=2, items=cart(4), timeout=60
+    )
+    assert [r["reserved"] for r in result.context["items_results"]] == [
+        f"sku-{i}" for i in range(4)
+    ]
+    assert result.context["receipt_to"] == "ada@x"
+    assert node.start("count", n=0, timeout=60).context["n"] == 5
