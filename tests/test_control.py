@@ -318,6 +318,10 @@ def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: P
     )
     assert called.returncode == 0, called.stderr
     flow_id = json.loads(called.stdout)["flow_id"]
+    steps = json.loads(called.stdout)["steps"]
+    assert sorted(s["element"] for s in steps if "element" in s) == [0, 1, 2]
+    assert [s["index"] for s in steps if s.get("request") == "receipt"] == [0, 1]
+    assert [s["index"] for s in steps if s.get("skipped")] == [4]
     logs = [web_log, *(p.log_path for p in started["inventory"]), started["mailer"].log_path]
     logs.append(started["payments"].log_path)
     done = run_mesh("logs", *logs, "--flow", flow_id, "-c", started["config"])
