@@ -362,3 +362,46 @@ def test_a_durable_flow_runs_every_construct(mesh_dir: MeshDir, peers: Peers, co
     ]
     assert result.context["receipt_to"] == "ada@x"
     assert node.start("count", n=0, timeout=60).context["n"] == 5
+
+
+# -- replies checked against every path: a hostile peer forges them -----------------------
+
+BRANCH_FLOW = (
+    "Request\tLog\tMachine\tWhen\n"
+    "relay\tStarting :n\tclient\n"
+    "relay\tEvil step for :n\tevil\n"
+    "relay\tMaybe back with :n\tclient\tback\n"
+    "relay\tServer step for :n\tserver\n"
+    "relay\tFinished :n\tclient\n"
+)
+
+
+@pytest.fixture
+def branch(mesh_dir: MeshDir, tmp_path: Path, peers: Peers, connect) -> Any:
+    from support.hostile import Hostile
+
+    evil = Hostile(tmp_path / "hostile.log")
+    try:
+        mesh_dir.flow(BRANCH_FLOW)
+        mesh_dir.write_config({"client": False, "evil": evil.address, "server": True})
+        peers.start(mesh_dir, "server")
+        yield connect(mesh_dir.config, "client")
+    finally:
+        evil.stop()
+
+
+def test_a_reply_may_come_back_where_some_path_allows(branch) -> None:
+    """With line 2 conditional, evil may hand the flow back at 2; a hand-back to line 0, or
+    a "done" while client's line 4 must still run, fails the flow naming evil."""
+    honest = {"outcome": "hand_off", "machine": "client", "line_index": 2, "steps": [1]}
+    result = branch.start("relay", n=1, back=True, forge=honest, timeout=10)
+    assert [s.index for s in result.steps] == [0, 1, 2, 3, 4]
+    for forged, words in [
+        ({"outcome": "hand_off", "machine": "client", "line_index": 0, "steps": [1]}, "line 0"),
+        ({"outcome": "done", "steps": [1]}, "done"),
+        ({"outcome": "hand_off", "machine": "client", "line_index": 4, "steps": [1]}, "steps"),
+    ]:
+        with pytest.raises(mesh.PeerRefused) as info:
+            branch.start("relay", n=1, back=True, forge=forged, timeout=10)
+        assert info.value.machine == "evil"
+        assert words in str(info.value)
