@@ -37,6 +37,10 @@ SHOP_FLOW = (
     "count\t@count\tcounter\tn < 5\n"
     "forever\tGoing round with :n\tcounter\n"
     "forever\t@forever\tcounter\tgo\n"
+    "mailing\tMailing :n people\tweb\n"
+    "mailing\t@note\tmailer\t\tpeople\n"
+    "note\tNoting :item\tmailer\n"
+    "note\tNoted\tcounter\n"
 )
 
 SHOP_SERVICE = """
@@ -79,6 +83,11 @@ def count(ctx):
     log.info("next", n=ctx["n"] + 1)
 
 
+@mesh.handler("note", "Noted")
+def noted(ctx):
+    log.info("next", noted=ctx["item"], at=ctx["index"])
+
+
 @mesh.handler("forever", "Going round with :n")
 def round_(ctx):
     log.info("next", n=ctx["n"] + 1)
@@ -98,7 +107,7 @@ def shop(mesh_dir: MeshDir, peers: Peers, connect) -> tuple[mesh.Node, dict[str,
     started: dict[str, Any] = {"inventory": []}
     for k in (1, 2, 3):
         started["inventory"].append(peers.start(mesh_dir, "inventory", replica=k))
-    for machine in ("mailer", "payments", "counter"):
+    for machine in ("counter", "mailer", "payments"):
         started[machine] = peers.start(mesh_dir, machine)
     started["config"] = mesh_dir.config
     return connect(mesh_dir.config, "web"), started
@@ -351,7 +360,7 @@ def test_a_durable_flow_runs_every_construct(mesh_dir: MeshDir, peers: Peers, co
     )
     for k in (1, 2):
         peers.start(mesh_dir, "inventory", replica=k)
-    for machine in ("mailer", "payments", "counter"):
+    for machine in ("counter", "mailer", "payments"):
         peers.start(mesh_dir, machine)
     node = connect(mesh_dir.config, "web")
     result = node.start(
@@ -405,3 +414,14 @@ def test_a_reply_may_come_back_where_some_path_allows(branch) -> None:
             branch.start("relay", n=1, back=True, forge=forged, timeout=10)
         assert info.value.machine == "evil"
         assert words in str(info.value)
+
+
+def test_a_sub_flow_per_element_on_another_machine(shop) -> None:
+    """An Each row that is a sub-flow row of another machine: web calls mailer once per
+    element, and mailer runs the note request for it (its line on counter too)."""
+    node, _ = shop
+    people = ["ada", "bob", "cy", "dee"]
+    result = node.start("mailing", n=4, people=people, timeout=30)
+    assert result.context["people_results"] == [{"noted": p, "at": i} for i, p in enumerate(people)]
+    noted = [(s.element, s.machine) for s in result.steps if s.request == "note" and s.index == 1]
+    assert sorted(noted) == [(i, "counter") for i in range(4)]
