@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest protos protos-check bench docs clean
+.PHONY: demo test test-fast lint typecheck pytest protos protos-check bench docs ui-screenshots clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# Debian packages the tests use (chromium: the browser tests; postgresql: the shared journal). The script installs the
-# missing ones when it can; a test whose package is still missing is skipped, naming it.
+# Debian packages the tests use (chromium: the browser tests, mesh ui's and the HTML diagram's;
+# postgresql: the shared journal). The script installs the missing ones when it can; a test
+# whose package is still missing is skipped, naming it.
 TEST_DEBS := chromium postgresql
 
 pytest: $(STAMP)
@@ -63,6 +64,12 @@ bench: $(BENCH_STAMP)
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails it.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The screenshots of mesh ui in docs/ui.md (docs/images/ui-*.png), taken of a real mesh
+# in headless Chromium by scripts/ui_screenshots.py; run it after changing the pages.
+ui-screenshots: $(STAMP)
+	scripts/ensure-debian-packages.sh chromium
+	$(PY) scripts/ui_screenshots.py
 
 clean:
 	rm -rf $(VENV) .mesh-data .pytest_cache .mypy_cache .ruff_cache site

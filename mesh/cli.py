@@ -131,6 +131,17 @@ def make_argument_parser() -> argparse.ArgumentParser:
     )
     _add_tool_commands(add)
 
+    ui = add(
+        "ui",
+        f"serve a live page of the mesh: machines, flow file, flows (needs {install_hint('ui')})",
+    )
+    ui.add_argument(
+        "--listen",
+        default="127.0.0.1:8765",
+        metavar="HOST:PORT",
+        help="where to serve (default 127.0.0.1:8765); beyond loopback it asks for the token",
+    )
+
     init = sub.add_parser(
         "init",
         help="write a small working project (a flow, mesh.toml, handlers) to start from",
@@ -167,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "call": _call,
         "certs": _certs,
         "init": _init,
+        "ui": _ui,
         **_TOOL_COMMANDS,
     }[args.command]
     try:
@@ -498,6 +510,15 @@ def _call(args: argparse.Namespace) -> int:
     rows += [(_shown_index(s), _shown_line(s), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
     _table(rows, "  ", header=tty)
     return 0
+
+
+# -- ui --------------------------------------------------------------------
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from mesh.ui.server import serve  # noqa: PLC0415 - checks for the ui extra itself
+
+    return serve(find_config(args.config), args.listen)
 
 
 # -- init ------------------------------------------------------------------

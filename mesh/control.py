@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -139,7 +140,7 @@ async def _once(state: runtime.FlowState, index: int) -> None:
     if flow.lines[index].sub:
         await _sub_flow(state, index)
         return
-    fn = state.place.handlers[flow.name][index]
+    fn = state.place.handlers_of(flow)[index]
     if fn is None:
         runtime.emit(state, index)
         runtime.close_line(state)
@@ -432,15 +433,4 @@ async def serve_element(state: runtime.FlowState, index: int) -> runtime._Finish
     return runtime.FINISHED
 
 
-class _Hooks:
-    """This module as the runtime's :class:`~mesh.runtime.Control`."""
-
-    skip = staticmethod(skip)
-    run_row = staticmethod(run_row)
-    run_row_from_thread = staticmethod(run_row_from_thread)
-    fan_out = staticmethod(fan_out)
-    element_of = staticmethod(element_of)
-    serve_element = staticmethod(serve_element)
-
-
-runtime.install_control(_Hooks())
+runtime.use_control(sys.modules[__name__])

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from mesh import runtime
 from mesh.errors import MeshError
 from mesh.flowfile import FlowSet
-from mesh.journal import CANCELLED, RUNNING, Journal, Stay, open_journal
+from mesh.journal import CANCELLED, RUNNING, Journal, Stay
+from mesh.journals import open_journal
 from mesh.masking import masked
 from mesh.v1 import mesh_pb2 as _pb2
 
@@ -225,7 +226,10 @@ def steer_local(config: Config, machine: str, action: str, flow_id: str) -> int:
     ``mesh.connect``, recovers them). How many stays changed."""
     try:
         journal = open_journal(
-            config.journal_url(machine), synchronous=config.journal.synchronous, create=False
+            config.journal_url(machine),
+            synchronous=config.journal.synchronous,
+            create=False,
+            machine=machine,
         )
     except MeshError:
         return 0

@@ -55,6 +55,7 @@ from mesh.flowfile import Flow, FlowSet
 from mesh.routing import predecessors
 from mesh.token import Token
 from mesh.v1 import mesh_pb2 as _pb2
+from mesh.versions import VERSION_MISMATCH, VersionStore
 from mesh.wire import load_context, step_error
 
 __all__ = ["CONTINUE", "Admitted", "Guard", "Refusal", "fingerprint"]
@@ -94,6 +95,8 @@ class Admitted:
     request: _pb2.ContinueRequest
     context: dict[str, Any]
     fingerprint: bytes
+    #: The version of the request the call is for, when it is not the config's.
+    flow: Flow | None = None
 
 
 class Guard:
@@ -113,6 +116,9 @@ class Guard:
         self._flows = flows
         self._token = token
         self.limit = max_message_bytes
+        #: Earlier versions of the flow files this machine served (durable meshes keep
+        #: them beside the journal): a call for one of them is served on it.
+        self.versions: VersionStore | None = None
 
     # -- once per unary call or link -------------------------------------------------
 
@@ -217,6 +223,11 @@ class Guard:
             )
         request = self._decode(raw)
         flow = self._flows.flows.get(request.request)
+        older = None
+        if flow is not None and request.digest != flow.digest and self.versions is not None:
+            older = self.versions.flow(request.request, request.digest)
+            if older is not None:
+                flow = older  # a flow that started on an earlier flow file finishes on it
         index = request.line_index
         flow_id = request.flow_id
         via = request.via
@@ -247,7 +258,7 @@ class Guard:
             theirs = f"has {_cut(request.digest)}" if request.digest else "has none"
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{me} runs a different version of flow {flow.name} than {_name(caller)}:"
+                f"{me} {VERSION_MISMATCH} {flow.name} than {_name(caller)}:"
                 f" {me} has digest {flow.digest}, the call {theirs} (mesh check prints a"
                 " flow's digest)",
             )
@@ -267,7 +278,7 @@ class Guard:
             context = load_context(request.context)
         except ValueError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{me}: bad context: {exc}") from None
-        return Admitted(request, context, fingerprint(raw, certified))
+        return Admitted(request, context, fingerprint(raw, certified), older)
 
     def _decode(self, raw: bytes | memoryview) -> _pb2.ContinueRequest:
         try:

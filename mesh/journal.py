@@ -45,7 +45,6 @@ __all__ = [
     "SqliteJournal",
     "Stay",
     "StepRow",
-    "open_journal",
 ]
 
 #: The schema this code writes; a file with a higher one is refused (a newer mesh wrote it).
@@ -129,6 +128,11 @@ class Journal(Protocol):
     """What the runtime and the inspection tools need of a journal."""
 
     where: str
+    #: Who this process is in the journal's ``owner`` column (a stay it accepted is its).
+    owner: int
+    #: Whether other processes, maybe on other hosts, use this journal while it runs: then
+    #: a peer looks for orphans as it serves, not only when it starts.
+    shared: bool
 
     def accept(self, stay: Stay) -> concurrent.futures.Future[None]: ...
 
@@ -194,14 +198,6 @@ class Journal(Protocol):
     def close(self) -> None: ...
 
 
-def open_journal(url: str, *, synchronous: str = "full", create: bool = True) -> Journal:
-    """The journal at ``url`` (``sqlite:///ABSOLUTE/PATH``); JournalError when it cannot be
-    used. ``create``: make the file (and its folder) when missing."""
-    if url.startswith("sqlite:///"):
-        return SqliteJournal(Path(url[len("sqlite:///") :]), synchronous=synchronous, create=create)
-    raise JournalError(f"{url}: only sqlite:/// journals are supported by this mesh for now")
-
-
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this host (the owner of a stay in a local file)."""
     if pid <= 0:
@@ -227,6 +223,8 @@ class SqliteJournal:
     def __init__(self, path: Path, *, synchronous: str = "full", create: bool = True) -> None:
         self.path = path
         self.where = str(path)
+        self.owner = os.getpid()
+        self.shared = False
         self.synchronous = "FULL" if synchronous == "full" else "NORMAL"
         if not path.exists():
             if not create:
@@ -543,12 +541,12 @@ class SqliteJournal:
                 "SELECT owner, state FROM mesh_stays WHERE flow_id = ? AND line = ?",
                 (flow_id, line),
             ).fetchone()
-            if row is None or row[1] != RUNNING or (row[0] != os.getpid() and _alive(row[0])):
+            if row is None or row[1] != RUNNING or (row[0] != self.owner and _alive(row[0])):
                 conn.execute("ROLLBACK")
                 return False
             conn.execute(
                 "UPDATE mesh_stays SET owner = ? WHERE flow_id = ? AND line = ?",
-                (os.getpid(), flow_id, line),
+                (self.owner, flow_id, line),
             )
             conn.execute("COMMIT")
         except BaseException:

@@ -43,6 +43,7 @@ import grpc
 
 from mesh import frames
 from mesh.deadlines import ADOPT_WINDOW
+from mesh.versions import VERSION_MISMATCH
 
 __all__ = ["ADOPT_WINDOW", "LINK_METHOD", "Answer", "Links"]
 
@@ -68,6 +69,7 @@ OK: Final = grpc.StatusCode.OK
 UNAVAILABLE: Final = grpc.StatusCode.UNAVAILABLE
 DEADLINE: Final = grpc.StatusCode.DEADLINE_EXCEEDED
 BUSY: Final = grpc.StatusCode.RESOURCE_EXHAUSTED
+FAILED_PRECONDITION: Final = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Answer(NamedTuple):
@@ -434,7 +436,10 @@ class Links:
         pause = BACKOFF[0]
         while True:
             answer = await self._call(machine, payload, deadline, traceparent, patient=True)
-            if answer.code is not UNAVAILABLE or self.closed:
+            if self.closed or not (
+                answer.code is UNAVAILABLE
+                or (answer.code is FAILED_PRECONDITION and VERSION_MISMATCH in answer.message)
+            ):
                 return answer
             left = deadline - time.monotonic()
             if left <= pause:

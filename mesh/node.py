@@ -24,18 +24,20 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
-from mesh import control as _control  # noqa: F401 - installs the runtime's control flow
+from mesh import control as _control  # noqa: F401 - registers itself with the runtime
 from mesh import deadlines, tracing
 from mesh import processors as _processors
 from mesh.config import Config, find_config, load_config
 from mesh.durable import Waits, deadline_left
 from mesh.errors import ConfigError, FlowError, FlowNotFound, FlowTimeout, MeshError
 from mesh.flowfile import Flow, FlowSet
-from mesh.journal import Journal, Stay, open_journal
+from mesh.journal import Journal, Stay
+from mesh.journals import open_journal
 from mesh.links import Answer, Links
 from mesh.logconfig import chain_problem, configure_logging
 from mesh.peer import Abandoned, Server
@@ -51,6 +53,7 @@ from mesh.runtime import (
 )
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
+from mesh.versions import VersionStore
 from mesh.wire import as_steps, check_values, failure_to_error, load_context
 from mesh.workers import LoopThread, Workers
 
@@ -78,6 +81,10 @@ class Node:
         self.config = config
         self.machine = machine
         self.flows: FlowSet = config.flows
+        self._registry = registry or default_registry
+        #: Earlier flow files this machine served (kept when it journals: keep_versions).
+        self.versions: VersionStore | None = None
+        self._kept_handlers: dict[str, tuple[Handler | None, ...]] = {}
         self.handlers: dict[str, tuple[Handler | None, ...]] = (registry or default_registry).table(
             config.flows
         )
@@ -202,8 +209,40 @@ class Node:
                     journal = self._journal = open_journal(
                         self.config.journal_url(self.machine),
                         synchronous=self.config.journal.synchronous,
+                        machine=self.machine,
                     )
         return journal
+
+    def keep_versions(self) -> VersionStore:
+        """Keep this config's flow files beside the journal, with the earlier ones this
+        machine served, so flows that started on an earlier file finish on it here."""
+        url = self.config.journal_url(self.machine)
+        folder = (
+            Path(url[len("sqlite:///") :]).parent
+            if url.startswith("sqlite:///")
+            else self.config.root / ".mesh-data"
+        )
+        store = VersionStore(folder / f"{self.machine}.versions")
+        store.remember(self.flows.paths)
+        self.versions = store
+        return store
+
+    def flow_version(self, request: str, digest: str) -> Flow | None:
+        """Version ``digest`` of ``request``: the config's, or a kept one; None if neither."""
+        flow = self.flows.flows.get(request)
+        if flow is not None and flow.digest == digest:
+            return flow
+        return self.versions.flow(request, digest) if self.versions is not None else None
+
+    def handlers_of(self, flow: Flow) -> tuple[Handler | None, ...]:
+        if self.flows.flows.get(flow.name) is flow:
+            return self.handlers[flow.name]
+        known = self._kept_handlers.get(flow.digest)
+        if known is None:
+            # A kept version: the same code's handlers, by each line's text.
+            table = self._registry.table(FlowSet({flow.name: flow}, ()))
+            known = self._kept_handlers[flow.digest] = table[flow.name]
+        return known
 
     def journal_for(self, request: str) -> Journal | None:
         """The journal for a flow of ``request`` here, None when it is not durable."""
@@ -222,7 +261,7 @@ class Node:
         for stay in journal.orphans():
             if not stay.origin or stay.flow_id in self._recovering:
                 continue
-            if stay.request not in self.flows.flows:
+            if self.flow_version(stay.request, stay.digest) is None:
                 continue
             if not journal.claim(stay.flow_id, stay.line):
                 continue
@@ -232,7 +271,8 @@ class Node:
         return resumed
 
     async def _resume_origin(self, stay: Stay) -> None:
-        flow = self.flows.flows[stay.request]
+        flow = self.flow_version(stay.request, stay.digest)
+        assert flow is not None  # recover_origins checked
         left = deadline_left(stay)
         state = FlowState(
             self, flow, stay.flow_id, load_context(stay.context), time.monotonic() + left, ()

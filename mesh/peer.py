@@ -42,11 +42,13 @@ from mesh.config import Config
 from mesh.dedup import Forgotten, Replayed, Replies, _Done, _Running
 from mesh.durable import Waits, answer_flows, deadline_left, payload_of, steer
 from mesh.errors import MeshError
+from mesh.flowfile import Flow
 from mesh.guard import Admitted, Guard, Refusal
 from mesh.journal import Journal
 from mesh.links import LINK_METHOD
 from mesh.transport import LIMIT_KEY, Transport
 from mesh.v1 import mesh_pb2 as _pb2
+from mesh.versions import VersionStore
 from mesh.wire import load_context
 
 _log = structlog.get_logger("mesh")
@@ -94,6 +96,12 @@ class Node(runtime.Place, Protocol):
     @property
     def waits(self) -> Waits:
         """Why durable flows wait here for another machine."""
+
+    def keep_versions(self) -> VersionStore:
+        """Keep the config's flow files beside the journal (with earlier ones)."""
+
+    def flow_version(self, request: str, digest: str) -> Flow | None:
+        """A version of a request: the config's or a kept one."""
 
     def recover_origins(self) -> list[str]:
         """Go on with durable flows a dead process of this machine started."""
@@ -207,6 +215,7 @@ class Peer:
         self._max_calls = config.max_calls
         self._durable = config.durable
         self._pruner: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- the door, for both kinds of call ---------------------------------------------
 
@@ -228,6 +237,9 @@ class Peer:
             recorded = self._journaled_reply(journal, admitted)
             if recorded is not None:
                 return recorded
+            resumed = self.serving.get(key)
+            if resumed is not None:  # a dead replica's stay, resumed here just now
+                return resumed
         if known is not None:
             _log.info(
                 "mesh.step_repeated",
@@ -268,6 +280,7 @@ class Peer:
             traceparent=traceparent,
             started=serving.began,
             journaled=journaled,
+            flow=admitted.flow,
         )
         # A fresh context per call: nothing of one flow may leak into another.
         serving.task = asyncio.get_running_loop().create_task(
@@ -281,8 +294,21 @@ class Peer:
         other call naming it is refused as the record would."""
         request = admitted.request
         stay = journal.stay(request.flow_id, request.line_index)
-        if stay is None or stay.state == "running":
-            return None  # running: recovered at start (in self.serving), or not ours
+        if stay is None:
+            return None
+        if stay.state == "running":
+            # Not in this process's record: another process of this machine accepted it.
+            # Dead (its lease lapsed): resume it here and answer this resend with it. Alive
+            # or not yet known dead: refuse for now; the durable caller sends it again.
+            if stay.fingerprint != admitted.fingerprint:
+                raise _repeat_refusal(self._node.machine, request, Replayed(request.flow_id))
+            if self._resume(journal, stay) is not None:
+                return None  # serving now: begin() joins it
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{self._node.machine}: {request.request} line {request.line_index} of flow"
+                f" {request.flow_id} is running in another process of this machine",
+            )
         if stay.fingerprint != admitted.fingerprint:
             raise _repeat_refusal(self._node.machine, request, Replayed(request.flow_id))
         _log.info(
@@ -307,51 +333,73 @@ class Peer:
             return 0
         journal = node.journal
         count = 0
-        loop = asyncio.get_running_loop()
-        steps_by_stay: dict[tuple[str, int], list[Any]] = {}
         for stay in journal.orphans():
-            if stay.origin or stay.request not in node.flows.flows or stay.payload is None:
-                continue
-            if not journal.claim(stay.flow_id, stay.line):
-                continue
-            request = payload_of(stay)
-            key = (stay.flow_id, stay.line)
-            if key in self.serving:
-                continue
-            steps_by_stay[key] = [
-                (r.line, r.log, r.machine, r.at, r.duration)
-                for r in journal.steps(stay.flow_id)
-                if r.stay == stay.line and r.state == "done"
-            ]
-            running = self.replies.start(stay.flow_id, stay.line, stay.fingerprint or b"")
-            serving = self.serving[key] = _Serving(key, request, running)
-            serving.durable = True
-            left = deadline_left(stay)
-            deadline = deadlines.local_deadline(time.monotonic(), max(left, 0.0))
-            journaled = runtime.Journaled(
-                journal, stay.fingerprint or b"", stay.payload, stay, steps_by_stay[key]
-            )
-            coro = runtime.serve(
-                node,
-                request,
-                load_context(stay.context),
-                deadline,
-                started=serving.began,
-                journaled=journaled,
-            )
-            serving.task = loop.create_task(
-                self._serve(serving, coro), context=contextvars.Context()
-            )
-            count += 1
-            _log.info(
-                "mesh.flow_recovered",
-                flow_id=stay.flow_id,
-                request=stay.request,
-                line_index=stay.position,
-                machine=node.machine,
-                resend=stay.call_machine or "",
-            )
+            if self._resume(journal, stay) is not None:
+                count += 1
         return count
+
+    def _resume(self, journal: Any, stay: Any) -> _Serving | None:
+        """Claim one orphaned stay and serve it from its last record; None when it is not
+        this peer's to resume (another process claimed it first, or it runs here)."""
+        node = self._node
+        if stay.origin or stay.payload is None:
+            return None
+        flow = node.flow_version(stay.request, stay.digest)
+        if flow is None:
+            return None
+        key = (stay.flow_id, stay.line)
+        if key in self.serving or not journal.claim(stay.flow_id, stay.line):
+            return None
+        request = payload_of(stay)
+        steps = [
+            (r.line, r.log, r.machine, r.at, r.duration)
+            for r in journal.steps(stay.flow_id)
+            if r.stay == stay.line and r.state == "done"
+        ]
+        running = self.replies.start(stay.flow_id, stay.line, stay.fingerprint or b"")
+        serving = self.serving[key] = _Serving(key, request, running)
+        serving.durable = True
+        left = deadline_left(stay)
+        deadline = deadlines.local_deadline(time.monotonic(), max(left, 0.0))
+        journaled = runtime.Journaled(journal, stay.fingerprint or b"", stay.payload, stay, steps)
+        coro = runtime.serve(
+            node,
+            request,
+            load_context(stay.context),
+            deadline,
+            started=serving.began,
+            journaled=journaled,
+            flow=flow,
+        )
+        serving.task = asyncio.get_running_loop().create_task(
+            self._serve(serving, coro), context=contextvars.Context()
+        )
+        _log.info(
+            "mesh.flow_recovered",
+            flow_id=stay.flow_id,
+            request=stay.request,
+            line_index=stay.position,
+            machine=node.machine,
+            resend=stay.call_machine or "",
+        )
+        return serving
+
+    def watch_orphans(self) -> None:
+        """For a journal other processes share while this one runs (replicas on other hosts,
+        one Postgres journal): take over, every second or so, what a replica that died
+        accepted, once its lease has lapsed; not only at start."""
+        node = self._node
+
+        async def every_second() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    self.recover()
+                    node.recover_origins()
+                except MeshError as exc:
+                    _log.warning("mesh.recover_failed", error=str(exc), machine=node.machine)
+
+        self._watcher = asyncio.get_running_loop().create_task(every_second())
 
     def prune_soon(self) -> None:
         """Forget finished durable flows older than ``[journal] keep``, now and every hour,
@@ -800,10 +848,14 @@ class Server:
         if not port:
             raise MeshError(f"{node.machine} cannot listen on {self.listen}: address in use")
         if node.config.durable:
+            # Flows that started on an earlier flow file finish on it here (a rolling deploy).
+            self.peer.guard.versions = node.keep_versions()
             # Before serving: a resend of a stay it had accepted finds it running again.
             self.peer.recover()
             node.recover_origins()
             self.peer.prune_soon()
+            if node.journal.shared:
+                self.peer.watch_orphans()
         await self._server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -29,7 +29,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import inspect
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -152,6 +151,10 @@ class Place(Protocol):
 
     def unavailable_hint(self, machine: str, details: str) -> str: ...
 
+    def handlers_of(self, flow: Flow) -> tuple[Handler | None, ...]:
+        """Each line's handler of ``flow``: the config's version, or one kept from an
+        earlier flow file (mesh/versions.py) for a flow that started on it."""
+
     def new_state(
         self, flow: Flow, context: Mapping[str, Any], timeout: float | None = None
     ) -> FlowState: ...
@@ -187,6 +190,25 @@ class Place(Protocol):
         self, context: contextvars.Context, fn: Callable[..., T], *args: Any
     ) -> Awaitable[T]:
         """Run ``fn(*args)`` on a worker thread, in ``context``; await its result."""
+
+
+#: mesh/control.py (conditions, fan-out, sub-flows), which imports this module and so
+#: registers itself here when it is imported (mesh.node imports it) rather than being
+#: imported from here: the import graph stays one-way.
+_control: Any = None
+
+
+def use_control(module: Any) -> None:
+    """Called by mesh/control.py as it is imported."""
+    global _control
+    _control = module
+
+
+def controller() -> Any:
+    """mesh/control.py, for a flow whose file has When, Each or @REQUEST rows."""
+    if _control is None:
+        raise MeshError("mesh.control is not imported: import mesh (or mesh.node) first")
+    return _control
 
 
 @dataclass(slots=True, eq=False)
@@ -596,7 +618,7 @@ def advance(
     """
     place = state.place
     me = place.machine
-    handlers = place.handlers[state.flow.name]
+    handlers = place.handlers_of(state.flow)
     controlled = state.flow.controlled
     while True:
         if pending is not None:
@@ -611,7 +633,8 @@ def advance(
                 continue
             return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
-            control = _control()
+            control = controller()
+
             index = control.skip(state, index)
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
             if line is not None and (line.sub or line.each is not None):
@@ -680,7 +703,7 @@ async def advance_async(
     """:func:`advance` on the node's event loop: a peer serving a call, ``start_async``."""
     place = state.place
     me = place.machine
-    handlers = place.handlers[state.flow.name]
+    handlers = place.handlers_of(state.flow)
     controlled = state.flow.controlled
     while True:
         if pending is not None:
@@ -697,7 +720,8 @@ async def advance_async(
                 continue
             return back
         if controlled:  # conditions, fan-out, sub-flows: mesh/control.py
-            control = _control()
+            control = controller()
+
             index = control.skip(state, index)
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
             if line is not None and (line.sub or line.each is not None):
@@ -758,43 +782,10 @@ async def advance_async(
 
 
 async def _fan_out_from_thread(state: FlowState, index: int, machine: str) -> None:
+    control = controller()
+
     activate(state, index)
-    await _control().fan_out(state, index, machine)
-
-
-class Control(Protocol):
-    """The control flow of flow files (conditions, fan-out, sub-flows): mesh/control.py,
-    which installs itself with :func:`install_control` when imported (mesh.node imports
-    it). A protocol and a hook, not an import: that module builds on this one."""
-
-    def skip(self, state: FlowState, index: int) -> int: ...
-
-    async def run_row(self, state: FlowState, index: int) -> None: ...
-
-    async def run_row_from_thread(self, state: FlowState, index: int) -> None: ...
-
-    async def fan_out(self, state: FlowState, index: int, machine: str | None) -> None: ...
-
-    def element_of(self, flow_id: str, index: int) -> int | None: ...
-
-    async def serve_element(self, state: FlowState, index: int) -> _Finished: ...
-
-
-_controls: list[Control] = []
-
-
-def install_control(control: Control) -> None:
-    """Called by mesh/control.py when it is imported."""
-    _controls[:] = [control]
-
-
-def _control() -> Control:
-    if not _controls:
-        raise MeshError(
-            "a flow file with When, Each or @REQUEST needs mesh.control imported"
-            " (mesh.connect and mesh peer import it)"
-        )
-    return _controls[0]
+    await control.fan_out(state, index, machine)
 
 
 # -- the journal of a durable flow (mesh/journal.py) ------------------------------------
@@ -1186,7 +1177,7 @@ def _accept_origin(state: FlowState) -> concurrent.futures.Future[None]:
             outcome=None,
             error=None,
             deadline=now + max(state.remaining(), 0.0),
-            owner=os.getpid(),
+            owner=state.journal.owner,
             started=now,
             updated=now,
         )
@@ -1246,6 +1237,7 @@ async def serve(
     traceparent: str = "",
     started: Callable[[FlowState], None] | None = None,
     journaled: Journaled | None = None,
+    flow: Flow | None = None,
 ) -> bytes:
     """A peer's whole handling of one admitted call: run ``request``'s line, and what
     follows here, until the flow leaves this machine; the serialized reply.
@@ -1255,13 +1247,14 @@ async def serve(
     ``started`` gets the flow's state, for a peer to :func:`stop` it when nobody waits
     any more. ``journaled``: the request is durable; the stay is recorded as accepted
     before it runs and its reply before it is returned (or, with ``resume``, it goes on
-    from its last record). Run it as a task in a fresh ``contextvars.Context``: it makes
-    the flow current there.
+    from its last record). ``flow``: the version of the request the call is for, when it
+    is not the config's (a flow that started on an earlier flow file). Run it as a task in
+    a fresh ``contextvars.Context``: it makes the flow current there.
     """
     index = request.line_index
     state = FlowState(
         place,
-        place.flows.flows[request.request],
+        flow or place.flows.flows[request.request],
         request.flow_id,
         context,
         deadline,
@@ -1321,7 +1314,7 @@ def _accept(
             outcome=None,
             error=None,
             deadline=now + max(state.remaining(), 0.0),
-            owner=os.getpid(),
+            owner=state.journal.owner,
             started=now,
             updated=now,
         )
@@ -1369,7 +1362,8 @@ async def _serve(
     try:
         outcome: Outcome
         if state.flow.controlled and "[" in state.flow_id:
-            control = _control()
+            control = controller()
+
             if control.element_of(state.flow_id, index) is not None:  # one run of a fan-out
                 outcome = await control.serve_element(state, index)
             else:

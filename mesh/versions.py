@@ -12,15 +12,29 @@ pure comparison of two flow sets, here, which ``mesh check --against OLD_FILE`` 
 * **unsafe**: a request removed, lines removed, reordered or reworded (a flow in flight
   past such a row cannot be continued on the new version: its line numbers mean other
   steps there), named by row so the person deploying sees which.
+
+:class:`VersionStore` is the other half: the flow files a peer has served, kept beside
+its journal, so that a peer restarted with a new file goes on serving the flows that
+started on an old one (``mesh check --against`` says when that is safe).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from mesh.flowfile import Flow, FlowSet
+from mesh.errors import MeshError
+from mesh.flowfile import Flow, FlowSet, parse_flows
 
-__all__ = ["Change", "compare"]
+__all__ = ["VERSION_MISMATCH", "Change", "VersionStore", "compare"]
+
+#: What a peer's refusal of a version it does not hold says (mesh/guard.py): a durable
+#: caller waits and sends the call again, as a rolling deploy has yet to reach that peer
+#: (mesh/links.py); any other caller fails.
+VERSION_MISMATCH = "runs a different version of flow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +121,59 @@ def _request(before: Flow, after: Flow) -> list[Change]:
             )
         )
     return changes
+
+
+# -- the versions a peer keeps --------------------------------------------------------
+
+#: How many flow files a peer keeps beside its journal: the newest, by when last served.
+KEEP_FILES = 32
+
+
+class VersionStore:
+    """The flow files this machine has served, kept beside its journal, so that a peer
+    started with an edited file still serves flows that started on an earlier one.
+
+    Each flow file is kept as it was written (``<sha256 of its bytes>-<name>``) and parsed
+    with the same parser as the config's, so a kept file means what it meant; a request
+    is found by its name and digest. Files that no longer parse (a mesh that reads them
+    otherwise) are skipped, never fatal: the peer then refuses those versions as before.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._by_digest: dict[tuple[str, str], Flow] = {}
+
+    def remember(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        """Keep the config's flow files (``paths``) and load every kept version."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            data = Path(path).read_bytes()
+            name = f"{hashlib.sha256(data).hexdigest()[:16]}-{Path(path).name}"
+            kept = self.folder / name
+            if not kept.exists():
+                partial = kept.with_suffix(kept.suffix + ".part")
+                partial.write_bytes(data)
+                partial.replace(kept)
+            os.utime(kept)  # newest: the pruning below keeps what was served last
+        files = sorted(
+            (f for f in self.folder.iterdir() if not f.name.endswith(".part")),
+            key=lambda f: f.stat().st_mtime,
+            reverse=True,
+        )
+        for old in files[KEEP_FILES:]:
+            old.unlink(missing_ok=True)
+        self._by_digest = {}
+        for kept in reversed(files[:KEEP_FILES]):
+            try:
+                flows = parse_flows(kept.read_text(encoding="utf-8"), str(kept))
+            except (MeshError, OSError, UnicodeDecodeError):
+                continue
+            for flow in flows.flows.values():
+                self._by_digest[(flow.name, flow.digest)] = flow
+
+    def flow(self, request: str, digest: str) -> Flow | None:
+        """The version ``digest`` of ``request``, if this machine has served it."""
+        return self._by_digest.get((request, digest))
+
+    def __len__(self) -> int:
+        return len(self._by_digest)

@@ -13,7 +13,9 @@ not exit 0 within ``STOP_TIMEOUT`` fails the test unless the test said otherwise
 * ``up``: ``mesh up`` subprocesses (``support/up.py``), stopped with their peers.
 * ``reply_dropper``: a TCP proxy that loses replies (``support/proxy.py``).
 * ``netns``: a network namespace with a veth link (root only, else skipped).
-* ``chromium``: headless Chromium (skipped, naming it, when it is not installed).
+* ``chromium``: headless Chromium (skipped, naming it, when it is not installed);
+  ``browser``: one driven over the DevTools protocol, shared by a module's tests.
+* ``mesh_ui``: ``mesh ui`` subprocesses (``support/ui.py``), stopped at the end.
 * ``isolate_mesh`` (autouse): undoes what an in-process ``mesh.connect`` leaves behind:
   structlog's configuration, the routing node, the handlers and modules the services
   registered, the config folders put on ``sys.path``.
@@ -31,11 +33,12 @@ from typing import Any
 import pytest
 import structlog
 from hypothesis import settings
-from support.chromium import Chromium
+from support.chromium import Browser, Chromium
 from support.meshdir import MeshDir, as_login_mesh
 from support.netns import NetNs
 from support.peers import Peer, Peers
 from support.proxy import ReplyDropper
+from support.ui import Ui
 from support.up import Up
 
 import mesh
@@ -205,3 +208,28 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Chromium:
             " (scripts/ensure-debian-packages.sh chromium installs it)"
         )
     return Chromium(binary, tmp_path_factory.mktemp("chromium"))
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: Chromium) -> Iterator[Browser]:
+    """Headless Chromium driven over the DevTools protocol (``browser.page()``), shared by
+    a module's tests; closed, by its process id, when the module is done."""
+    running = chromium.browser()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def mesh_ui(tmp_path: Path) -> Iterator[Any]:
+    """``mesh_ui(config, *args)`` starts ``mesh ui`` on a port of its own; stopped at the end."""
+    started: list[Ui] = []
+
+    def start(config: Path, *args: str, **kwargs: Any) -> Ui:
+        started.append(Ui(config, tmp_path / f"ui-{len(started)}.log", *args, **kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()

@@ -15,7 +15,8 @@ from support.meshdir import LOGIN_FLOW, MeshDir, config_error
 
 from mesh.config import load_config
 from mesh.errors import JournalError
-from mesh.journal import SCHEMA_VERSION, SqliteJournal, Stay, open_journal
+from mesh.journal import SCHEMA_VERSION, SqliteJournal, Stay
+from mesh.journals import open_journal
 
 
 def stay(flow_id: str = "f1", line: int = 1, *, owner: int | None = None) -> Stay:

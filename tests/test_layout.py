@@ -35,6 +35,9 @@ PURE = (
     "mesh.config",
     "mesh.token",
     "mesh.tls",
+    "mesh.ui.model",
+    "mesh.ui.pages",
+    "mesh.ui.access",
 )
 
 

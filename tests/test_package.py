@@ -49,6 +49,7 @@ def test_the_wheel_installs_and_runs_a_flow(tmp_path: Path, up) -> None:
     run(sys.executable, "-m", "twine", "check", "--strict", wheel, sdist, cwd=tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"mesh/py.typed", "mesh/v1/mesh_pb2.pyi", "mesh/tools/init.py"} <= names
+    assert {"mesh/ui/static/mesh-ui.css", "mesh/ui/static/mesh-ui.js"} <= names  # mesh ui
     assert not any(n.startswith(("tests/", "services/", "scripts/")) for n in names)
 
     venv = tmp_path / "venv"

@@ -24,7 +24,7 @@ from mesh.addresses import dialable
 from mesh.config import Config
 from mesh.durable import answer_flows, steer_local
 from mesh.errors import FlowNotFound, JournalError, MeshError
-from mesh.journal import open_journal
+from mesh.journals import open_journal
 from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 
@@ -175,7 +175,9 @@ def _local(config: Config, machine: str, request: _pb2.FlowsRequest) -> Any:
     """What an address-less machine's journal file on this host says, if there is one."""
     url = config.journal_url(machine)
     try:
-        journal = open_journal(url, synchronous=config.journal.synchronous, create=False)
+        journal = open_journal(
+            url, synchronous=config.journal.synchronous, create=False, machine=machine
+        )
     except JournalError:
         return None
     try:

@@ -205,3 +205,52 @@ def config_error(path: Path) -> str:
     assert "\n" not in message
     assert message.startswith(f"{path}: ")
     return message
+
+
+#: A durable order over three machines: ``client`` (no address) places it, ``stock``
+#: reserves the item (taking ``slow`` seconds when the context says so), ``billing``
+#: charges the card, which is a secret; an item called "broken" is declined there.
+ORDER_FLOW = (
+    "Request\tLog\tMachine\n"
+    "order\tOrder placed for :customer: :item with card #card\tclient\n"
+    "order\tReserving :item for :customer\tstock\n"
+    "order\tCharging :customer for :item\tbilling\n"
+    "order\tOrder confirmed for :customer\tclient\n"
+)
+
+ORDER_SERVICE = """
+import time
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("order", "Reserving :item for :customer")
+def reserve(ctx):
+    time.sleep(float(ctx.get("slow", 0)))
+    log.info("next", reserved=ctx["item"])
+
+
+@mesh.handler("order", "Charging :customer for :item")
+def charge(ctx):
+    if ctx["item"] == "broken":
+        raise ValueError(f"card declined for {ctx['item']}")
+    log.info("next", charged=True, receipt="r-" + ctx["customer"])
+"""
+
+
+def as_order_mesh(mesh_dir: MeshDir, token: str | None = None) -> MeshDir:
+    """Write the durable order flow, its service and a config into ``mesh_dir`` (with
+    ``token`` in a token_file when given): start ``billing`` before ``stock``, which
+    calls it."""
+    mesh_dir.flow(ORDER_FLOW)
+    mesh_dir.service(ORDER_SERVICE)
+    extra = "durable = true"
+    if token is not None:
+        (mesh_dir.root / "token").write_text(token + "\n", encoding="utf-8")
+        extra += '\ntoken_file = "token"'
+    mesh_dir.write_config({"client": False, "stock": True, "billing": True}, extra=extra)
+    return mesh_dir
