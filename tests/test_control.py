@@ -60,7 +60,8 @@ def reserve(ctx):
     if item.get("fail"):
         raise ValueError(f"no stock for {item['sku']}")
     time.sleep(ctx.get("io", 0))
-    log.info("next", reserved=item["sku"], position=ctx["index"], pid=os.getpid())
+    # user is in the flow's context already: logged again, it is still in the result
+    log.info("next", reserved=item["sku"], position=ctx["index"], pid=os.getpid(), user=ctx["user"])
 
 
 @mesh.handler("checkout", "Charging card #card for :total")
@@ -190,6 +191,7 @@ def test_fifty_items_over_three_replicas_come_back_in_order(shop) -> None:
     results = result.context["items_results"]
     assert [r["reserved"] for r in results] == [f"sku-{i}" for i in range(50)]
     assert [r["position"] for r in results] == list(range(50))
+    assert {r["user"] for r in results} == {"ada"}  # what "next" logged, if unchanged too
     pids = {r["pid"] for r in results}
     assert pids == {p.pid for p in started["inventory"]}  # each replica served some
     # Each element ran once: the replicas' logs together have 50 runs of line 1.
