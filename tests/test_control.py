@@ -427,3 +427,44 @@ def test_a_sub_flow_per_element_on_another_machine(shop) -> None:
     assert result.context["people_results"] == [{"noted": p, "at": i} for i, p in enumerate(people)]
     noted = [(s.element, s.machine) for s in result.steps if s.request == "note" and s.index == 1]
     assert sorted(noted) == [(i, "counter") for i in range(4)]
+
+
+BOUND_FLOW = (
+    "Request\tLog\tMachine\tEach\n"
+    "batch\tBatch of :n\tone\n"
+    "batch\tWorking on one\tone\tjobs as done\n"
+)
+
+BOUND_SERVICE = """
+import asyncio
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+running = {"now": 0, "most": 0}
+
+
+@mesh.handler("batch", "Working on one")
+async def work(ctx):
+    running["now"] += 1
+    running["most"] = max(running["most"], running["now"])
+    await asyncio.sleep(0.02)
+    running["now"] -= 1
+    log.info("next", job=ctx["item"], most=running["most"])
+"""
+
+
+def test_local_runs_are_bounded_by_max_fan_out(mesh_dir: MeshDir, connect) -> None:
+    """A fan-out on the machine where the flow is runs there, at most max_fan_out at once,
+    and its results go where ``Each = KEY as NAME`` says."""
+    mesh_dir.flow(BOUND_FLOW)
+    mesh_dir.service(BOUND_SERVICE)
+    mesh_dir.write_config({"one": False}, extra="max_fan_out = 3")
+    node = connect(mesh_dir.config, "one")
+    result = node.start("batch", n=10, jobs=list(range(10)), timeout=30)
+    done = result.context["done"]
+    assert [d["job"] for d in done] == list(range(10))
+    assert max(d["most"] for d in done) == 3
+    assert "jobs_results" not in result.context
