@@ -54,6 +54,8 @@ BACKOFF: Final = (0.05, 2.0, 1.0)
 
 #: Seconds at most between the attempts of a durable flow's call to a machine that is down.
 PATIENT_BACKOFF: Final = 2.0
+#: How often a machine that durable flows wait for is probed for being back.
+WATCH_EVERY: Final = 0.05
 
 #: How many times one call may find no replica reachable before it fails, like the
 #: five attempts of the unary retry policy (within the call's deadline either way).
@@ -184,8 +186,7 @@ class _Link:
             if self.adopting:
                 # Resending calls its peer may be running: only that peer will do, and
                 # only if it is reachable soon (it keeps such a step for as long).
-                channel = replica.channel()
-                await asyncio.wait_for(channel.channel_ready(), ADOPT_WINDOW)
+                await asyncio.wait_for(replica.ready_again(), ADOPT_WINDOW)
             stream = replica.channel().stream_stream(
                 LINK_METHOD, request_serializer=None, response_deserializer=None
             )
@@ -303,6 +304,33 @@ class _Replica:
             self.link = _Link(self)
         return self.link
 
+    async def ready_again(self) -> None:
+        """Wait for this replica's channel to be ready after its link broke: as soon as
+        its address accepts connections again (a restarted peer), on a fresh channel, not
+        when gRPC's reconnect backoff (a second or more) lets the old one try again."""
+        channel = self.channel()
+        ready = asyncio.ensure_future(channel.channel_ready())
+        try:
+            while not ready.done():
+                if await _accepts(self.address):
+                    if channel.get_state() is not grpc.ChannelConnectivity.READY:
+                        self.renew()
+                        channel = self.channel()
+                        ready.cancel()
+                        ready = asyncio.ensure_future(channel.channel_ready())
+                    await ready
+                    return
+                await asyncio.wait({ready}, timeout=WATCH_EVERY)
+            await ready
+        finally:
+            ready.cancel()
+
+    def renew(self) -> None:
+        """Drop the channel (closed in the background): the next call dials afresh."""
+        old, self._channel = self._channel, None
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close())
+
     def adopt_link(self) -> _Link:
         """A new link to resend calls this replica may be running (see _Link._run)."""
         self.link = _Link(self, adopting=True)
@@ -337,6 +365,45 @@ class _Machine:
         # Where the rotation among equally loaded replicas starts: anywhere, so that many
         # short-lived callers (each `mesh call` a process) do not all pick the first.
         self._turn = itertools.count(random.randrange(1 << 16))
+        # Durable flows waiting for this machine to come back, and what watches for it.
+        self._waiters = 0
+        self._back: asyncio.Event | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    def down(self) -> bool:
+        """No replica has a working link (else a refusal came from a live peer: wait the
+        backoff out, rather than probe a machine that is up)."""
+        return all(r.link is None or r.link.broken for r in self.replicas)
+
+    async def back(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a replica of this machine to accept
+        connections again: a durable flow waiting for it sends its call as soon as it is
+        back (a restarted peer has recovered its flows by then), not at its next backoff.
+        One task per machine watches, every :data:`WATCH_EVERY` seconds, while flows wait."""
+        if self._back is None or self._back.is_set():
+            self._back = asyncio.Event()
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watching(self._back))
+        self._waiters += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(self._back.wait()), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
+
+    async def _watching(self, back: asyncio.Event) -> None:
+        while self._waiters >= 0 and not self.owner.closed:
+            for replica in self.replicas:
+                if await _accepts(replica.address):
+                    replica.retry_at = 0.0  # dial it at once, on a fresh channel
+                    if replica.link is None or replica.link.broken:
+                        replica.renew()
+                    back.set()
+                    return
+            await asyncio.sleep(WATCH_EVERY)
+            if self._waiters == 0:
+                return
 
     def stale(self) -> bool:
         """Whether the replicas are to be (re)resolved before the next call."""
@@ -445,7 +512,11 @@ class Links:
             if left <= pause:
                 return answer
             waiting(answer.address or self.address(machine), answer.message)
-            await asyncio.sleep(pause)
+            target = self._machines.get(machine)
+            if target is not None and answer.code is UNAVAILABLE and target.down():
+                await target.back(pause)
+            else:
+                await asyncio.sleep(pause)
             pause = min(pause * 2, PATIENT_BACKOFF)
 
     async def _call(
@@ -489,7 +560,10 @@ class Links:
                     wait, 0
                 ) >= deadline:
                     return Answer(b"", UNAVAILABLE, target.problem(), target.address)
-                await asyncio.sleep(max(wait, 0.0))
+                if patient:  # a durable flow's call: go as soon as a replica is back
+                    await target.back(max(wait, 0.0))
+                else:
+                    await asyncio.sleep(max(wait, 0.0))
                 continue
             pending = _Pending(payload, deadline, traceparent, loop.create_future())
             pending.timer = loop.call_at(
@@ -530,6 +604,22 @@ class Links:
             for replica in machine.replicas:
                 await replica.close()
         self._machines.clear()
+
+
+async def _accepts(target: str) -> bool:
+    """Whether a replica's ``ipv4:``/``ipv6:`` target accepts a TCP connection now."""
+    lowered = target.lower()
+    if not lowered.startswith(("ipv4:", "ipv6:")):
+        return False  # a target we cannot probe: the waiter's backoff decides
+    host, _, port = target[5:].rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), WATCH_EVERY * 5
+        )
+    except (OSError, ValueError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 async def _replica_addresses(address: str) -> list[str]:
