@@ -197,6 +197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- check -----------------------------------------------------------------
 
 
+def _shown_index(step: dict[str, Any]) -> str:
+    """A timeline row's number: ``receipt 1`` for a sub-flow's line, ``1[7]`` for a fan-out's
+    run for element 7."""
+    index = str(step["index"])
+    if "element" in step:
+        index += f"[{step['element']}]"
+    return f"{step['request']} {index}" if "request" in step else index
+
+
+def _shown_line(step: dict[str, Any]) -> str:
+    return f"{step['line']} (skipped)" if step.get("skipped") else str(step["line"])
+
+
 def _check(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     import_services(config)
@@ -463,10 +476,22 @@ def _call(args: argparse.Namespace) -> int:
             log_file.close()
     if args.diagram:
         _write_run_diagram(args.diagram, flow, result)
-    steps = [
-        {"index": s.index, "line": s.line, "machine": s.machine, "ms": round(s.ms, 3)}
-        for s in result.steps
-    ]
+    steps: list[dict[str, Any]] = []
+    for s in result.steps:
+        step: dict[str, Any] = {
+            "index": s.index,
+            "line": s.line,
+            "machine": s.machine,
+            "ms": round(s.ms, 3),
+        }
+        # Control flow (docs/control-flow.md): only when there is some, so plain output stays.
+        if s.request:
+            step["request"] = s.request
+        if s.element is not None:
+            step["element"] = s.element
+        if s.skipped:
+            step["skipped"] = True
+        steps.append(step)
     if args.json:
         out = {"flow_id": result.flow_id, "context": result.masked_context(), "steps": steps}
         print(json.dumps(out, ensure_ascii=False))
@@ -482,7 +507,7 @@ def _call(args: argparse.Namespace) -> int:
         print(f"  {key} = {json.dumps(value, ensure_ascii=False)}")
     print(tty.bold("timeline:"))
     rows = [("#", "line", "machine", "ms")]
-    rows += [(str(s["index"]), str(s["line"]), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
+    rows += [(_shown_index(s), _shown_line(s), str(s["machine"]), f"{s['ms']:.3f}") for s in steps]
     _table(rows, "  ", header=tty)
     return 0
 

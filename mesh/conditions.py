@@ -247,7 +247,18 @@ def parse_condition(text: str) -> Condition:
             continue
         raise ConditionError(f"expected and or or, found {value!r}, in condition {text!r}")
     alternatives.append(tuple(current))
-    return Condition(" ".join(text.split()), tuple(alternatives))
+    return Condition(_canonical(tokens), tuple(alternatives))
+
+
+def _canonical(tokens: list[tuple[str, str]]) -> str:
+    """The condition as the mesh shows it and hashes it (the digest): its tokens as written,
+    one space apart, none inside brackets or before a comma; a string literal unchanged."""
+    out = ""
+    for kind, value in tokens:
+        if out and not (out.endswith("[") or (kind == "punct" and value in ",]")):
+            out += " "
+        out += value
+    return out
 
 
 def parse_each(text: str) -> Each:

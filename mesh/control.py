@@ -150,14 +150,43 @@ async def _once(state: runtime.FlowState, index: int) -> None:
         await runtime._in_worker(state.place, state, index, fn)
 
 
+class _Recording(dict[str, Any]):
+    """A run's context that notes the keys written to it: ``"next"`` merges its updates
+    with ``update``, a handler may set a key itself. So a run's result is exactly what it
+    logged, even a value equal to the one the flow had."""
+
+    __slots__ = ("written",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: set[str] = set()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.written.add(key)
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        other = dict(*args, **kwargs)
+        self.written.update(other)
+        super().update(other)
+
+
 def _changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    """What a run's ``"next"`` changed in its context (its result), ``item`` and ``index``
-    aside."""
+    """What a run logged with ``"next"`` (its result), ``item`` and ``index`` aside: the
+    keys written to its context when it recorded them (a handler's row), else what
+    differs from ``before`` (a sub-flow's final context, merged whole)."""
+    written = after.written if isinstance(after, _Recording) else set()
     return {
         key: value
         for key, value in after.items()
-        if key not in ELEMENT_KEYS and (key not in before or before[key] != value)
+        if key not in ELEMENT_KEYS and (key in written or key not in before or before[key] != value)
     }
+
+
+def _recording(state: runtime.FlowState, index: int) -> None:
+    """Record what the run of row ``index`` writes, when it is a handler's row."""
+    if not state.flow.lines[index].sub:
+        state.context = _Recording(state.context)
 
 
 def _marked(steps: list[Any], request: str, element: int | None) -> list[tuple[Any, ...]]:
@@ -336,6 +365,7 @@ async def fan_out(state: runtime.FlowState, index: int, machine: str | None) -> 
             context["index"] = k
             child = _child(state, f"{state.flow_id}/{index}[{k}]", context)
             if machine is None:
+                _recording(child, index)
                 try:
                     await _local_run(child, index)
                 finally:
@@ -428,6 +458,7 @@ async def serve_element(state: runtime.FlowState, index: int) -> runtime._Finish
     """A peer's side of one element's run: row ``index`` once, then the flow's context is
     what the run changed (the reply carries only that back)."""
     before = dict(state.context)
+    _recording(state, index)
     await _once(state, index)
     state.context = _changes(before, state.context)
     return runtime.FINISHED

@@ -647,13 +647,17 @@ def advance(
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
             if line is not None and (line.sub or line.each is not None):
                 decision = _decide(state, index)
+                ran = True
                 if type(decision) is RunHere:
                     place.run_on_loop(control.run_row_from_thread(state, index))
-                    index += 1
-                    continue
-                if type(decision) is Call and line.each is not None:
+                elif type(decision) is Call and line.each is not None:
                     place.run_on_loop(_fan_out_from_thread(state, index, decision.machine))
+                else:
+                    ran = False
+                if ran:
                     index += 1
+                    if state.journal is not None:  # a durable flow goes on after the row
+                        _checkpoint(state, index).result()
                     continue
         decision = _decide(state, index)
         if type(decision) is RunHere:
@@ -732,13 +736,17 @@ async def advance_async(
             line = state.flow.lines[index] if index < len(state.flow.lines) else None
             if line is not None and (line.sub or line.each is not None):
                 decision = _decide(state, index)
+                ran = True
                 if type(decision) is RunHere:
                     await control.run_row(state, index)
-                    index += 1
-                    continue
-                if type(decision) is Call and line.each is not None:
+                elif type(decision) is Call and line.each is not None:
                     await control.fan_out(state, index, decision.machine)
+                else:
+                    ran = False
+                if ran:
                     index += 1
+                    if state.journal is not None:  # a durable flow goes on after the row
+                        await asyncio.wrap_future(_checkpoint(state, index))
                     continue
         decision = _decide(state, index)
         if type(decision) is RunHere:

@@ -222,3 +222,15 @@ def test_any_file_loads_or_names_its_row(columns: list[str], rows: list[tuple[st
         parse_flows(content, "p.tsv")
     except FlowFileError as exc:
         assert re.match(r"p\.tsv:\d+: ", str(exc)), str(exc)
+
+
+def test_a_condition_is_shown_and_hashed_in_one_spelling() -> None:
+    """Spacing between tokens does not count; spacing inside a string literal does."""
+    assert str(parse_condition("x   in [ 1 ,2 ]")) == "x in [1, 2]"
+    assert str(parse_condition("not  a and b<3")) == "not a and b < 3"
+    assert str(parse_condition('s == "a  b"')) == 's == "a  b"'
+    one = parse_flows('Request,Log,Machine,When\nr,x,m,"s == ""a  b"""\n')
+    two = parse_flows('Request,Log,Machine,When\nr,x,m,"s == ""a b"""\n')
+    same = parse_flows('Request,Log,Machine,When\nr,x,m,"s==""a  b"""\n')
+    assert one["r"].digest != two["r"].digest
+    assert one["r"].digest == same["r"].digest

@@ -37,6 +37,10 @@ SHOP_FLOW = (
     "count\t@count\tcounter\tn < 5\n"
     "forever\tGoing round with :n\tcounter\n"
     "forever\t@forever\tcounter\tgo\n"
+    "mailing\tMailing :n people\tweb\n"
+    "mailing\t@note\tmailer\t\tpeople\n"
+    "note\tNoting :item\tmailer\n"
+    "note\tNoted\tcounter\n"
 )
 
 SHOP_SERVICE = """
@@ -56,7 +60,8 @@ def reserve(ctx):
     if item.get("fail"):
         raise ValueError(f"no stock for {item['sku']}")
     time.sleep(ctx.get("io", 0))
-    log.info("next", reserved=item["sku"], position=ctx["index"], pid=os.getpid())
+    # user is in the flow's context already: logged again, it is still in the result
+    log.info("next", reserved=item["sku"], position=ctx["index"], pid=os.getpid(), user=ctx["user"])
 
 
 @mesh.handler("checkout", "Charging card #card for :total")
@@ -79,6 +84,11 @@ def count(ctx):
     log.info("next", n=ctx["n"] + 1)
 
 
+@mesh.handler("note", "Noted")
+def noted(ctx):
+    log.info("next", noted=ctx["item"], at=ctx["index"])
+
+
 @mesh.handler("forever", "Going round with :n")
 def round_(ctx):
     log.info("next", n=ctx["n"] + 1)
@@ -98,7 +108,7 @@ def shop(mesh_dir: MeshDir, peers: Peers, connect) -> tuple[mesh.Node, dict[str,
     started: dict[str, Any] = {"inventory": []}
     for k in (1, 2, 3):
         started["inventory"].append(peers.start(mesh_dir, "inventory", replica=k))
-    for machine in ("mailer", "payments", "counter"):
+    for machine in ("counter", "mailer", "payments"):
         started[machine] = peers.start(mesh_dir, machine)
     started["config"] = mesh_dir.config
     return connect(mesh_dir.config, "web"), started
@@ -181,6 +191,7 @@ def test_fifty_items_over_three_replicas_come_back_in_order(shop) -> None:
     results = result.context["items_results"]
     assert [r["reserved"] for r in results] == [f"sku-{i}" for i in range(50)]
     assert [r["position"] for r in results] == list(range(50))
+    assert {r["user"] for r in results} == {"ada"}  # what "next" logged, if unchanged too
     pids = {r["pid"] for r in results}
     assert pids == {p.pid for p in started["inventory"]}  # each replica served some
     # Each element ran once: the replicas' logs together have 50 runs of line 1.
@@ -311,11 +322,17 @@ def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: P
         "--json",
         "--log-file",
         web_log,
+        "--diagram",
+        tmp_path / "run.mmd",
         "-c",
         started["config"],
     )
     assert called.returncode == 0, called.stderr
     flow_id = json.loads(called.stdout)["flow_id"]
+    steps = json.loads(called.stdout)["steps"]
+    assert sorted(s["element"] for s in steps if "element" in s) == [0, 1, 2]
+    assert [s["index"] for s in steps if s.get("request") == "receipt"] == [0, 1]
+    assert [s["index"] for s in steps if s.get("skipped")] == [4]
     logs = [web_log, *(p.log_path for p in started["inventory"]), started["mailer"].log_path]
     logs.append(started["payments"].log_path)
     done = run_mesh("logs", *logs, "--flow", flow_id, "-c", started["config"])
@@ -327,3 +344,127 @@ def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: P
     for k in range(3):
         assert f"checkout  flow {flow_id}/1[{k}]  1 of 1 lines  ok" in out
     assert "problem:" not in out
+    # The path taken: three runs of line 1, the receipt's two lines, the skipped row absent.
+    drawn = (tmp_path / "run.mmd").read_text(encoding="utf-8")
+    assert sum("1. [" in row and "Reserving" in row for row in drawn.splitlines()) == 3
+    assert "0. receipt: Rendering receipt for ada" in drawn
+    assert "Payment declined" not in drawn
+
+
+def test_a_durable_flow_runs_every_construct(mesh_dir: MeshDir, peers: Peers, connect) -> None:
+    """With durable = true (a journal on every machine) conditions, fan-out and sub-flows
+    still run as they do without it."""
+    mesh_dir.flow(SHOP_FLOW)
+    mesh_dir.service(SHOP_SERVICE)
+    mesh_dir.write_config(
+        {"web": False, "inventory": 2, "payments": True, "mailer": True, "counter": True},
+        extra="durable = true\ntimeout = 60",
+    )
+    for k in (1, 2):
+        peers.start(mesh_dir, "inventory", replica=k)
+    for machine in ("counter", "mailer", "payments"):
+        peers.start(mesh_dir, machine)
+    node = connect(mesh_dir.config, "web")
+    result = node.start(
+        "checkout", user="ada", email="ada@x", card=GOOD_CARD, total=2, items=cart(4), timeout=60
+    )
+    assert [r["reserved"] for r in result.context["items_results"]] == [
+        f"sku-{i}" for i in range(4)
+    ]
+    assert result.context["receipt_to"] == "ada@x"
+    assert node.start("count", n=0, timeout=60).context["n"] == 5
+
+
+# -- replies checked against every path: a hostile peer forges them -----------------------
+
+BRANCH_FLOW = (
+    "Request\tLog\tMachine\tWhen\n"
+    "relay\tStarting :n\tclient\n"
+    "relay\tEvil step for :n\tevil\n"
+    "relay\tMaybe back with :n\tclient\tback\n"
+    "relay\tServer step for :n\tserver\n"
+    "relay\tFinished :n\tclient\n"
+)
+
+
+@pytest.fixture
+def branch(mesh_dir: MeshDir, tmp_path: Path, peers: Peers, connect) -> Any:
+    from support.hostile import Hostile
+
+    evil = Hostile(tmp_path / "hostile.log")
+    try:
+        mesh_dir.flow(BRANCH_FLOW)
+        mesh_dir.write_config({"client": False, "evil": evil.address, "server": True})
+        peers.start(mesh_dir, "server")
+        yield connect(mesh_dir.config, "client")
+    finally:
+        evil.stop()
+
+
+def test_a_reply_may_come_back_where_some_path_allows(branch) -> None:
+    """With line 2 conditional, evil may hand the flow back at 2; a hand-back to line 0, or
+    a "done" while client's line 4 must still run, fails the flow naming evil."""
+    honest = {"outcome": "hand_off", "machine": "client", "line_index": 2, "steps": [1]}
+    result = branch.start("relay", n=1, back=True, forge=honest, timeout=10)
+    assert [s.index for s in result.steps] == [0, 1, 2, 3, 4]
+    for forged, words in [
+        ({"outcome": "hand_off", "machine": "client", "line_index": 0, "steps": [1]}, "line 0"),
+        ({"outcome": "done", "steps": [1]}, "done"),
+        ({"outcome": "hand_off", "machine": "client", "line_index": 4, "steps": [1]}, "steps"),
+    ]:
+        with pytest.raises(mesh.PeerRefused) as info:
+            branch.start("relay", n=1, back=True, forge=forged, timeout=10)
+        assert info.value.machine == "evil"
+        assert words in str(info.value)
+
+
+def test_a_sub_flow_per_element_on_another_machine(shop) -> None:
+    """An Each row that is a sub-flow row of another machine: web calls mailer once per
+    element, and mailer runs the note request for it (its line on counter too)."""
+    node, _ = shop
+    people = ["ada", "bob", "cy", "dee"]
+    result = node.start("mailing", n=4, people=people, timeout=30)
+    assert result.context["people_results"] == [{"noted": p, "at": i} for i, p in enumerate(people)]
+    noted = [(s.element, s.machine) for s in result.steps if s.request == "note" and s.index == 1]
+    assert sorted(noted) == [(i, "counter") for i in range(4)]
+
+
+BOUND_FLOW = (
+    "Request\tLog\tMachine\tEach\n"
+    "batch\tBatch of :n\tone\n"
+    "batch\tWorking on one\tone\tjobs as done\n"
+)
+
+BOUND_SERVICE = """
+import asyncio
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+running = {"now": 0, "most": 0}
+
+
+@mesh.handler("batch", "Working on one")
+async def work(ctx):
+    running["now"] += 1
+    running["most"] = max(running["most"], running["now"])
+    await asyncio.sleep(0.02)
+    running["now"] -= 1
+    log.info("next", job=ctx["item"], most=running["most"])
+"""
+
+
+def test_local_runs_are_bounded_by_max_fan_out(mesh_dir: MeshDir, connect) -> None:
+    """A fan-out on the machine where the flow is runs there, at most max_fan_out at once,
+    and its results go where ``Each = KEY as NAME`` says."""
+    mesh_dir.flow(BOUND_FLOW)
+    mesh_dir.service(BOUND_SERVICE)
+    mesh_dir.write_config({"one": False}, extra="max_fan_out = 3")
+    node = connect(mesh_dir.config, "one")
+    result = node.start("batch", n=10, jobs=list(range(10)), timeout=30)
+    done = result.context["done"]
+    assert [d["job"] for d in done] == list(range(10))
+    assert max(d["most"] for d in done) == 3
+    assert "jobs_results" not in result.context

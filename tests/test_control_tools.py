@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from support.cli import run_mesh
@@ -101,3 +102,10 @@ def test_mermaid_draws_conditions_fan_out_and_sub_flows() -> None:
     )
     svg = diagram.to_svg(diagram.from_flow(flow))
     assert "[when charged]" in svg and "[each item of items]" in svg
+    tree = ET.fromstring(svg)
+    frames = {
+        g.get("data-line"): "".join(g.itertext())
+        for g in tree.iter("{http://www.w3.org/2000/svg}g")
+        if g.get("class") == "frame"
+    }
+    assert frames == {"1": "loop items", "3": "opt charged", "4": "opt not charged"}

@@ -26,6 +26,7 @@ CONTRIBUTING = MESH.parent / "docs" / "contributing.md"
 PURE = (
     "mesh.errors",
     "mesh.flowfile",
+    "mesh.conditions",
     "mesh.routing",
     "mesh.analysis",
     "mesh.versions",

@@ -381,6 +381,17 @@ def to_svg(diagram: Diagram, *, standalone: bool = True) -> str:
     for event in diagram.events:
         label = _attr(_label(event))
         mid = y + _ROW / 2
+        if event.when or event.each:  # a frame, as Mermaid's opt and loop blocks
+            tag = " ".join(
+                [f"opt {event.when}"] * bool(event.when) + [f"loop {event.each}"] * bool(event.each)
+            )
+            out.append(
+                f'<g class="frame" data-line="{event.index}">'
+                f'<rect x="{_fmt(left + 8)}" y="{_fmt(y + 1)}" width="{_fmt(width - 16)}"'
+                f' height="{_ROW - 2}" fill="none" stroke="#8e44ad" stroke-dasharray="3,3"/>'
+                f'<text x="{_fmt(left + 12)}" y="{_fmt(y + 12)}" font-size="10"'
+                f' fill="#8e44ad">{_attr(tag)}</text></g>'
+            )
         slow = ' data-slowest="true"' if event.slowest else ""
         if event.kind == "note":
             x = xs[event.target]
