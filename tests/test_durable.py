@@ -429,3 +429,21 @@ def test_chaos_kill_each_machine_in_turn(
         config, state="waiting"
     )
     assert stuck == []
+
+
+def test_flows_rpcs_are_behind_the_token(
+    mesh_dir: MeshDir, peers: Peers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a token, `mesh flows` without it gets nothing from a peer (named unreachable,
+    UNAUTHENTICATED), and with it gets the peer's flows; Steer is refused likewise."""
+    order_mesh(mesh_dir)
+    token = "a-token-of-at-least-16-chars"
+    peers.start(mesh_dir, "c", env={"MESH_TOKEN": token})
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    without = flows_tool.list_flows(load_config(mesh_dir.config))
+    assert any("UNAUTHENTICATED" in u for u in without.unreachable), without.unreachable
+    with pytest.raises(mesh.MeshError, match="UNAUTHENTICATED|refused"):
+        flows_tool._steer(load_config(mesh_dir.config), "cancel", "f" * 32, None)
+    monkeypatch.setenv("MESH_TOKEN", token)
+    with_token = flows_tool.list_flows(load_config(mesh_dir.config))
+    assert not [u for u in with_token.unreachable if u.startswith("c ")], with_token.unreachable
