@@ -442,7 +442,7 @@ def test_flows_rpcs_are_behind_the_token(
     monkeypatch.delenv("MESH_TOKEN", raising=False)
     without = flows_tool.list_flows(load_config(mesh_dir.config))
     assert any("UNAUTHENTICATED" in u for u in without.unreachable), without.unreachable
-    with pytest.raises(mesh.MeshError, match="UNAUTHENTICATED|refused"):
+    with pytest.raises(mesh.MeshError, match=r"UNAUTHENTICATED|refused"):
         flows_tool._steer(load_config(mesh_dir.config), "cancel", "f" * 32, None)
     monkeypatch.setenv("MESH_TOKEN", token)
     with_token = flows_tool.list_flows(load_config(mesh_dir.config))
