@@ -166,6 +166,9 @@ def test_middle_machine_killed_mid_step(mesh_dir: MeshDir, peers: Peers, connect
     assert result.context["c"] > 0
     assert [s.index for s in result.steps][-1] == 4
     exactly_once(mesh_dir, [result.flow_id])
+    # Where it ended, as `mesh flows` lists it: the originator's last line, not line 0.
+    (done,) = flows_tool.list_flows(load_config(mesh_dir.config), state="done")
+    assert (done.flow_id, done.machine, done.line) == (result.flow_id, "client", 4)
 
 
 ORIGINATOR = """
