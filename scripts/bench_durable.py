@@ -66,6 +66,7 @@ FLOW_TIMEOUT = 120.0
 SYSTEMS = ("mesh", "durable-full", "durable-normal", "dbos-full", "dbos-normal")
 
 MESH_SERVICE = """
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -79,12 +80,13 @@ HOLD = os.environ.get("BENCH_HOLD")
 
 
 def _hop(i):
-    def hop(ctx):
+    {define} hop(ctx):
         if HOLD and i == {last}:
-            # --recover: note the flow as held, then wait to be killed.
+            # --recover: note the flow as held, then wait to be killed (holding no thread:
+            # a thousand flows wait here at once).
             with open(HOLD, "a") as f:
                 f.write(mesh.step_id().flow_id + "\\n")
-            time.sleep(3600)
+            {hold}
         log.info("next", hop=i)
 
     hop.__name__ = f"hop{{i}}"
@@ -96,12 +98,19 @@ for _i in range({n}):
 """
 
 
-def mesh_folder(tmp: Path, name: str, synchronous: str | None) -> Path:
+def mesh_folder(tmp: Path, name: str, synchronous: str | None, *, define: str = "def") -> Path:
     folder = tmp / name
     folder.mkdir()
     rows = ["Request\tLog\tMachine"] + [f"chain\thop {i} for :user\tm{i}" for i in range(N)]
     (folder / "flow.tsv").write_text("\n".join(rows) + "\n")
-    (folder / "bench_hops.py").write_text(MESH_SERVICE.format(n=N, last=N - 1))
+    (folder / "bench_hops.py").write_text(
+        MESH_SERVICE.format(
+            n=N,
+            last=N - 1,
+            define=define,
+            hold="await asyncio.sleep(3600)" if define == "async def" else "time.sleep(3600)",
+        )
+    )
     machines = "\n".join(f'm{i} = "127.0.0.1:{free_port()}"' for i in range(N))
     durable = f'durable = true\n[journal]\nsynchronous = "{synchronous}"\n' if synchronous else ""
     (folder / "mesh.toml").write_text(
@@ -434,7 +443,7 @@ def wait_lines(path: Path, count: int, timeout: float, what: str) -> None:
 def recover_mesh(procs: Procs, tmp: Path, count: int) -> dict[str, float]:
     """``count`` durable flows held in the last step on m3; kill -9 m3; restart it; time the
     first and the last flow's result at the originator from the restart."""
-    folder = mesh_folder(tmp, "recover-mesh", "normal")
+    folder = mesh_folder(tmp, "recover-mesh", "normal", define="async def")
     held = folder / "held.txt"
     env = env_with_repo()
     peers = [start_peer(procs, folder, i, env) for i in range(N - 1)]
