@@ -61,6 +61,11 @@ bench: $(BENCH_STAMP)
 		|| echo "redis-server could not be installed: the Celery chain will be left out"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
+# Durable flows against plain ones and DBOS Transact (scripts/bench_durable.py):
+# `make bench-durable`, or `make bench-durable BENCH_ARGS=--quick` / `BENCH_ARGS="--recover 1000"`.
+bench-durable: $(BENCH_STAMP)
+	$(PY) scripts/bench_durable.py $(BENCH_ARGS)
+
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails it.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
