@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest protos protos-check bench docs ui-screenshots clean
+.PHONY: demo test test-fast lint typecheck pytest protos protos-check bench bench-durable docs ui-screenshots clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
