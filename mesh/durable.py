@@ -171,7 +171,7 @@ def stay_message(
         sender=stay.sender,
         call_machine=stay.call_machine or "",
     )
-    context = stay.context
+    context = stay.last_context()
     if stay.state == "done":
         final = _result_context(stay)
         if final is not None:

@@ -97,6 +97,7 @@ class Admitted:
     fingerprint: bytes
     #: The version of the request the call is for, when it is not the config's.
     flow: Flow | None = None
+    raw: bytes | memoryview = b""  # the call as received (a durable stay journals it)
 
 
 class Guard:
@@ -278,7 +279,7 @@ class Guard:
             context = load_context(request.context)
         except ValueError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"{me}: bad context: {exc}") from None
-        return Admitted(request, context, fingerprint(raw, certified), older)
+        return Admitted(request, context, fingerprint(raw, certified), older, raw)
 
     def _decode(self, raw: bytes | memoryview) -> _pb2.ContinueRequest:
         try:

@@ -25,8 +25,10 @@ Postgres journal shared by a machine's replicas can be added beside it).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import queue
 import sqlite3
@@ -55,21 +57,16 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS mesh_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # One row per stay of a durable flow on this machine.
+    # One row per stay of a durable flow on this machine; no index besides its key, so a
+    # record writes two b-trees at most. ``steps``: the lines it ran, a JSON array a line,
+    # appended by each record (its timeline, and a recovered stay's reply).
     "CREATE TABLE IF NOT EXISTS mesh_stays ("
     " flow_id TEXT NOT NULL, line INTEGER NOT NULL, request TEXT NOT NULL,"
     " digest TEXT NOT NULL, sender TEXT NOT NULL, origin INTEGER NOT NULL,"
     " fingerprint BLOB, payload BLOB, context BLOB NOT NULL, position INTEGER NOT NULL,"
     " call BLOB, call_machine TEXT, state TEXT NOT NULL, outcome BLOB, error TEXT,"
     " deadline REAL NOT NULL, owner INTEGER NOT NULL, started REAL NOT NULL,"
-    " updated REAL NOT NULL, PRIMARY KEY (flow_id, line))",
-    "CREATE INDEX IF NOT EXISTS mesh_stays_state ON mesh_stays (state, updated)",
-    # The lines a stay ran, for its timeline (and a recovered stay's reply).
-    "CREATE TABLE IF NOT EXISTS mesh_steps ("
-    " flow_id TEXT NOT NULL, stay INTEGER NOT NULL, line INTEGER NOT NULL,"
-    " machine TEXT NOT NULL, log TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,"
-    " duration REAL NOT NULL, error TEXT)",
-    "CREATE INDEX IF NOT EXISTS mesh_steps_flow ON mesh_steps (flow_id, stay)",
+    " updated REAL NOT NULL, steps TEXT NOT NULL DEFAULT '', PRIMARY KEY (flow_id, line))",
 )
 
 _STAY_COLUMNS = (
@@ -101,6 +98,15 @@ class Stay:
     owner: int
     started: float
     updated: float
+
+    def last_context(self) -> bytes:
+        """The context last recorded: a record of a call in flight keeps it only in the
+        call's bytes (not twice)."""
+        if not self.context and self.call:
+            from mesh.v1 import mesh_pb2  # noqa: PLC0415 - only for a stay waiting on a call
+
+            return mesh_pb2.ContinueRequest.FromString(self.call).context  # type: ignore[no-any-return]
+        return self.context
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +140,7 @@ class Journal(Protocol):
     #: a peer looks for orphans as it serves, not only when it starts.
     shared: bool
 
-    def accept(self, stay: Stay) -> concurrent.futures.Future[None]: ...
+    def accept(self, stay: Stay) -> concurrent.futures.Future[int]: ...
 
     def progress(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -145,7 +151,7 @@ class Journal(Protocol):
         call: bytes | None,
         call_machine: str | None,
         steps: Sequence[LocalStep],
-    ) -> concurrent.futures.Future[None]: ...
+    ) -> concurrent.futures.Future[int]: ...
 
     def finish(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -157,7 +163,7 @@ class Journal(Protocol):
         context: bytes | None,
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
-    ) -> concurrent.futures.Future[None]: ...
+    ) -> concurrent.futures.Future[int]: ...
 
     def progress_in(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -184,6 +190,8 @@ class Journal(Protocol):
     def steps(self, flow_id: str) -> list[StepRow]: ...
 
     def orphans(self) -> list[Stay]: ...
+
+    def local_steps(self, flow_id: str, stay: int) -> list[LocalStep]: ...
 
     def claim(self, flow_id: str, line: int) -> bool: ...
 
@@ -238,10 +246,12 @@ class SqliteJournal:
         self._lock = threading.Lock()
         writer = self._connect()
         self._check_schema(writer)
-        self._queue: queue.SimpleQueue[tuple[list[Op], concurrent.futures.Future[None]] | _Stop]
+        self._queue: queue.SimpleQueue[tuple[list[Op], concurrent.futures.Future[int]] | _Stop]
         self._queue = queue.SimpleQueue()
         self._writer_conn = writer
         self._closed = False
+        self._here: list[tuple[list[Op], asyncio.Future[int]]] | None = None
+        self._loop_conn: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._write_loop, name="mesh-journal", daemon=True)
         self._thread.start()
 
@@ -307,8 +317,8 @@ class SqliteJournal:
 
     # -- the writer ---------------------------------------------------------------------
 
-    def _submit(self, ops: list[Op]) -> concurrent.futures.Future[None]:
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+    def _submit(self, ops: list[Op]) -> concurrent.futures.Future[int]:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
         if self._closed:
             future.set_exception(JournalError(f"{self.where}: journal is closed"))
             return future
@@ -320,7 +330,7 @@ class SqliteJournal:
         q = self._queue
         while True:
             item = q.get()
-            batch: list[tuple[list[Op], concurrent.futures.Future[None]]] = []
+            batch: list[tuple[list[Op], concurrent.futures.Future[int]]] = []
             stop = False
             while True:
                 if isinstance(item, _Stop):
@@ -339,31 +349,46 @@ class SqliteJournal:
     def _commit(
         self,
         conn: sqlite3.Connection,
-        batch: list[tuple[list[Op], concurrent.futures.Future[None]]],
+        batch: list[tuple[list[Op], concurrent.futures.Future[int]]],
     ) -> None:
         error: BaseException | None = None
+        counts: list[int] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for ops, _ in batch:
+                    before = conn.total_changes
                     for sql, params in ops:
                         conn.execute(sql, params)
+                    counts.append(conn.total_changes - before)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             error = JournalError(f"{self.where}: journal write failed: {exc}")
-        for _, future in batch:
-            if error is None:
-                future.set_result(None)
+        later: dict[asyncio.AbstractEventLoop, list[tuple[Any, int]]] = {}
+        for (_, future), count in zip(batch, counts or [0] * len(batch), strict=False):
+            if isinstance(future, asyncio.Future):
+                # Told on its own loop, once per batch: one wake-up, not one a record.
+                later.setdefault(future.get_loop(), []).append((future, count))
+            elif error is None:
+                future.set_result(count)
             else:
                 future.set_exception(error)
+        for loop, settled in later.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, settled, error)
 
     # -- records ------------------------------------------------------------------------
 
-    def accept(self, stay: Stay) -> concurrent.futures.Future[None]:
-        """Record a stay as accepted (running), before any handler of it runs."""
+    def accept(self, stay: Stay) -> concurrent.futures.Future[int]:
+        """Record a stay as accepted (running), before any handler of it runs. The future's
+        result is 1, or 0 when the journal knew the stay already (it is not replaced).
+        (Every record's future gives the rows it changed.)"""
+        return self._submit(self._accept_ops(stay))
+
+    def _accept_ops(self, stay: Stay) -> list[Op]:
         values = (
             stay.flow_id,
             stay.line,
@@ -386,18 +411,14 @@ class SqliteJournal:
             stay.updated,
         )
         marks = ", ".join("?" * len(values))
-        return self._submit(
-            [(f"INSERT OR REPLACE INTO mesh_stays ({_STAY_COLUMNS}) VALUES ({marks})", values)]
-        )
-
-    def _step_ops(self, flow_id: str, line: int, steps: Sequence[LocalStep]) -> list[Op]:
+        # A stay known already (a resend of a call a previous process ran) is not replaced:
+        # the commit's result says 0 rows, and the caller reads what the journal has.
         return [
             (
-                "INSERT INTO mesh_steps (flow_id, stay, line, machine, log, state, at, duration,"
-                " error) VALUES (?, ?, ?, ?, ?, 'done', ?, ?, NULL)",
-                (flow_id, line, s[0], s[2], s[1], s[3], s[4]),
+                f"INSERT INTO mesh_stays ({_STAY_COLUMNS}) VALUES ({marks})"
+                " ON CONFLICT (flow_id, line) DO NOTHING",
+                values,
             )
-            for s in steps
         ]
 
     def _progress_ops(  # noqa: PLR0917 - the record's fields, in order
@@ -413,10 +434,18 @@ class SqliteJournal:
         return [
             (
                 "UPDATE mesh_stays SET position = ?, context = ?, call = ?, call_machine = ?,"
-                " updated = ? WHERE flow_id = ? AND line = ?",
-                (position, context, call, call_machine, time.time(), flow_id, line),
-            ),
-            *self._step_ops(flow_id, line, steps),
+                " updated = ?, steps = steps || ? WHERE flow_id = ? AND line = ?",
+                (
+                    position,
+                    context,
+                    call,
+                    call_machine,
+                    time.time(),
+                    _step_lines(steps),
+                    flow_id,
+                    line,
+                ),
+            )
         ]
 
     def progress(  # noqa: PLR0917 - the record's fields, in order
@@ -428,7 +457,7 @@ class SqliteJournal:
         call: bytes | None,
         call_machine: str | None,
         steps: Sequence[LocalStep],
-    ) -> concurrent.futures.Future[None]:
+    ) -> concurrent.futures.Future[int]:
         """Record where a stay goes on (``position``, or the ``call`` downstream) and the
         context it goes on with, and the lines it ran since the last record."""
         return self._submit(
@@ -458,26 +487,122 @@ class SqliteJournal:
         context: bytes | None,
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
-    ) -> concurrent.futures.Future[None]:
-        """Record how a stay ended: its reply (or the flow's result, where it started)."""
-        ops: list[Op] = [
+    ) -> concurrent.futures.Future[int]:
+        """Record how a stay ended: its reply (or the flow's result, where it started). Its
+        last call stays recorded: ``mesh flows retry`` resends those very bytes."""
+        return self._submit(
+            self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
+        )
+
+    def _finish_ops(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        state: str,
+        outcome: bytes | None,
+        error: str | None,
+        context: bytes | None,
+        steps: Sequence[LocalStep],
+        failed: StepRow | None = None,
+    ) -> list[Op]:
+        lines = _step_lines(steps)
+        if failed is not None:
+            lines += _step_line(
+                failed.line, failed.machine, failed.log, "failed", failed.at, 0.0, error
+            )
+        return [
             (
                 "UPDATE mesh_stays SET state = ?, outcome = ?, error = ?,"
-                " context = COALESCE(?, context), call = NULL, updated = ?"
-                " WHERE flow_id = ? AND line = ?",
-                (state, outcome, error, context, time.time(), flow_id, line),
-            ),
-            *self._step_ops(flow_id, line, steps),
-        ]
-        if failed is not None:
-            ops.append(
-                (
-                    "INSERT INTO mesh_steps (flow_id, stay, line, machine, log, state, at,"
-                    " duration, error) VALUES (?, ?, ?, ?, ?, 'failed', ?, 0, ?)",
-                    (flow_id, line, failed.line, failed.machine, failed.log, failed.at, error),
-                )
+                " context = COALESCE(?, context), updated = ?,"
+                " steps = steps || ? WHERE flow_id = ? AND line = ?",
+                (state, outcome, error, context, time.time(), lines, flow_id, line),
             )
-        return self._submit(ops)
+        ]
+
+    # -- the same records, committed on the event loop that asks (a peer's) ----------------
+    #
+    # A record asked for on the node's event loop is committed on it, with every record
+    # asked for in the same turn of the loop, in one transaction (group commit without a
+    # thread: a writer thread handing each commit back waited for the GIL behind the busy
+    # loop, milliseconds a record). The loop blocks for the commit itself.
+
+    def accept_async(self, stay: Stay) -> asyncio.Future[int]:
+        return self._submit_here(self._accept_ops(stay))
+
+    def progress_async(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        call: bytes | None,
+        call_machine: str | None,
+        steps: Sequence[LocalStep],
+    ) -> asyncio.Future[int]:
+        return self._submit_here(
+            self._progress_ops(flow_id, line, position, context, call, call_machine, steps)
+        )
+
+    def finish_async(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        state: str,
+        outcome: bytes | None,
+        error: str | None,
+        context: bytes | None,
+        steps: Sequence[LocalStep],
+        failed: StepRow | None = None,
+    ) -> asyncio.Future[int]:
+        return self._submit_here(
+            self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
+        )
+
+    def _submit_here(self, ops: list[Op]) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        if self._closed:
+            future.set_exception(JournalError(f"{self.where}: journal is closed"))
+            return future
+        if self.synchronous == "FULL":
+            # An fsync a commit: on the writer thread, so the loop goes on meanwhile.
+            self._queue.put((ops, future))  # type: ignore[arg-type]
+            return future
+        pending = self._here
+        if pending is None:
+            pending = self._here = []
+            loop.call_soon(self._flush_here)
+        pending.append((ops, future))
+        return future
+
+    def _flush_here(self) -> None:
+        batch, self._here = self._here or [], None
+        conn = self._loop_conn
+        if conn is None:
+            conn = self._loop_conn = self._connect()
+        error: BaseException | None = None
+        counts: list[int] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for ops, _ in batch:
+                    before = conn.total_changes
+                    for sql, params in ops:
+                        conn.execute(sql, params)
+                    counts.append(conn.total_changes - before)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            error = JournalError(f"{self.where}: journal write failed: {exc}")
+        for (_, future), count in zip(batch, counts or [0] * len(batch), strict=False):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(count)
+            else:
+                future.set_exception(error)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -520,12 +645,24 @@ class SqliteJournal:
         return [_stay(r) for r in rows]
 
     def steps(self, flow_id: str) -> list[StepRow]:
-        rows = self._rows(
-            "SELECT flow_id, stay, line, machine, log, state, at, duration, error"
-            " FROM mesh_steps WHERE flow_id = ? ORDER BY at, line",
-            (flow_id,),
-        )
-        return [StepRow(*r) for r in rows]
+        """Every line the stays of ``flow_id`` here ran (or failed at), in time order."""
+        out: list[StepRow] = []
+        for stay, text in self._rows(
+            "SELECT line, steps FROM mesh_stays WHERE flow_id = ?", (flow_id,)
+        ):
+            for row in (text or "").splitlines():
+                line, machine, log, state, at, duration, error = json.loads(row)
+                out.append(StepRow(flow_id, stay, line, machine, log, state, at, duration, error))
+        out.sort(key=lambda r: (r.at, r.line))
+        return out
+
+    def local_steps(self, flow_id: str, stay: int) -> list[LocalStep]:
+        """The lines a stay ran, as the runtime keeps them (for a recovered stay's reply)."""
+        return [
+            (r.line, r.log, r.machine, r.at, r.duration)
+            for r in self.steps(flow_id)
+            if r.stay == stay and r.state == "done"
+        ]
 
     def orphans(self) -> list[Stay]:
         """Running stays whose process is gone: to recover."""
@@ -573,18 +710,19 @@ class SqliteJournal:
         stay = self.stay(flow_id, line)
         if stay is None or stay.state not in (FAILED, CANCELLED):
             return False
+        kept = "".join(
+            _step_line(r.line, r.machine, r.log, r.state, r.at, r.duration, r.error)
+            for r in self.steps(flow_id)
+            if r.stay == line and r.state != "failed"
+        )
         self._submit(
             [
                 (
                     "UPDATE mesh_stays SET state = 'running', outcome = NULL, error = NULL,"
-                    " owner = 0, deadline = MAX(deadline, ?), updated = ?"
+                    " owner = 0, deadline = MAX(deadline, ?), updated = ?, steps = ?"
                     " WHERE flow_id = ? AND line = ?",
-                    (time.time() + 30.0, time.time(), flow_id, line),
-                ),
-                (
-                    "DELETE FROM mesh_steps WHERE flow_id = ? AND stay = ? AND state = 'failed'",
-                    (flow_id, line),
-                ),
+                    (time.time() + 30.0, time.time(), kept, flow_id, line),
+                )
             ]
         ).result()
         return True
@@ -601,7 +739,6 @@ class SqliteJournal:
         ops: list[Op] = []
         for flow_id, line in old:
             ops.append(("DELETE FROM mesh_stays WHERE flow_id = ? AND line = ?", (flow_id, line)))
-            ops.append(("DELETE FROM mesh_steps WHERE flow_id = ? AND stay = ?", (flow_id, line)))
         self._submit(ops).result()
         return len(old)
 
@@ -624,6 +761,32 @@ class SqliteJournal:
         for conn in connections:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+def _settle(settled: list[tuple[Any, int]], error: BaseException | None) -> None:
+    for future, count in settled:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(count)
+        else:
+            future.set_exception(error)
+
+
+def _step_line(  # noqa: PLR0917 - a step's fields, in order
+    line: int,
+    machine: str,
+    log: str,
+    state: str,
+    at: float,
+    duration: float,
+    error: str | None,
+) -> str:
+    return json.dumps([line, machine, log, state, at, duration, error], ensure_ascii=False) + "\n"
+
+
+def _step_lines(steps: Sequence[LocalStep]) -> str:
+    return "".join(_step_line(s[0], s[2], s[1], "done", s[3], s[4], None) for s in steps)
 
 
 def _stay(row: Sequence[Any]) -> Stay:

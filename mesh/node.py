@@ -275,7 +275,7 @@ class Node:
         assert flow is not None  # recover_origins checked
         left = deadline_left(stay)
         state = FlowState(
-            self, flow, stay.flow_id, load_context(stay.context), time.monotonic() + left, ()
+            self, flow, stay.flow_id, load_context(stay.last_context()), time.monotonic() + left, ()
         )
         state.journal = self.journal
         state.stay = 0

@@ -216,6 +216,7 @@ class Peer:
         self._durable = config.durable
         self._pruner: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._shared: bool | None = None  # whether other live processes share the journal
 
     # -- the door, for both kinds of call ---------------------------------------------
 
@@ -234,12 +235,20 @@ class Peer:
         journal = None
         if known is None and request.request in self._durable:
             journal = self._node.journal
-            recorded = self._journaled_reply(journal, admitted)
-            if recorded is not None:
-                return recorded
-            resumed = self.serving.get(key)
-            if resumed is not None:  # a dead replica's stay, resumed here just now
-                return resumed
+            # A stay a previous process of this machine ran: with a journal of this process
+            # alone, the stay's accept record finds it (runtime.serve), and no read is paid
+            # per call; one shared with other live processes (replicas) is asked first.
+            if self._shared is None:
+                self._shared = journal.shared or bool(
+                    self._node.config.machines[self._node.machine].replicas
+                )
+            if self._shared:
+                recorded = self._journaled_reply(journal, admitted)
+                if recorded is not None:
+                    return recorded
+                resumed = self.serving.get(key)
+                if resumed is not None:  # a dead replica's stay, resumed here just now
+                    return resumed
         if known is not None:
             _log.info(
                 "mesh.step_repeated",
@@ -269,9 +278,7 @@ class Peer:
         journaled = None
         if journal is not None:
             serving.durable = True
-            journaled = runtime.Journaled(
-                journal, admitted.fingerprint, request.SerializeToString()
-            )
+            journaled = runtime.Journaled(journal, admitted.fingerprint, bytes(admitted.raw))
         coro = runtime.serve(
             self._node,
             request,
@@ -351,11 +358,7 @@ class Peer:
         if key in self.serving or not journal.claim(stay.flow_id, stay.line):
             return None
         request = payload_of(stay)
-        steps = [
-            (r.line, r.log, r.machine, r.at, r.duration)
-            for r in journal.steps(stay.flow_id)
-            if r.stay == stay.line and r.state == "done"
-        ]
+        steps = journal.local_steps(stay.flow_id, stay.line)
         running = self.replies.start(stay.flow_id, stay.line, stay.fingerprint or b"")
         serving = self.serving[key] = _Serving(key, request, running)
         serving.durable = True
@@ -365,7 +368,7 @@ class Peer:
         coro = runtime.serve(
             node,
             request,
-            load_context(stay.context),
+            load_context(stay.last_context()),
             deadline,
             started=serving.began,
             journaled=journaled,

@@ -16,6 +16,7 @@ and any replica may claim it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import re
@@ -177,9 +178,14 @@ class PostgresJournal(SqliteJournal):
             error = JournalError(f"{self.where}: journal write failed: {_line(exc)}")
         for _, future in batch:
             if error is None:
-                future.set_result(None)
+                future.set_result(1)  # an upsert: the accept always takes the stay
             else:
                 future.set_exception(error)
+
+    def _submit_here(self, ops: list[Any]) -> asyncio.Future[int]:
+        """A record asked for on an event loop: through the writer thread (the SQLite
+        journal's loop-side commit is SQLite's own)."""
+        return asyncio.wrap_future(self._submit(ops))
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:

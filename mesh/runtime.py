@@ -254,6 +254,9 @@ class FlowState:
     recorded: int = 0
     tx: Any = None
     tx_done: bool = False
+    # A handler ran here since the last journal record: the stay's end must then be
+    # recorded before its reply leaves (else the end is implied by the last record).
+    ran_handler: bool = False
     origin: bool = False
     wall_deadline: float = 0.0
     _bound: int = -1  # the line_index bound in the log context
@@ -441,6 +444,7 @@ def _begin_handler(state: FlowState, index: int) -> None:
     emit(state, index)
     state.in_handler = True
     state.nexted = False
+    state.ran_handler = True
 
 
 def _end_handler(state: FlowState, fn: Handler) -> None:
@@ -524,6 +528,7 @@ def _unrecorded(state: FlowState) -> list[LocalStep]:
     steps = state.steps
     new = [s for s in steps[state.recorded :] if type(s) is tuple]
     state.recorded = len(steps)
+    state.ran_handler = False
     return new
 
 
@@ -752,7 +757,7 @@ async def advance_async(
                 await _in_worker(place, state, index, fn)
             index = state.steps[-1][0] + 1
             if state.journal is not None:
-                await asyncio.wrap_future(_checkpoint(state, index))
+                await _checkpoint_async(state, index)
         elif type(decision) is Call:
             machine = decision.machine
             try:
@@ -760,7 +765,15 @@ async def advance_async(
             except ContextError as exc:
                 raise _call_failed(state, index, exc) from exc
             if state.journal is not None:
-                await asyncio.wrap_future(_record_call(state, index, machine, payload))
+                await state.journal.progress_async(
+                    state.flow_id,
+                    state.stay,
+                    index,
+                    b"",  # the call's bytes hold the context (Stay.last_context)
+                    payload,
+                    machine,
+                    _unrecorded(state),
+                )
             answer = await place.call_async(
                 machine,
                 payload,
@@ -790,8 +803,8 @@ async def _fan_out_from_thread(state: FlowState, index: int, machine: str) -> No
 
 # -- the journal of a durable flow (mesh/journal.py) ------------------------------------
 
-_NOTHING: concurrent.futures.Future[None] = concurrent.futures.Future()
-_NOTHING.set_result(None)
+_NOTHING: concurrent.futures.Future[int] = concurrent.futures.Future()
+_NOTHING.set_result(0)
 
 
 def _patient(state: FlowState) -> str:
@@ -799,7 +812,7 @@ def _patient(state: FlowState) -> str:
     return state.flow_id if state.journal is not None else ""
 
 
-def _checkpoint(state: FlowState, index: int) -> concurrent.futures.Future[None]:
+def _checkpoint(state: FlowState, index: int) -> concurrent.futures.Future[int]:
     """After a step of a durable flow: record that it goes on here at line ``index``, with
     its context, when it does; a call or the stay's end is recorded as such instead."""
     if state.tx_done:  # the handler's own transaction recorded it
@@ -818,15 +831,33 @@ def _checkpoint(state: FlowState, index: int) -> concurrent.futures.Future[None]
     )
 
 
+async def _checkpoint_async(state: FlowState, index: int) -> None:
+    """:func:`_checkpoint` on the node's event loop."""
+    if state.tx_done:
+        state.tx_done = False
+        return
+    if type(route(state.flow, state.place.machine, index, state.via)) is not RunHere:
+        return
+    await state.journal.progress_async(
+        state.flow_id,
+        state.stay,
+        index,
+        dump_context(state.context),
+        None,
+        None,
+        _unrecorded(state),
+    )
+
+
 def _record_call(
     state: FlowState, index: int, machine: str, payload: bytes
-) -> concurrent.futures.Future[None]:
+) -> concurrent.futures.Future[int]:
     """Before a durable flow's call leaves: its bytes, to send again after a crash."""
     return state.journal.progress(  # type: ignore[no-any-return]
         state.flow_id,
         state.stay,
         index,
-        dump_context(state.context),
+        b"",  # the call's bytes hold the context (Stay.last_context)
         payload,
         machine,
         _unrecorded(state),
@@ -1117,7 +1148,8 @@ def originate(state: FlowState) -> FlowResult:
     finally:
         finish(state)
     if state.journal is not None:
-        _finish_origin(state, None).result()
+        implied = _implied(state)
+        _settled(implied, _finish_origin(state, None))
     return _result(state)
 
 
@@ -1127,16 +1159,17 @@ async def originate_async(state: FlowState) -> FlowResult:
     activate(state)
     try:
         if state.journal is not None:
-            await asyncio.wrap_future(_accept_origin(state))
+            await _accept_origin(state, on_loop=True)
         await advance_async(state, 0)
     except MeshError as exc:
         if state.journal is not None:
-            await asyncio.wrap_future(_finish_origin(state, exc))
+            await _finish_origin(state, exc, on_loop=True)
         raise
     finally:
         finish(state)
     if state.journal is not None:
-        await asyncio.wrap_future(_finish_origin(state, None))
+        implied = _implied(state)
+        await _settled_async(implied, _finish_origin(state, None, on_loop=True))
     return _result(state)
 
 
@@ -1147,19 +1180,51 @@ async def resume_origin(state: FlowState, position: int, pending: tuple[str, byt
     try:
         await advance_async(state, position, pending=pending)
     except MeshError as exc:
-        await asyncio.wrap_future(_finish_origin(state, exc))
+        await _finish_origin(state, exc, on_loop=True)
         _log.warning("mesh.flow_failed", error=str(exc), **state.fields(max(state.current, 0)))
         return
     finally:
         finish(state)
-    await asyncio.wrap_future(_finish_origin(state, None))
+    implied = _implied(state)
+    await _settled_async(implied, _finish_origin(state, None, on_loop=True))
 
 
-def _accept_origin(state: FlowState) -> concurrent.futures.Future[None]:
+def _implied(state: FlowState) -> bool:
+    """Whether the stay's successful end follows from its records already: no handler ran
+    since the last one, so a recovery from it (pass-through lines, the same call resent
+    and answered from the journal below) ends the same way, running nothing twice. Its
+    end record then goes with the next commit instead of being waited for."""
+    return not state.ran_handler
+
+
+def _settled(implied: bool, record: concurrent.futures.Future[int]) -> None:
+    """Wait for the end record of a flow, unless it is ``implied`` (:func:`_implied`)."""
+    if not implied:
+        record.result()
+    else:
+        record.add_done_callback(_log_failed_record)
+
+
+async def _settled_async(implied: bool, record: asyncio.Future[int]) -> None:
+    """:func:`_settled` on the event loop."""
+    if not implied:
+        await record
+    else:
+        record.add_done_callback(_log_failed_record)
+
+
+def _log_failed_record(record: Any) -> None:
+    if not record.cancelled() and record.exception() is not None:
+        _log.warning("mesh.journal_write_failed", error=str(record.exception()))
+
+
+def _accept_origin(state: FlowState, *, on_loop: bool = False) -> Any:
+    """Record a flow started here; a future of the commit (on the loop: an asyncio one)."""
     from mesh.journal import RUNNING, Stay  # noqa: PLC0415 - durable flows only
 
     now = time.time()
-    return state.journal.accept(  # type: ignore[no-any-return]
+    record = state.journal.accept_async if on_loop else state.journal.accept
+    return record(
         Stay(
             flow_id=state.flow_id,
             line=0,
@@ -1184,7 +1249,7 @@ def _accept_origin(state: FlowState) -> concurrent.futures.Future[None]:
     )
 
 
-def _finish_origin(state: FlowState, exc: MeshError | None) -> concurrent.futures.Future[None]:
+def _finish_origin(state: FlowState, exc: MeshError | None, *, on_loop: bool = False) -> Any:
     """Record a durable flow's result where it started: its final context and timeline,
     or the failure, as a ContinueReply (``node.result`` reads it back)."""
     from mesh.journal import DONE, FAILED  # noqa: PLC0415 - durable flows only
@@ -1204,7 +1269,8 @@ def _finish_origin(state: FlowState, exc: MeshError | None) -> concurrent.future
             start=step.start,
             duration=step.duration,
         )
-    return state.journal.finish(  # type: ignore[no-any-return]
+    record = state.journal.finish_async if on_loop else state.journal.finish
+    return record(
         state.flow_id,
         0,
         status,
@@ -1273,30 +1339,69 @@ async def serve(
     pending = None
     position = index
     try:
-        if journaled.resume is None:
-            await asyncio.wrap_future(_accept(state, request, journaled))
-        else:
-            stay = journaled.resume
+        resume = journaled.resume
+        if resume is None and not await _accept(state, request, journaled):
+            # The journal knows this stay: a previous process of this machine ran it (or
+            # began to). The very call that ran it gets its reply again; nothing runs.
+            resume = state.journal.stay(state.flow_id, index)
+            known = _known_stay(state, request, journaled, resume)
+            if known is not None:
+                return known
+            journaled.steps = state.journal.local_steps(state.flow_id, index)
+        if resume is not None:
             state.steps = list(journaled.steps)
             state.recorded = len(state.steps)
-            position = stay.position
-            if stay.call is not None and stay.call_machine:
-                pending = (stay.call_machine, stay.call)
+            position = resume.position
+            if resume.call is not None and resume.call_machine:
+                pending = (resume.call_machine, resume.call)
     except MeshError as exc:  # the journal cannot record it: the step does not run
         failure = error_to_failure(exc, machine=state.machine, line_index=index)
         return _pb2.ContinueReply(failed=failure).SerializeToString()  # type: ignore[no-any-return]
     reply, error = await _serve(state, position, pending)
-    await asyncio.wrap_future(_finish_stay(state, reply, error))
+    if error is None:
+        implied = _implied(state)
+        await _settled_async(implied, _finish_stay(state, reply, error))
+    else:
+        await _finish_stay(state, reply, error)
     return reply
+
+
+def _known_stay(
+    state: FlowState, request: _pb2.ContinueRequest, journaled: Journaled, stay: Any
+) -> bytes | None:
+    """The reply to a call whose stay the journal had already, or None when it is to go
+    on from its record (it was running when its process died)."""
+    if stay is None or stay.state == "running":
+        return None
+    flow = state.flow
+    if stay.fingerprint != journaled.fingerprint:
+        failure = _pb2.Failure(
+            kind=_pb2.Failure.REFUSED,
+            machine=state.machine,
+            line_index=request.line_index,
+            error_type="PeerRefused",
+            message=f"{state.machine}: flow id {state.flow_id} is in use here by another call;"
+            " a new flow needs a new flow id, and a retry must repeat its call exactly",
+        )
+        return _pb2.ContinueReply(failed=failure).SerializeToString()  # type: ignore[no-any-return]
+    _log.info(
+        "mesh.step_repeated",
+        caller=request.via[-1] if request.via else "caller",
+        journaled=True,
+        **state.fields(request.line_index),
+    )
+    if stay.outcome is None:
+        return stopped_reply(state.place, request, f"the flow was {stay.state} ({flow.name})")
+    return stay.outcome  # type: ignore[no-any-return]
 
 
 def _accept(
     state: FlowState, request: _pb2.ContinueRequest, journaled: Journaled
-) -> concurrent.futures.Future[None]:
+) -> asyncio.Future[int]:
     from mesh.journal import RUNNING, Stay  # noqa: PLC0415 - durable flows only
 
     now = time.time()
-    return state.journal.accept(  # type: ignore[no-any-return]
+    return state.journal.accept_async(  # type: ignore[no-any-return]
         Stay(
             flow_id=state.flow_id,
             line=request.line_index,
@@ -1321,9 +1426,7 @@ def _accept(
     )
 
 
-def _finish_stay(
-    state: FlowState, reply: bytes, error: str | None
-) -> concurrent.futures.Future[None]:
+def _finish_stay(state: FlowState, reply: bytes, error: str | None) -> asyncio.Future[int]:
     from mesh.journal import DONE, FAILED, StepRow  # noqa: PLC0415 - durable flows only
 
     failed = None
@@ -1339,17 +1442,14 @@ def _finish_stay(
             0.0,
             error,
         )
-    try:
-        context: bytes | None = dump_context(state.context)
-    except ContextError:
-        context = None
-    return state.journal.finish(  # type: ignore[no-any-return]
+    # The context is the reply's (a done or hand-off): not written twice.
+    return state.journal.finish_async(  # type: ignore[no-any-return]
         state.flow_id,
         state.stay,
         DONE if error is None else FAILED,
         reply,
         error,
-        context,
+        None,
         _unrecorded(state),
         failed,
     )

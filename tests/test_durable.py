@@ -93,7 +93,7 @@ def order_mesh(mesh_dir: MeshDir, durable: str = "true", extra: str = "") -> Mes
     mesh_dir.service(ORDER_SERVICE)
     mesh_dir.write_config(
         {"client": False, "a": True, "b": True, "c": True},
-        extra=f"durable = {durable}\ntimeout = 60\ngrace = 2\n{extra}",
+        extra=f"durable = {durable}\ntimeout = 60\n{extra or 'grace = 2'}",
     )
     return mesh_dir
 
@@ -224,11 +224,14 @@ def test_originator_killed_result_fetched(
     assert flow_id in listed.stdout, listed.stdout + listed.stderr
 
 
+@pytest.mark.parametrize(
+    "down", [8.0, pytest.param(30.0, marks=pytest.mark.slow)], ids=["8s", "30s"]
+)
 def test_machine_down_for_long_flows_wait_then_finish(
-    mesh_dir: MeshDir, peers: Peers, connect: Any
+    mesh_dir: MeshDir, peers: Peers, connect: Any, down: float
 ) -> None:
-    """c is down for 8 s, longer than a plain flow's retries (a few seconds): durable flows
-    wait for it, `mesh flows` says why, and they finish once it is back."""
+    """c is down for 8 s (30 s, slow), longer than a plain flow's retries (a few seconds):
+    durable flows wait for it, `mesh flows` says why, and they finish once it is back."""
     order_mesh(mesh_dir)
     chain = start_chain(peers, mesh_dir)
     chain["c"].kill()
@@ -245,7 +248,7 @@ def test_machine_down_for_long_flows_wait_then_finish(
     found = wait_for(lambda: len(waiting()) == 3 and waiting(), 20, "3 waiting flows")
     assert all("waiting for c (" in (f.waiting or "") for f in found), found
     assert all(f.machine in ("b", "c") for f in found), found
-    time.sleep(6)
+    time.sleep(down - 2)
     assert all(thread.is_alive() for thread, _ in runs)
     restart(peers, mesh_dir, chain["c"])
     ids = []
@@ -330,3 +333,99 @@ def test_corrupt_or_newer_journal_refuses_to_start(mesh_dir: MeshDir, tmp_path: 
     done = run_mesh("peer", "c", "-c", mesh_dir.config, timeout=30)
     assert done.returncode == 1
     assert "newer" in done.stderr and str(bad) in done.stderr, done.stderr
+
+
+def test_sigterm_leaves_durable_flows_to_the_next_start(
+    mesh_dir: MeshDir, peers: Peers, connect: Any
+) -> None:
+    """SIGTERM of b while its step outlasts grace: b exits 0 without failing the flow
+    (logging mesh.flow_left), its next start goes on with it, and the flow finishes."""
+    order_mesh(mesh_dir)
+    chain = start_chain(peers, mesh_dir)
+    node = connect(mesh_dir.config, "client")
+    thread, out = in_thread(
+        lambda: node.start("order", item="jar", card="4242424242424242", pause_on="b", pause=4)
+    )
+    wait_for((mesh_dir.root / "started-b-jar").exists, 20, "b's step")
+    began = time.monotonic()
+    assert chain["b"].stop() == 0
+    assert time.monotonic() - began < 8
+    assert any(e["event"] == "mesh.flow_left" for e in chain["b"].events())
+    assert thread.is_alive()
+    restart(peers, mesh_dir, chain["b"])
+    thread.join(60)
+    assert "error" not in out, out.get("error")
+    exactly_once(mesh_dir, [out["result"].flow_id])
+
+
+CHAOS_ORIGINATOR = """
+import asyncio
+import random
+import sys
+
+import mesh
+
+node = mesh.connect(sys.argv[1], machine="client")
+count = int(sys.argv[2])
+
+
+async def one(i):
+    machine = random.choice(["a", "b", "c", "none"])
+    await node.start_async(
+        "order", item=f"chaos{i}", card="4242424242424242", pause_on=machine,
+        pause=random.uniform(0.0, 2.0),
+    )
+
+
+async def main():
+    await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+
+asyncio.run(main())
+print("all done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_chaos_kill_each_machine_in_turn(
+    mesh_dir: MeshDir, peers: Peers, connect: Any, tmp_path: Path
+) -> None:
+    """200 durable flows in flight across 4 machines; kill -9 b, a, c and the originator in
+    turn, each restarted: every flow the originator journaled completes, and each step is
+    in its machine's ledger exactly once."""
+    order_mesh(mesh_dir, extra="grace = 1")
+    chain = start_chain(peers, mesh_dir)
+    script = tmp_path / "chaos.py"
+    script.write_text(CHAOS_ORIGINATOR, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(mesh_dir.config), "200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=mesh_env(),
+        cwd=mesh_dir.root,
+    )
+    recovered = 0
+    try:
+        time.sleep(1.5)
+        for machine in ("b", "a", "c"):
+            chain[machine].kill()
+            time.sleep(0.3)
+            chain[machine] = restart(peers, mesh_dir, chain[machine])
+            recovered += sum(e["event"] == "mesh.flow_recovered" for e in chain[machine].events())
+            time.sleep(0.7)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    node = connect(mesh_dir.config, "client")
+    config = load_config(mesh_dir.config)
+    started = [f.flow_id for f in flows_tool.list_flows(config, request="order")]
+    assert len(started) >= 100, started
+    assert recovered > 0  # the kills found flows mid-way
+    for flow_id in started:
+        result = node.result(flow_id, timeout=40)
+        assert result.steps[-1].index == 4
+    exactly_once(mesh_dir, started)
+    stuck = flows_tool.list_flows(config, state="running") + flows_tool.list_flows(
+        config, state="waiting"
+    )
+    assert stuck == []

@@ -87,7 +87,8 @@ def test_records_a_stay_from_accept_to_reply(journal: SqliteJournal) -> None:
     ).result()
     got = journal.stay("f1", 1)
     assert got is not None
-    assert (got.state, got.outcome, got.call) == ("done", b"reply", None)
+    # The call stays recorded: a retry (mesh flows retry) resends those very bytes.
+    assert (got.state, got.outcome, got.call) == ("done", b"reply", b"next-call")
     assert [s.line for s in journal.steps("f1")] == [1, 2, 3]
     assert journal.orphans() == []  # finished, and this process owns it anyway
 
