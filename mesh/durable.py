@@ -114,13 +114,20 @@ class Waits:
         if known is None:
             return ""
         machine, address, since, problem = known
+        why = f" ({_short(problem)})" if problem else ""
         return (
-            f"waiting for {machine} ({address}): {problem or 'unavailable'} for"
-            f" {time.time() - since:.0f} s, retrying"
+            f"waiting for {machine} ({address}): unavailable for"
+            f" {time.time() - since:.0f} s, retrying{why}"
         )
 
     def as_map(self) -> dict[str, str]:
         return {flow_id: self.text(flow_id) for flow_id in list(self._waits)}
+
+
+def _short(problem: str, most: int = 80) -> str:
+    """gRPC's reason a machine cannot be reached, its last clause, cut short."""
+    text = problem.rpartition(": ")[2] if ": " in problem else problem
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 def _masked_json(raw: bytes | None, secrets: frozenset[str]) -> bytes:

@@ -151,6 +151,8 @@ class Journal(Protocol):
         call: bytes | None,
         call_machine: str | None,
         steps: Sequence[LocalStep],
+        *,
+        first: Stay | None = None,
     ) -> concurrent.futures.Future[int]: ...
 
     def finish(  # noqa: PLR0917 - the record's fields, in order
@@ -163,7 +165,38 @@ class Journal(Protocol):
         context: bytes | None,
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
+        *,
+        first: Stay | None = None,
     ) -> concurrent.futures.Future[int]: ...
+
+    def accept_async(self, stay: Stay) -> asyncio.Future[int]: ...
+
+    def progress_async(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        position: int,
+        context: bytes,
+        call: bytes | None,
+        call_machine: str | None,
+        steps: Sequence[LocalStep],
+        *,
+        first: Stay | None = None,
+    ) -> asyncio.Future[int]: ...
+
+    def finish_async(  # noqa: PLR0917 - the record's fields, in order
+        self,
+        flow_id: str,
+        line: int,
+        state: str,
+        outcome: bytes | None,
+        error: str | None,
+        context: bytes | None,
+        steps: Sequence[LocalStep],
+        failed: StepRow | None = None,
+        *,
+        first: Stay | None = None,
+    ) -> asyncio.Future[int]: ...
 
     def progress_in(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -388,6 +421,11 @@ class SqliteJournal:
         (Every record's future gives the rows it changed.)"""
         return self._submit(self._accept_ops(stay))
 
+    def _first(self, stay: Stay | None) -> list[Op]:
+        """The accept record of ``stay`` to commit with the record that follows it (a stay
+        whose first lines ran no handler: its accept need not be committed alone)."""
+        return [] if stay is None else self._accept_ops(stay)
+
     def _accept_ops(self, stay: Stay) -> list[Op]:
         values = (
             stay.flow_id,
@@ -457,11 +495,14 @@ class SqliteJournal:
         call: bytes | None,
         call_machine: str | None,
         steps: Sequence[LocalStep],
+        *,
+        first: Stay | None = None,
     ) -> concurrent.futures.Future[int]:
         """Record where a stay goes on (``position``, or the ``call`` downstream) and the
         context it goes on with, and the lines it ran since the last record."""
         return self._submit(
-            self._progress_ops(flow_id, line, position, context, call, call_machine, steps)
+            self._first(first)
+            + self._progress_ops(flow_id, line, position, context, call, call_machine, steps)
         )
 
     def progress_in(  # noqa: PLR0917 - the record's fields, in order
@@ -487,11 +528,14 @@ class SqliteJournal:
         context: bytes | None,
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
+        *,
+        first: Stay | None = None,
     ) -> concurrent.futures.Future[int]:
         """Record how a stay ended: its reply (or the flow's result, where it started). Its
         last call stays recorded: ``mesh flows retry`` resends those very bytes."""
         return self._submit(
-            self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
+            self._first(first)
+            + self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
         )
 
     def _finish_ops(  # noqa: PLR0917 - the record's fields, in order
@@ -538,9 +582,12 @@ class SqliteJournal:
         call: bytes | None,
         call_machine: str | None,
         steps: Sequence[LocalStep],
+        *,
+        first: Stay | None = None,
     ) -> asyncio.Future[int]:
         return self._submit_here(
-            self._progress_ops(flow_id, line, position, context, call, call_machine, steps)
+            self._first(first)
+            + self._progress_ops(flow_id, line, position, context, call, call_machine, steps)
         )
 
     def finish_async(  # noqa: PLR0917 - the record's fields, in order
@@ -553,9 +600,12 @@ class SqliteJournal:
         context: bytes | None,
         steps: Sequence[LocalStep],
         failed: StepRow | None = None,
+        *,
+        first: Stay | None = None,
     ) -> asyncio.Future[int]:
         return self._submit_here(
-            self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
+            self._first(first)
+            + self._finish_ops(flow_id, line, state, outcome, error, context, steps, failed)
         )
 
     def _submit_here(self, ops: list[Op]) -> asyncio.Future[int]:

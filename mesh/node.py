@@ -280,6 +280,10 @@ class Node:
         state.journal = self.journal
         state.stay = 0
         state.origin = True
+        # The lines it ran here before, for its result's timeline (the machines below
+        # report theirs again in the reply to the call resent).
+        state.steps = list(self.journal.local_steps(stay.flow_id, 0))
+        state.recorded = len(state.steps)
         pending = (stay.call_machine, stay.call) if stay.call and stay.call_machine else None
         try:
             await asyncio.get_running_loop().create_task(

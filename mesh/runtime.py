@@ -257,6 +257,9 @@ class FlowState:
     # A handler ran here since the last journal record: the stay's end must then be
     # recorded before its reply leaves (else the end is implied by the last record).
     ran_handler: bool = False
+    # A flow started here whose accept record is not written yet: it goes with the first
+    # record that follows (a call, or its end), or alone before a handler runs.
+    unaccepted: Any = None
     origin: bool = False
     wall_deadline: float = 0.0
     _bound: int = -1  # the line_index bound in the log context
@@ -667,6 +670,8 @@ def advance(
                 close_line(state)
                 index += 1
                 continue
+            if state.unaccepted is not None:  # accepted before any handler runs
+                state.journal.accept(_take_accept(state)).result()
             if is_async(fn):
                 place.run_on_loop(_async_handler_from_thread(state, index, fn))
             else:
@@ -751,6 +756,8 @@ async def advance_async(
                 close_line(state)
                 index += 1
                 continue
+            if state.unaccepted is not None:  # accepted before any handler runs
+                await state.journal.accept_async(_take_accept(state))
             if is_async(fn):
                 await run_handler_async(state, index, fn)
             else:
@@ -773,6 +780,7 @@ async def advance_async(
                     payload,
                     machine,
                     _unrecorded(state),
+                    first=_take_accept(state),
                 )
             answer = await place.call_async(
                 machine,
@@ -861,6 +869,7 @@ def _record_call(
         payload,
         machine,
         _unrecorded(state),
+        first=_take_accept(state),
     )
 
 
@@ -1139,7 +1148,7 @@ def originate(state: FlowState) -> FlowResult:
     activate(state)
     try:
         if state.journal is not None:
-            _accept_origin(state).result()
+            state.unaccepted = _origin_stay(state)
         advance(state, 0)
     except MeshError as exc:
         if state.journal is not None:
@@ -1159,7 +1168,7 @@ async def originate_async(state: FlowState) -> FlowResult:
     activate(state)
     try:
         if state.journal is not None:
-            await _accept_origin(state, on_loop=True)
+            state.unaccepted = _origin_stay(state)
         await advance_async(state, 0)
     except MeshError as exc:
         if state.journal is not None:
@@ -1218,35 +1227,38 @@ def _log_failed_record(record: Any) -> None:
         _log.warning("mesh.journal_write_failed", error=str(record.exception()))
 
 
-def _accept_origin(state: FlowState, *, on_loop: bool = False) -> Any:
-    """Record a flow started here; a future of the commit (on the loop: an asyncio one)."""
+def _origin_stay(state: FlowState) -> Any:
+    """The accept record of a flow started here (mesh.journal.Stay)."""
     from mesh.journal import RUNNING, Stay  # noqa: PLC0415 - durable flows only
 
     now = time.time()
-    record = state.journal.accept_async if on_loop else state.journal.accept
-    return record(
-        Stay(
-            flow_id=state.flow_id,
-            line=0,
-            request=state.flow.name,
-            digest=state.flow.digest,
-            sender="",
-            origin=True,
-            fingerprint=None,
-            payload=None,
-            context=dump_context(state.context),
-            position=0,
-            call=None,
-            call_machine=None,
-            state=RUNNING,
-            outcome=None,
-            error=None,
-            deadline=now + max(state.remaining(), 0.0),
-            owner=state.journal.owner,
-            started=now,
-            updated=now,
-        )
+    return Stay(
+        flow_id=state.flow_id,
+        line=0,
+        request=state.flow.name,
+        digest=state.flow.digest,
+        sender="",
+        origin=True,
+        fingerprint=None,
+        payload=None,
+        context=dump_context(state.context),
+        position=0,
+        call=None,
+        call_machine=None,
+        state=RUNNING,
+        outcome=None,
+        error=None,
+        deadline=now + max(state.remaining(), 0.0),
+        owner=state.journal.owner,
+        started=now,
+        updated=now,
     )
+
+
+def _take_accept(state: FlowState) -> Any:
+    """The accept record still to write (it goes with the record being made), or None."""
+    stay, state.unaccepted = state.unaccepted, None
+    return stay
 
 
 def _finish_origin(state: FlowState, exc: MeshError | None, *, on_loop: bool = False) -> Any:
@@ -1278,6 +1290,7 @@ def _finish_origin(state: FlowState, exc: MeshError | None, *, on_loop: bool = F
         error,
         None,
         _unrecorded(state),
+        first=_take_accept(state),
     )
 
 

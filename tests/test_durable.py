@@ -166,6 +166,9 @@ def test_middle_machine_killed_mid_step(mesh_dir: MeshDir, peers: Peers, connect
     assert result.context["c"] > 0
     assert [s.index for s in result.steps][-1] == 4
     exactly_once(mesh_dir, [result.flow_id])
+    # Where it ended, as `mesh flows` lists it: the originator's last line, not line 0.
+    (done,) = flows_tool.list_flows(load_config(mesh_dir.config), state="done")
+    assert (done.flow_id, done.machine, done.line) == (result.flow_id, "client", 4)
 
 
 ORIGINATOR = """
@@ -212,7 +215,7 @@ def test_originator_killed_result_fetched(
     result = node.result(flow_id, timeout=30)
     assert result.context["item"] == "kettle"
     assert result.context["c"] > 0
-    assert result.steps[-1].index == 4
+    assert [s.index for s in result.steps] == [0, 1, 2, 3, 4]  # the whole timeline
     assert result.masked_context()["card"] == "***"
     exactly_once(mesh_dir, [flow_id])
     shown = run_mesh("flows", "result", flow_id, "-c", mesh_dir.config)
@@ -429,3 +432,21 @@ def test_chaos_kill_each_machine_in_turn(
         config, state="waiting"
     )
     assert stuck == []
+
+
+def test_flows_rpcs_are_behind_the_token(
+    mesh_dir: MeshDir, peers: Peers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a token, `mesh flows` without it gets nothing from a peer (named unreachable,
+    UNAUTHENTICATED), and with it gets the peer's flows; Steer is refused likewise."""
+    order_mesh(mesh_dir)
+    token = "a-token-of-at-least-16-chars"
+    peers.start(mesh_dir, "c", env={"MESH_TOKEN": token})
+    monkeypatch.delenv("MESH_TOKEN", raising=False)
+    without = flows_tool.list_flows(load_config(mesh_dir.config))
+    assert any("UNAUTHENTICATED" in u for u in without.unreachable), without.unreachable
+    with pytest.raises(mesh.MeshError, match=r"UNAUTHENTICATED|refused"):
+        flows_tool._steer(load_config(mesh_dir.config), "cancel", "f" * 32, None)
+    monkeypatch.setenv("MESH_TOKEN", token)
+    with_token = flows_tool.list_flows(load_config(mesh_dir.config))
+    assert not [u for u in with_token.unreachable if u.startswith("c ")], with_token.unreachable

@@ -124,3 +124,17 @@ def test_a_failing_block_fails_and_runs_in_a_copy(tmp_path: Path) -> None:
         done = box.run()
     assert done.returncode == 3
     assert "page.md:6" in box.explain(done) and "to stderr" in box.explain(done)
+
+
+def test_a_block_leaves_nothing_running(tmp_path: Path) -> None:
+    """A block that starts a server in the background and fails before stopping it (as a
+    `mesh up &` followed by a failing command would) leaves no process behind it, holding
+    ports for the next test: the runner stops the block's whole session."""
+    page = _page(tmp_path / "project", "```sh\nsleep 300 &\necho $! > pid.txt\nfalse\n```\n")
+    (shell,) = docblocks.blocks(page)
+    with Sandbox(shell, tmp_path / "one") as box:
+        done = box.run()
+    assert done.returncode == 1
+    pid = int((box.top / "pid.txt").read_text())
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

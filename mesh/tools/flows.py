@@ -189,7 +189,9 @@ def _local(config: Config, machine: str, request: _pb2.FlowsRequest) -> Any:
 # -- merging stays into flows -----------------------------------------------------------
 
 
-def _summary(flow_id: str, stays: list[tuple[str, Any]]) -> FlowSummary:
+def _summary(
+    flow_id: str, stays: list[tuple[str, Any]], config: Config | None = None
+) -> FlowSummary:
     request = stays[0][1].request
     started = min(s.started for _, s in stays)
     updated = max(s.updated for _, s in stays)
@@ -222,12 +224,22 @@ def _summary(flow_id: str, stays: list[tuple[str, Any]]) -> FlowSummary:
         error = stay.error or None
     if state == "failed" and error is None:
         error = next((s.error for _, s in stays if s.error), None)
+    line = int(stay.position)
+    if state == "failed":
+        # Where it failed: the deepest stay that failed.
+        machine, stay = max(
+            ((m, s) for m, s in stays if s.state == "failed"), key=lambda ms: ms[1].line
+        )
+        line = int(stay.position)
+    elif state == "done" and config is not None and request in config.flows.flows:
+        last = config.flows.flows[request].lines[-1]
+        machine, line = last.machine, len(config.flows.flows[request].lines) - 1
     return FlowSummary(
         flow_id=flow_id,
         request=request,
         state=state,
         machine=machine,
-        line=int(stay.position),
+        line=line,
         started=started,
         updated=updated,
         waiting=waiting,
@@ -268,7 +280,7 @@ def list_flows(
         raise MeshError(f"--state must be one of {', '.join(STATES)}, not {state!r}")
     ask = _pb2.FlowsRequest(request=request or "", since=_since(since))
     answers = _ask(config, ask, as_machine)
-    flows = [_summary(fid, stays) for fid, stays in _grouped(answers.stays).items()]
+    flows = [_summary(fid, stays, config) for fid, stays in _grouped(answers.stays).items()]
     if state is not None:
         flows = [f for f in flows if f.state == state]
     flows.sort(key=lambda f: f.started, reverse=True)
@@ -289,7 +301,7 @@ def show_flow(config: Config, flow_id: str, *, as_machine: str | None = None) ->
             else ""
         )
         raise FlowNotFound(f"no machine's journal knows flow {flow_id}{unreachable}")
-    summary = _summary(flow_id, stays)
+    summary = _summary(flow_id, stays, config)
     steps: list[FlowStep] = []
     for _, stay in stays:
         for s in stay.steps:

@@ -64,9 +64,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -292,15 +294,34 @@ class Sandbox:
         else:
             raise MarkerError(f"{block.name}: a {block.info or 'plain'} block does not run")
         script.write_text(block.code, encoding="utf-8")
-        return subprocess.run(
+        out_path, err_path = script.with_suffix(".out"), script.with_suffix(".err")
+        # Its own session, and output to files (not pipes a leftover child would hold open),
+        # so that whatever the block leaves running (a `mesh up &` it never stopped, because
+        # a command after it failed) is stopped here, by process group, not left holding
+        # ports for the next test.
+        with out_path.open("w") as out, err_path.open("w") as err:
+            proc = subprocess.Popen(
+                command,
+                cwd=self.top,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                proc.wait(block.timeout)
+            except subprocess.TimeoutExpired:
+                _stop_group(proc.pid)
+                raise
+            finally:
+                _stop_group(proc.pid)
+        return subprocess.CompletedProcess(
             command,
-            cwd=self.top,
-            env=self.env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=block.timeout,
-            check=False,
+            proc.returncode,
+            out_path.read_text(encoding="utf-8", errors="replace"),
+            err_path.read_text(encoding="utf-8", errors="replace"),
         )
 
     def explain(self, done: subprocess.CompletedProcess[str]) -> str:
@@ -373,3 +394,30 @@ class Sandbox:
             for sock in self._held:
                 sock.close()
             self._held.clear()
+
+
+def _stop_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM every process left in a block's session, then SIGKILL what outlives grace."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if not _running_in_group(pgid):
+                return
+            time.sleep(0.05)
+
+
+def _running_in_group(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (a zombie waiting for a parent that
+    does not reap it has stopped, whatever ``killpg(pgid, 0)`` says)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
