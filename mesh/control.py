@@ -102,6 +102,9 @@ def skip(state: runtime.FlowState, index: int) -> int:
     is logged as ``mesh.line_skipped`` (with its condition) and is a skipped step of the
     timeline. Returns the line to go on at (``len(lines)``: none is left)."""
     flow = state.flow
+    lines = flow.lines
+    if index >= len(lines) or (lines[index].when is None and lines[index].each is None):
+        return index  # an unconditional row runs: the common case, without a walk
     following, skipped = routing.next_line(flow, index, state.context)
     for i in skipped:
         line = flow.lines[i]

@@ -117,6 +117,8 @@ class Guard:
         self._flows = flows
         self._token = token
         self.limit = max_message_bytes
+        # The access list of flows with conditions: (digest, line) -> who may send it.
+        self._owners: dict[tuple[str, int], Any] = {}
         #: Earlier versions of the flow files this machine served (durable meshes keep
         #: them beside the journal): a call for one of them is served on it.
         self.versions: VersionStore | None = None
@@ -364,7 +366,10 @@ class Guard:
         only from the owner of a line that can run right before it on some path (computed
         from the file, not from the context: mesh.routing.predecessors); from anyone when
         every line before it may be skipped, as line 0."""
-        owners = predecessors(flow, index)
+        key = (flow.digest, index)
+        owners = self._owners.get(key, self._owners)
+        if owners is self._owners:  # computed once per line of each version of a flow
+            owners = self._owners[key] = predecessors(flow, index)
         if owners is None:
             return
         caller = via[-1] if via else ""

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh import control, routing
 from mesh.flowfile import parse_flows
@@ -109,3 +111,68 @@ def test_scopes(flow_id: str, index: int, element: int | None, depth: int) -> No
     assert control.element_of(flow_id, index) == element
     assert control.depth(flow_id) == depth
     assert control.root(flow_id) == "f"
+
+
+# -- a property: the access list and the reply checks admit every path the runtime takes ------
+
+_row = st.tuples(
+    st.sampled_from(["a", "b", "c"]),
+    st.sampled_from(["", "x"]),  # When
+    st.sampled_from(["", "items"]),  # Each
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(_row, min_size=1, max_size=7),
+    origin=st.sampled_from(["a", "b", "o"]),
+    data=st.data(),
+)
+def test_every_path_passes_the_guard_and_the_reply_checks(
+    rows: list[tuple[str, str, str]], origin: str, data: st.DataObject
+) -> None:
+    """Walk a random flow as the runtime does, each conditional row run or skipped at
+    random: every call (and fan-out call) comes from a machine the access list admits for
+    its line, and every hand-back or "done" is one each waiting caller's check accepts."""
+    text = "Request\tLog\tMachine\tWhen\tEach\n" + "".join(
+        f"r\tline {i}\t{m}\t{w}\t{e}\n" for i, (m, w, e) in enumerate(rows)
+    )
+    flow = parse_flows(text)["r"]
+    runs = [
+        not routing.skippable(flow, i) or data.draw(st.booleans(), label=f"run {i}")
+        for i in range(len(rows))
+    ]
+    here, via = origin, ()
+    frames: list[tuple[str, int, tuple[str, ...]]] = []  # (caller, line, its via) waiting
+
+    def admitted(caller: str, index: int) -> bool:
+        owners = routing.predecessors(flow, index)
+        return owners is None or caller in owners
+
+    index = 0
+    while True:
+        while index < len(rows) and not runs[index]:
+            index += 1
+        if index >= len(rows):
+            for caller, line, chain in frames:  # "done" travels up to everyone waiting
+                assert len(rows) in routing.back_lines(flow, caller, line, chain)
+            return
+        decision = routing.route(flow, here, index, via)
+        if isinstance(decision, routing.RunHere):
+            index += 1
+        elif isinstance(decision, routing.Call):
+            assert admitted(here, index), (here, index, text)
+            if flow.lines[index].each is not None:
+                index += 1  # fanned out from here: the flow stays
+                continue
+            frames.append((here, index, via))
+            via = (*via, here)
+            here = decision.machine
+        else:
+            assert isinstance(decision, routing.HandBack)
+            while True:  # each caller down to the owner relays the hand-off, checking it
+                caller, line, chain = frames.pop()
+                assert index in routing.back_lines(flow, caller, line, chain), (index, text)
+                if caller == decision.machine:
+                    break
+            here, via = decision.machine, via[: via.index(decision.machine)]

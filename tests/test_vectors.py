@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mesh.flowfile import parse_flows
+from mesh.flowfile import Line, parse_flows
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "protos" / "mesh" / "v1" / "testdata" / "digests.json"
@@ -25,6 +25,15 @@ VECTORS = ROOT / "protos" / "mesh" / "v1" / "testdata" / "digests.json"
 def _cases() -> list[dict[str, Any]]:
     cases: list[dict[str, Any]] = json.loads(VECTORS.read_text(encoding="utf-8"))["cases"]
     return cases
+
+
+def _row(line: Line) -> list[str]:
+    """A row as the digest hashes it: ``[log, machine]``, and its When and Each cells (in
+    their canonical spelling) when it has either (docs/wire-protocol.md#digest)."""
+    if line.when is None and line.each is None:
+        return [line.text, line.machine]
+    when = "" if line.when is None else line.when.text
+    return [line.text, line.machine, when, "" if line.each is None else line.each.text]
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c["name"][:60])
@@ -36,7 +45,7 @@ def test_each_vector_is_what_a_peer_computes(case: dict[str, Any]) -> None:
     assert list(flows) == [r["request"] for r in case["requests"]]
     for want in case["requests"]:
         flow = flows[want["request"]]
-        lines = [[line.text, line.machine] for line in flow.lines]
+        lines = [_row(line) for line in flow.lines]
         assert lines == want["lines"]
         assert list(dict.fromkeys(s for ln in flow.lines for s in ln.secrets)) == want["secrets"]
         assert json.dumps([flow.name, lines]) == want["hashed"]
@@ -64,3 +73,8 @@ def test_the_vectors_cover_every_spelling_a_flow_file_has() -> None:
     assert digests["login"] == {"93fb13f2200bbc72"}  # four spellings, one digest
     assert sum(1 for c in cases for r in c["requests"] if r["request"] == "login") >= 4
     assert any(r["secrets"] for c in cases for r in c["requests"])
+    # Control flow: rows with When or Each cells hash as quadruples, others as pairs.
+    rows = [row for c in cases for r in c["requests"] for row in r["lines"]]
+    assert any(len(row) == 4 and row[2] for row in rows)  # a condition
+    assert any(len(row) == 4 and row[3] for row in rows)  # a fan-out
+    assert any(row[0].startswith("@") for row in rows)  # a sub-flow row

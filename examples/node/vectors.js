@@ -6,7 +6,7 @@
 
 const fs = require('node:fs');
 const path = require('node:path');
-const { parseFlowFile } = require('./lib/flowfile');
+const { hashedRow, parseFlowFile } = require('./lib/flowfile');
 
 const file = process.argv[2] || path.join(__dirname, '..', '..', 'protos', 'mesh', 'v1', 'testdata', 'digests.json');
 const { cases } = JSON.parse(fs.readFileSync(file, 'utf8'));
@@ -29,7 +29,7 @@ for (const c of cases) {
     requests++;
     const flow = flows.get(want.request);
     if (!flow) continue;
-    const lines = flow.lines.map((l) => [l.text, l.machine]);
+    const lines = flow.lines.map(hashedRow);
     const checks = [
       ['lines', JSON.stringify(lines), JSON.stringify(want.lines)],
       ['secrets', JSON.stringify(flow.secrets), JSON.stringify(want.secrets)],

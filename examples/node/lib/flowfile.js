@@ -163,22 +163,32 @@ function parseFlowFile(data, path = '<string>') {
   text = text.replace(/\r\n/g, '\n').replace(/\r/g, '\n');
   const requests = new Map();
   let first = true;
+  let extra = []; // the optional columns (when, each) the header names, in its order
   for (const { row, cells: raw } of records(text, delimiter(text), path)) {
     const cells = raw.map(strip);
     if (!cells.some((c) => c)) continue;
     while (cells.length > 3 && !cells[cells.length - 1]) cells.pop();
-    if (cells.map((c) => c.toLowerCase()).join('\n') === 'request\nlog\nmachine') {
+    if (cells.slice(0, 3).map((c) => c.toLowerCase()).join('\n') === 'request\nlog\nmachine') {
       if (first) {
         first = false;
+        extra = cells.slice(3).map((c) => c.toLowerCase());
+        if (extra.some((c, i) => !['when', 'each'].includes(c) || extra.indexOf(c) !== i)) {
+          throw new FlowFileError(`${path}:${row}: the optional columns are When and Each, once each`);
+        }
         continue;
       }
       throw new FlowFileError(`${path}:${row}: a header row may only be the first row`);
     }
     first = false;
-    if (cells.length !== 3) {
-      throw new FlowFileError(`${path}:${row}: expected 3 columns, found ${cells.length}`);
+    if (cells.length < 3 || cells.length > 3 + extra.length) {
+      throw new FlowFileError(
+        `${path}:${row}: expected ${extra.length ? `3 to ${3 + extra.length}` : 3} columns, found ${cells.length}`,
+      );
     }
     const [request, log, machine] = cells;
+    const optional = Object.fromEntries(extra.map((c, i) => [c, cells[3 + i] || '']));
+    const when = optional.when ? canonicalCondition(optional.when, `${path}:${row}`) : '';
+    const each = optional.each ? canonicalEach(optional.each, `${path}:${row}`) : '';
     ['Request', 'Log', 'Machine'].forEach((column, i) => {
       if (!cells[i]) throw new FlowFileError(`${path}:${row}: the ${column} cell is empty`);
     });
@@ -188,10 +198,11 @@ function parseFlowFile(data, path = '<string>') {
     }
     if (!requests.has(request)) requests.set(request, []);
     const lines = requests.get(request);
-    if (lines.some((l) => l.text === log)) {
+    // A sub-flow row (@REQUEST) is no line code logs: it may repeat.
+    if (!log.startsWith('@') && lines.some((l) => l.text === log)) {
       throw new FlowFileError(`${path}:${row}: log text '${log}' is already a line of ${request}`);
     }
-    lines.push({ index: lines.length, text: log, machine });
+    lines.push({ index: lines.length, text: log, machine, when, each });
   }
   if (requests.size === 0) throw new FlowFileError(`${path}: flow file has no lines`);
   const flows = new Map();
@@ -206,8 +217,59 @@ function makeFlow(name, lines) {
       if (sigil === '#' && !secrets.includes(key)) secrets.push(key);
     }
   }
-  const hashed = pyJson([name, lines.map((l) => [l.text, l.machine])]);
+  const hashed = pyJson([name, lines.map(hashedRow)]);
   return { name, lines, secrets, hashed, digest: digestOf(hashed) };
+}
+
+// A row as the digest hashes it: [log, machine], or [log, machine, when, each] when it has
+// a When or an Each cell (docs/control-flow.md), each in its canonical spelling.
+function hashedRow(line) {
+  return line.when || line.each ? [line.text, line.machine, line.when, line.each] : [line.text, line.machine];
+}
+
+// A When cell's canonical spelling (docs/wire-protocol.md#digest): its tokens as written,
+// one space apart, none inside brackets or before a comma; a string literal unchanged. The
+// peers check the grammar itself; this only reads the tokens.
+const TOKEN = new RegExp(
+  [
+    '\\s*(?:("(?:[^"\\\\\\x00-\\x1f]|\\\\(?:["\\\\/bfnrt]|u[0-9a-fA-F]{4}))*")',
+    '(-?(?:0|[1-9][0-9]*)(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]+)?(?![A-Za-z0-9_.]))',
+    '(==|!=|<=|>=|<|>)',
+    '([\\[\\],])',
+    '([A-Za-z_][A-Za-z0-9_]*))',
+  ].join('|'),
+  'y',
+);
+
+function canonicalCondition(cell, where) {
+  const tokens = [];
+  const end = cell.trimEnd().length;
+  TOKEN.lastIndex = 0;
+  while (TOKEN.lastIndex < end) {
+    const at = TOKEN.lastIndex;
+    const m = TOKEN.exec(cell);
+    if (!m || TOKEN.lastIndex === at) {
+      throw new FlowFileError(`${where}: cannot read the condition ${JSON.stringify(cell)}`);
+    }
+    const value = m.slice(1).find((g) => g !== undefined);
+    tokens.push({ punct: m[4] !== undefined, value });
+  }
+  let out = '';
+  for (const { punct, value } of tokens) {
+    if (out && !(out.endsWith('[') || (punct && (value === ',' || value === ']')))) out += ' ';
+    out += value;
+  }
+  return out;
+}
+
+// An Each cell's canonical spelling: KEY, or KEY as NAME unless NAME is KEY_results.
+function canonicalEach(cell, where) {
+  const words = cell.split(/\s+/).filter((w) => w);
+  if (words.length === 1) return words[0];
+  if (words.length === 3 && words[1] === 'as') {
+    return words[2] === `${words[0]}_results` ? words[0] : words.join(' ');
+  }
+  throw new FlowFileError(`${where}: Each ${JSON.stringify(cell)} is not KEY or KEY as NAME`);
 }
 
 // Several files: a request may be defined in one of them only.
@@ -245,4 +307,4 @@ function digestOf(hashed) {
   return crypto.createHash('sha256').update(hashed, 'utf8').digest('hex').slice(0, 16);
 }
 
-module.exports = { FlowFileError, loadFlows, parseFlowFile, pyJson, PLACEHOLDER };
+module.exports = { FlowFileError, hashedRow, loadFlows, parseFlowFile, pyJson, PLACEHOLDER };
