@@ -121,7 +121,7 @@ _RESEND: Final = Answer(b"", grpc.StatusCode.ABORTED, "resend", "")
 class _Link:
     """One ``Link`` stream to one replica, and the calls in flight on it."""
 
-    def __init__(self, replica: _Replica, *, adopting: bool = False) -> None:
+    def __init__(self, replica: _Replica, *, adopting: float = 0.0) -> None:
         self.replica = replica
         self.address = replica.address
         self.pending: dict[int, _Pending] = {}
@@ -131,8 +131,9 @@ class _Link:
         self.going_away = False
         self.broken = False
         self.last_heard = time.monotonic()
-        # A link dialled to resend calls the broken one's peer may be running: if it
-        # cannot open, those calls fail instead of going to another replica.
+        # A link dialled to resend calls the broken one's peer may be running: the
+        # monotonic time until which it may (its ADOPT_WINDOW, from the first break); if
+        # it cannot open by then, those calls fail instead of going to another replica.
         self.adopting = adopting
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._call: Any = None
@@ -186,7 +187,9 @@ class _Link:
             if self.adopting:
                 # Resending calls its peer may be running: only that peer will do, and
                 # only if it is reachable soon (it keeps such a step for as long).
-                await asyncio.wait_for(replica.ready_again(), ADOPT_WINDOW)
+                await asyncio.wait_for(
+                    replica.ready_again(), max(self.adopting - time.monotonic(), 0.0)
+                )
             stream = replica.channel().stream_stream(
                 LINK_METHOD, request_serializer=None, response_deserializer=None
             )
@@ -256,7 +259,7 @@ class _Link:
                 # The peer refused the link itself (a token, a certificate): every call on it.
                 p.finish(Answer(b"", status, details, self.address))
             elif p.begun or call <= self.received:
-                if self.adopting:
+                if self.adopting and time.monotonic() >= self.adopting:
                     p.finish(
                         Answer(
                             b"",
@@ -273,7 +276,9 @@ class _Link:
             else:
                 p.finish(_RESEND)
         if begun:
-            link = replica.adopt_link()
+            # Broken again while adopting (a network that flaps): adopt again, within the
+            # window of the first break.
+            link = replica.adopt_link(self.adopting or time.monotonic() + ADOPT_WINDOW)
             for p in begun:
                 if p.future.done():
                     continue
@@ -331,9 +336,9 @@ class _Replica:
         if old is not None:
             asyncio.get_running_loop().create_task(old.close())
 
-    def adopt_link(self) -> _Link:
+    def adopt_link(self, until: float) -> _Link:
         """A new link to resend calls this replica may be running (see _Link._run)."""
-        self.link = _Link(self, adopting=True)
+        self.link = _Link(self, adopting=until)
         return self.link
 
     def reached(self) -> None:
