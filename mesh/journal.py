@@ -379,12 +379,11 @@ class SqliteJournal:
             if stop:
                 return
 
-    def _commit(
-        self,
-        conn: sqlite3.Connection,
-        batch: list[tuple[list[Op], concurrent.futures.Future[int]]],
-    ) -> None:
-        error: BaseException | None = None
+    def _apply(
+        self, conn: sqlite3.Connection, batch: Sequence[tuple[list[Op], Any]]
+    ) -> tuple[list[int], JournalError | None]:
+        """Every record of ``batch`` in one transaction: the rows each changed, or the
+        error that rolled them all back."""
         counts: list[int] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -399,7 +398,15 @@ class SqliteJournal:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            error = JournalError(f"{self.where}: journal write failed: {exc}")
+            return counts, JournalError(f"{self.where}: journal write failed: {exc}")
+        return counts, None
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[list[Op], concurrent.futures.Future[int]]],
+    ) -> None:
+        counts, error = self._apply(conn, batch)
         later: dict[asyncio.AbstractEventLoop, list[tuple[Any, int]]] = {}
         for (_, future), count in zip(batch, counts or [0] * len(batch), strict=False):
             if isinstance(future, asyncio.Future):
@@ -630,22 +637,7 @@ class SqliteJournal:
         conn = self._loop_conn
         if conn is None:
             conn = self._loop_conn = self._connect()
-        error: BaseException | None = None
-        counts: list[int] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for ops, _ in batch:
-                    before = conn.total_changes
-                    for sql, params in ops:
-                        conn.execute(sql, params)
-                    counts.append(conn.total_changes - before)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            error = JournalError(f"{self.where}: journal write failed: {exc}")
+        counts, error = self._apply(conn, batch)
         for (_, future), count in zip(batch, counts or [0] * len(batch), strict=False):
             if future.done():
                 continue

@@ -805,10 +805,16 @@ def _cell_result(lat: list[float], errors: list[str], elapsed: float, cpu: float
 
 async def _drive_async(system: str, args: Sequence[str]) -> int:
     """role_drive for the asyncio drivers: closed loops as tasks on one event loop."""
+    return await serve_cells_async(await _async_flow(system, args), HOPS)
+
+
+async def serve_cells_async(flow: Callable[[int], Awaitable[None]], hops: Sequence[int]) -> int:
+    """A driver's life on its event loop: one flow of each length in ``hops`` (a wrong
+    set-up fails there, before any figure is taken), "up", then a measured cell per
+    command ({"n", "c", "seconds"} -> "ready", "go" -> its figures) until stdin ends."""
     loop = asyncio.get_running_loop()
-    flow = await _async_flow(system, args)
-    for n in HOPS:
-        await flow(n)  # a wrong set-up fails here, before any figure is taken
+    for n in hops:
+        await flow(n)
     out = sys.stdout
     print(json.dumps("up"), file=out, flush=True)
     while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -857,8 +863,12 @@ def role_drive(system: str, args: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if system in ("mesh", "mesh-async", "raw-stream"):
         return asyncio.run(_drive_async(system, args))
-    call = _flow_caller(system, args)
-    for n in HOPS:
+    return serve_cells(_flow_caller(system, args), HOPS)
+
+
+def serve_cells(call: Callable[[int], None], hops: Sequence[int]) -> int:
+    """:func:`serve_cells_async` for a blocking ``call``, run from ``c`` threads a cell."""
+    for n in hops:
         call(n)  # a wrong set-up fails here, before any figure is taken
     out = sys.stdout
     print(json.dumps("up"), file=out, flush=True)

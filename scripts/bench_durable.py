@@ -50,13 +50,12 @@ from bench import (
     CONTEXT,
     Procs,
     System,
-    _async_loops,
-    _cell_result,
-    _loops,
     cpu_seconds,
     env_with_repo,
     free_port,
     say,
+    serve_cells,
+    serve_cells_async,
     wait_grpc,
 )
 
@@ -271,30 +270,14 @@ def drive_dbos(path: str, synchronous: str) -> int:
         if result.get("hop") != N - 1:
             raise RuntimeError(f"dbos workflow ended with {result!r}")
 
-    call(N)
-    print(json.dumps("up"), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        c, seconds = int(cmd["c"]), float(cmd["seconds"])
-        _loops(call, N, c, deadline=time.perf_counter() + min(0.3, seconds / 4))
-        print(json.dumps("ready"), flush=True)
-        if json.loads(sys.stdin.readline()) != "go":
-            return 1
-        cpu0 = time.process_time()
-        start = time.perf_counter()
-        lat, errors = _loops(call, N, c, deadline=start + seconds)
-        elapsed = time.perf_counter() - start
-        print(
-            json.dumps(_cell_result(lat, errors, elapsed, time.process_time() - cpu0)), flush=True
-        )
+    code = serve_cells(call, (N,))
     DBOS.destroy()
-    return 0
+    return code
 
 
 async def drive_mesh(cfg: str) -> int:
     import mesh
 
-    loop = asyncio.get_running_loop()
     devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the driver
     mesh.configure_logging(json=True, file=devnull)
     os.chdir(Path(cfg).parent)
@@ -305,24 +288,9 @@ async def drive_mesh(cfg: str) -> int:
         if result.context.get("hop") != N - 1:
             raise RuntimeError(f"mesh flow ended with {result.context!r}")
 
-    await flow(N)
-    print(json.dumps("up"), flush=True)
-    while line := await loop.run_in_executor(None, sys.stdin.readline):
-        cmd = json.loads(line)
-        c, seconds = int(cmd["c"]), float(cmd["seconds"])
-        await _async_loops(flow, N, c, deadline=time.perf_counter() + min(0.3, seconds / 4))
-        print(json.dumps("ready"), flush=True)
-        if json.loads(await loop.run_in_executor(None, sys.stdin.readline)) != "go":
-            return 1
-        cpu0 = time.process_time()
-        start = time.perf_counter()
-        lat, errors = await _async_loops(flow, N, c, deadline=start + seconds)
-        elapsed = time.perf_counter() - start
-        print(
-            json.dumps(_cell_result(lat, errors, elapsed, time.process_time() - cpu0)), flush=True
-        )
+    code = await serve_cells_async(flow, (N,))
     node.close()
-    return 0
+    return code
 
 
 # -- throughput and latency -----------------------------------------------------
@@ -330,7 +298,7 @@ async def drive_mesh(cfg: str) -> int:
 
 def run_cell(system: System, c: int, seconds: float) -> dict[str, Any]:
     assert system.driver is not None
-    system._send({"c": c, "seconds": seconds})
+    system._send({"n": N, "c": c, "seconds": seconds})
     system._expect("ready")
     pids = [*system.peer_pids(), system.driver.pid]
     cpu0 = sum(cpu_seconds(pid) for pid in pids)

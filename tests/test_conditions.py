@@ -10,21 +10,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.control import CHECKOUT_FLOW
 
 from mesh.conditions import ConditionError, parse_condition, parse_each
 from mesh.errors import FlowFileError
 from mesh.flowfile import load_flows, parse_flows
 
-CHECKOUT = (
-    "Request\tLog\tMachine\tWhen\tEach\n"
-    "checkout\tCart submitted by :user\tweb\n"
-    "checkout\tReserving :sku\tinventory\t\titems\n"
-    "checkout\tCharging card #card for :total\tpayments\n"
-    "checkout\t@receipt\tweb\tcharged\n"
-    "checkout\tPayment declined for :user\tweb\tnot charged\n"
-    "receipt\tRendering receipt for :user\tweb\n"
-    "receipt\tSending receipt to :email\tmailer\n"
-)
+CHECKOUT = CHECKOUT_FLOW
 
 HOLDS: list[tuple[str, dict[str, Any], bool]] = [
     ("verified", {"verified": True}, True),

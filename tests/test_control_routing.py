@@ -9,22 +9,12 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.control import CHECKOUT_FLOW
 
 from mesh import control, routing
 from mesh.flowfile import parse_flows
 
-SHOP = parse_flows(
-    "Request\tLog\tMachine\tWhen\tEach\n"
-    "checkout\tCart submitted by :user\tweb\n"
-    "checkout\tReserving :sku\tinventory\t\titems\n"
-    "checkout\tCharging card #card for :total\tpayments\n"
-    "checkout\t@receipt\tweb\tcharged\n"
-    "checkout\tPayment declined for :user\tweb\tnot charged\n"
-    "receipt\tRendering receipt for :user\tweb\n"
-    "receipt\tSending receipt to :email\tmailer\n"
-    "gate\tMaybe first\tm\tok\n"
-    "gate\tSecond\tn\n"
-)
+SHOP = parse_flows(CHECKOUT_FLOW + "gate\tMaybe first\tm\tok\ngate\tSecond\tn\n")
 CHECKOUT = SHOP["checkout"]
 PLAIN = parse_flows("r,a,x\nr,b,y\nr,c,x\n")["r"]
 

@@ -7,20 +7,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from support.cli import run_mesh
+from support.control import CHECKOUT_FLOW
 
 from mesh.flowfile import parse_flows
 from mesh.tools import diagram
 
-SHOP = (
-    "Request\tLog\tMachine\tWhen\tEach\n"
-    "checkout\tCart submitted by :user\tweb\n"
-    "checkout\tReserving :sku\tinventory\t\titems\n"
-    "checkout\tCharging card #card for :total\tpayments\n"
-    "checkout\t@receipt\tweb\tcharged\n"
-    "checkout\tPayment declined for :user\tweb\tnot charged\n"
-    "receipt\tRendering receipt for :user\tweb\n"
-    "receipt\tSending receipt to :email\tmailer\n"
-)
+SHOP = CHECKOUT_FLOW
 
 CONFIG = """flow = "flow.tsv"
 [machines]
