@@ -433,7 +433,7 @@ class SqliteJournal:
         whose first lines ran no handler: its accept need not be committed alone)."""
         return [] if stay is None else self._accept_ops(stay)
 
-    def _accept_ops(self, stay: Stay) -> list[Op]:
+    def _accept_ops(self, stay: Stay, *, replace: bool = False) -> list[Op]:
         values = (
             stay.flow_id,
             stay.line,
@@ -458,10 +458,17 @@ class SqliteJournal:
         marks = ", ".join("?" * len(values))
         # A stay known already (a resend of a call a previous process ran) is not replaced:
         # the commit's result says 0 rows, and the caller reads what the journal has.
+        # ``replace``: it is (a journal shared by replicas, whose accept takes the stay).
+        conflict = "DO NOTHING"
+        if replace:
+            columns = [c.strip() for c in _STAY_COLUMNS.split(",")]
+            conflict = "DO UPDATE SET " + ", ".join(
+                f"{c} = EXCLUDED.{c}" for c in columns if c not in ("flow_id", "line")
+            )
         return [
             (
                 f"INSERT INTO mesh_stays ({_STAY_COLUMNS}) VALUES ({marks})"
-                " ON CONFLICT (flow_id, line) DO NOTHING",
+                f" ON CONFLICT (flow_id, line) {conflict}",
                 values,
             )
         ]

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mesh.errors import JournalError
-from mesh.journal import _SCHEMA, _STAY_COLUMNS, RUNNING, SCHEMA_VERSION, SqliteJournal, Stay
+from mesh.journal import _SCHEMA, RUNNING, SCHEMA_VERSION, SqliteJournal, Stay
 
 __all__ = ["LEASE", "PostgresJournal"]
 
@@ -161,9 +161,12 @@ class PostgresJournal(SqliteJournal):
 
     # -- writing and reading ------------------------------------------------------------
 
-    def _commit(self, conn: Any, batch: list[tuple[list[Any], Any]]) -> None:
+    def _apply(
+        self, conn: Any, batch: Sequence[tuple[list[Any], Any]]
+    ) -> tuple[list[int], JournalError | None]:
+        """:meth:`SqliteJournal._apply` in PostgreSQL: every record of ``batch`` in one
+        transaction; each counts 1 (an upsert: the accept always takes the stay)."""
         psycopg = self._psycopg
-        error: BaseException | None = None
         try:
             conn.execute("BEGIN")
             try:
@@ -175,12 +178,8 @@ class PostgresJournal(SqliteJournal):
                 conn.execute("ROLLBACK")
                 raise
         except psycopg.Error as exc:
-            error = JournalError(f"{self.where}: journal write failed: {_line(exc)}")
-        for _, future in batch:
-            if error is None:
-                future.set_result(1)  # an upsert: the accept always takes the stay
-            else:
-                future.set_exception(error)
+            return [], JournalError(f"{self.where}: journal write failed: {_line(exc)}")
+        return [1] * len(batch), None
 
     def _submit_here(self, ops: list[Any]) -> asyncio.Future[int]:
         """A record asked for on an event loop: through the writer thread (the SQLite
@@ -194,24 +193,8 @@ class PostgresJournal(SqliteJournal):
             raise JournalError(f"{self.where}: cannot read the journal: {_line(exc)}") from None
 
     def accept(self, stay: Stay) -> Any:
-        values = (
-            stay.flow_id, stay.line, stay.request, stay.digest, stay.sender, int(stay.origin),
-            stay.fingerprint, stay.payload, stay.context, stay.position, stay.call,
-            stay.call_machine, stay.state, stay.outcome, stay.error, stay.deadline,
-            stay.owner, stay.started, stay.updated,
-        )  # fmt: skip
-        columns = [c.strip() for c in _stay_columns().split(",")]
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in ("flow_id", "line"))
-        marks = ", ".join("?" * len(values))
-        return self._submit(
-            [
-                (
-                    f"INSERT INTO mesh_stays ({_stay_columns()}) VALUES ({marks})"
-                    f" ON CONFLICT (flow_id, line) DO UPDATE SET {updates}",
-                    values,
-                )
-            ]
-        )
+        """:meth:`SqliteJournal.accept`, but the stay is taken even when known (an upsert)."""
+        return self._submit(self._accept_ops(stay, replace=True))
 
     def progress_in(  # noqa: PLR0917 - the record's fields, in order
         self,
@@ -280,8 +263,9 @@ class PostgresJournal(SqliteJournal):
 
 
 class _Connection:
-    """A psycopg connection that also takes the SQLite journal's ``?`` placeholders, so the
-    runtime (and a handler's step_transaction) can use either journal's connection alike."""
+    """A psycopg connection that also takes the SQLite journal's ``BEGIN IMMEDIATE``, so the
+    runtime's step_transaction can begin on either journal's connection alike. Statements
+    pass as written: a handler writes PostgreSQL's own placeholders (``%s``)."""
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
@@ -296,10 +280,6 @@ class _Connection:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
-
-
-def _stay_columns() -> str:
-    return _STAY_COLUMNS
 
 
 def _safe(url: str) -> str:
