@@ -214,14 +214,22 @@ class System:
         return line
 
 
-def start_driver(procs: Procs, system: System, *args: str) -> None:
+def start_driver(
+    procs: Procs,
+    system: System,
+    *args: str,
+    env: dict[str, str] | None = None,
+    script: Path = SELF,
+) -> None:
+    """``script _drive SYSTEM ARGS``: the process that originates ``system``'s flows, once
+    it says it is up (``script``: a bench of its own, as scripts/bench_durable.py)."""
     system.driver = procs.start(
-        [sys.executable, str(SELF), "_drive", system.name, *args],
+        [sys.executable, str(script), "_drive", system.name, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=None,
         text=True,
-        env=env_with_repo(),
+        env=env_with_repo() if env is None else env,
     )
     system._expect("up")
 
@@ -436,23 +444,11 @@ def start_celery(procs: Procs, tmp: Path) -> System:
             )
     system.driver = None
     try:
-        start_driver_env(procs, system, env, str(folder))
+        start_driver(procs, system, str(folder), env=env)
     except RuntimeError as exc:
         tails = "".join(p.read_text()[-400:] for p in logs)
         system.unavailable = f"celery did not start: {exc}: {tails.strip()[-400:]}"
     return system
-
-
-def start_driver_env(procs: Procs, system: System, env: dict[str, str], *args: str) -> None:
-    system.driver = procs.start(
-        [sys.executable, str(SELF), "_drive", system.name, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=None,
-        text=True,
-        env=env,
-    )
-    system._expect("up")
 
 
 def _wait_port(port: int, proc: subprocess.Popen[Any]) -> None:

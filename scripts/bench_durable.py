@@ -56,6 +56,7 @@ from bench import (
     say,
     serve_cells,
     serve_cells_async,
+    start_driver,
     wait_grpc,
 )
 
@@ -158,7 +159,7 @@ def start_mesh(procs: Procs, tmp: Path, name: str) -> System:
     env = env_with_repo()
     system.peers = [start_peer(procs, folder, i, env) for i in range(N)]
     wait_grpc(mesh_addresses(folder), system.peers)
-    start_driver(procs, system, str(folder / "mesh.toml"))
+    start_driver(procs, system, str(folder / "mesh.toml"), script=SELF)
     return system
 
 
@@ -166,20 +167,8 @@ def start_dbos(procs: Procs, tmp: Path, name: str) -> System:
     folder = tmp / name
     folder.mkdir()
     system = System(name)
-    start_driver(procs, system, str(folder / "dbos.sqlite"), name.split("-")[1])
+    start_driver(procs, system, str(folder / "dbos.sqlite"), name.split("-")[1], script=SELF)
     return system
-
-
-def start_driver(procs: Procs, system: System, *args: str) -> None:
-    system.driver = procs.start(
-        [sys.executable, str(SELF), "_drive", system.name, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=None,
-        text=True,
-        env=env_with_repo(),
-    )
-    system._expect("up")
 
 
 # -- DBOS ----------------------------------------------------------------------
