@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -250,15 +250,16 @@ class Node:
             return None
         return self.journal
 
-    def recover_origins(self) -> list[str]:
+    def recover_origins(self, orphans: Iterable[Stay] | None = None) -> list[str]:
         """Go on, in the background, with the durable flows a dead process of this machine
         started and did not finish (an address-less originator calls it on connect, a
-        peer when it starts). Returns their flow ids."""
+        peer when it starts; ``orphans``: the journal's, when the caller has just read
+        them). Returns their flow ids."""
         if not self.config.durable:
             return []
         journal = self.journal
         resumed: list[str] = []
-        for stay in journal.orphans():
+        for stay in journal.orphans() if orphans is None else orphans:
             if not stay.origin or stay.flow_id in self._recovering:
                 continue
             if self.flow_version(stay.request, stay.digest) is None:

@@ -26,7 +26,7 @@ import contextvars
 import errno
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -44,7 +44,7 @@ from mesh.durable import Waits, answer_flows, deadline_left, payload_of, steer
 from mesh.errors import MeshError
 from mesh.flowfile import Flow
 from mesh.guard import Admitted, Guard, Refusal
-from mesh.journal import Journal
+from mesh.journal import Journal, Stay
 from mesh.links import LINK_METHOD
 from mesh.transport import LIMIT_KEY, Transport
 from mesh.v1 import mesh_pb2 as _pb2
@@ -103,7 +103,7 @@ class Node(runtime.Place, Protocol):
     def flow_version(self, request: str, digest: str) -> Flow | None:
         """A version of a request: the config's or a kept one."""
 
-    def recover_origins(self) -> list[str]:
+    def recover_origins(self, orphans: Iterable[Stay] | None = None) -> list[str]:
         """Go on with durable flows a dead process of this machine started."""
 
 
@@ -331,7 +331,7 @@ class Peer:
             return runtime.stopped_reply(self._node, request, f"the flow was {stay.state}")
         return stay.outcome  # type: ignore[no-any-return]
 
-    def recover(self) -> int:
+    def recover(self, orphans: Iterable[Stay] | None = None) -> int:
         """Go on with the durable stays a dead process of this machine accepted and did not
         finish, before this peer serves: each as if its call had just come (a resend of it
         joins it); a step whose outcome is recorded is not run again. How many."""
@@ -340,7 +340,7 @@ class Peer:
             return 0
         journal = node.journal
         count = 0
-        for stay in journal.orphans():
+        for stay in journal.orphans() if orphans is None else orphans:
             if self._resume(journal, stay) is not None:
                 count += 1
         return count
@@ -392,13 +392,18 @@ class Peer:
         one Postgres journal): take over, every second or so, what a replica that died
         accepted, once its lease has lapsed; not only at start."""
         node = self._node
+        journal = node.journal
 
         async def every_second() -> None:
+            loop = asyncio.get_running_loop()
             while True:
                 await asyncio.sleep(1.0)
                 try:
-                    self.recover()
-                    node.recover_origins()
+                    # The journal is asked off the loop: flows keep moving meanwhile.
+                    orphans = await loop.run_in_executor(None, journal.orphans)
+                    if orphans:
+                        self.recover(orphans)
+                        node.recover_origins(orphans)
                 except MeshError as exc:
                     _log.warning("mesh.recover_failed", error=str(exc), machine=node.machine)
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mesh.errors import JournalError
-from mesh.journal import _SCHEMA, RUNNING, SCHEMA_VERSION, SqliteJournal, Stay
+from mesh.journal import _SCHEMA, _STAY_COLUMNS, RUNNING, SCHEMA_VERSION, SqliteJournal, Stay, _stay
 
 __all__ = ["LEASE", "PostgresJournal"]
 
@@ -153,12 +153,6 @@ class PostgresJournal(SqliteJournal):
             with contextlib.suppress(Exception):  # a lost server: the lease lapses, as it must
                 self._renew()
 
-    def _alive(self, owner: int) -> bool:
-        if owner == self.owner:
-            return True
-        rows = self._rows("SELECT seen FROM mesh_owners WHERE owner = %s", (owner,))
-        return bool(rows) and rows[0][0] > time.time() - LEASE
-
     # -- writing and reading ------------------------------------------------------------
 
     def _apply(
@@ -209,8 +203,16 @@ class PostgresJournal(SqliteJournal):
             conn.execute(_pg(sql), params)
 
     def orphans(self) -> list[Stay]:
-        """Running stays whose owner's lease has lapsed (on any host): to recover."""
-        return [s for s in self.stays(states=(RUNNING,)) if not self._alive(s.owner)]
+        """Running stays whose owner's lease has lapsed (on any host): to recover. One query,
+        however many stays run: replicas ask every second."""
+        columns = ", ".join(f"s.{c.strip()}" for c in _STAY_COLUMNS.split(","))
+        rows = self._rows(
+            f"SELECT {columns} FROM mesh_stays s WHERE s.state = %s AND s.owner <> %s"
+            " AND NOT EXISTS (SELECT 1 FROM mesh_owners o"
+            " WHERE o.owner = s.owner AND o.seen > %s) ORDER BY s.started",
+            (RUNNING, self.owner, time.time() - LEASE),
+        )
+        return [_stay(r) for r in rows]
 
     def claim(self, flow_id: str, line: int) -> bool:
         """Take over a running stay whose owner's lease has lapsed; False when a live process
