@@ -398,7 +398,7 @@ class _Machine:
             self._waiters -= 1
 
     async def _watching(self, back: asyncio.Event) -> None:
-        while self._waiters >= 0 and not self.owner.closed:
+        while not self.owner.closed:
             for replica in self.replicas:
                 if await _accepts(replica.address):
                     replica.retry_at = 0.0  # dial it at once, on a fresh channel
