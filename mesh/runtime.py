@@ -569,18 +569,19 @@ async def _in_worker(place: Place, state: FlowState, index: int, fn: Handler) ->
     wakes up in it.)"""
     variables = contextvars.copy_context()
     ran = place.run_in_worker(variables, run_handler, state, index, fn)
-    while True:
-        # Shielded: the handler cannot be stopped, so if the flow is stopped here meanwhile
-        # (runtime.stop cancels its task) the flow still waits for the handler to return;
-        # its next move then fails, naming the line it did not run.
-        try:
-            await asyncio.shield(ran)
-            break
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or (asyncio.isfuture(ran) and ran.cancelled()):
-                raise
+    # The handler cannot be stopped (its future refuses to be cancelled), so if the flow
+    # is stopped here meanwhile (runtime.stop cancels its task) the flow still waits for
+    # the handler to return; its next move then fails, naming the line it did not run.
+    task = asyncio.current_task()
+    cancelling = task.cancelling() if task is not None else 0
+    try:
+        await ran
+    except asyncio.CancelledError:
+        if task is None or not asyncio.isfuture(ran) or not ran.done() or ran.cancelled():
+            raise
+        while task.cancelling() > cancelling:
             task.uncancel()
+        ran.result()  # the handler's own failure, if it failed
     for var, value in variables.items():
         if var.get(_UNSET) is not value:
             var.set(value)

@@ -24,9 +24,22 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LoopThread", "Workers"]
+__all__ = ["BorrowedLoop", "EventLoop", "LoopThread", "Running", "Workers"]
 
 T = TypeVar("T")
+
+
+class Running(asyncio.Future[T]):
+    """The result of a function running on a worker thread, which nothing can stop.
+
+    So cancelling the task that awaits it does not cancel it: the task is woken with
+    ``CancelledError`` once the function has returned (asyncio marks it to be cancelled
+    when its future refuses). ``asyncio.shield`` gave the same with three wake-ups of the
+    loop where this takes one.
+    """
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 class Workers:
@@ -47,7 +60,7 @@ class Workers:
         """Run ``fn(*args)`` on a worker thread, in ``context`` (which nothing else may be
         running in meanwhile: the awaiting task's own, say); await its result (its
         exception, raised again here)."""
-        future: asyncio.Future[T] = self._loop.create_future()
+        future: Running[T] = Running(loop=self._loop)
         if len(self._threads) < self._size and self.busy >= len(self._threads):
             self._start_thread()
         self.busy += 1
@@ -107,13 +120,34 @@ class Workers:
             self._tasks.put(None)
 
 
-class LoopThread:
-    """An asyncio event loop in a daemon thread of its own, for code that is not async.
+class EventLoop:
+    """A node's event loop and the thread that runs it: where its links, its server, its
+    flows and its async handlers live. Blocking code (``node.start``, inline flows) in
+    other threads hands calls to it with :meth:`call` and waits."""
 
-    A node's links, its server and its async handlers live on this loop; ``node.start``
-    and inline flows, which block their caller's thread, hand calls to it with
-    :meth:`call` and wait.
-    """
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result in this thread."""
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError("EventLoop.call from its own loop would wait forever")
+        return self.submit(coro).result(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self.loop.is_closed()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop, if it is the node's own."""
+
+
+class LoopThread(EventLoop):
+    """An event loop in a daemon thread of the node's own, for code that is not async."""
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
@@ -135,18 +169,24 @@ class LoopThread:
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the loop and wait for its result in this thread."""
-        if threading.current_thread() is self.thread:
-            raise RuntimeError("LoopThread.call from its own loop would wait forever")
-        return self.submit(coro).result(timeout)
-
     def stop(self, timeout: float = 5.0) -> None:
         if self.loop.is_closed():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout)
+
+
+class BorrowedLoop(EventLoop):
+    """The application's own running event loop, lent to a node (``mesh.connect_async``).
+
+    An asyncio application that originates flows on a loop of the node's own pays two
+    thread wake-ups a flow (its task hands the flow to the node's thread, which hands the
+    result back), and on a loaded machine a wake-up waits for a core. On the
+    application's loop a flow is one more task. The node never stops a loop it borrowed;
+    once the application's loop has closed, the node cannot be used (``closed`` says so).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread = threading.current_thread()
