@@ -25,7 +25,7 @@ from mesh.errors import (
     RegistryError,
 )
 from mesh.logconfig import configure_logging
-from mesh.node import Node, connect, current_context
+from mesh.node import Node, connect, connect_async, current_context
 from mesh.processors import mask_secrets, processor
 from mesh.registry import handler
 from mesh.result import FlowResult, Step
@@ -52,6 +52,7 @@ __all__ = [
     "StepId",
     "configure_logging",
     "connect",
+    "connect_async",
     "current_context",
     "current_flow",
     "handler",

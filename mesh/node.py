@@ -55,7 +55,7 @@ from mesh.transport import Transport
 from mesh.v1 import mesh_pb2 as _pb2
 from mesh.versions import VersionStore
 from mesh.wire import as_steps, check_values, failure_to_error, load_context
-from mesh.workers import LoopThread, Workers
+from mesh.workers import BorrowedLoop, EventLoop, LoopThread, Workers
 
 T = TypeVar("T")
 
@@ -91,7 +91,7 @@ class Node:
         self.transport = Transport.of(config, machine)
         self._addresses = {name: m.address for name, m in config.machines.items()}
         self._server: Server | None = None
-        self._loop: LoopThread | None = None
+        self._loop: EventLoop | None = None
         self._links: Links | None = None
         self._workers: Workers | None = None
         self._lock = threading.Lock()
@@ -349,7 +349,11 @@ class Node:
         )
 
     def run_on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        loop = self.loop()
+        try:
+            loop = self.loop()
+        except MeshError:
+            coro.close()
+            raise
         if threading.current_thread() is loop.thread:
             coro.close()
             raise MeshError(
@@ -369,8 +373,9 @@ class Node:
             )
         return workers.run(context, fn, *args)
 
-    def loop(self) -> LoopThread:
-        """The node's event loop thread, started on first use."""
+    def loop(self) -> EventLoop:
+        """The node's event loop: a thread of its own, started on first use, or the
+        application's loop it was connected on (:func:`connect_async`)."""
         loop = self._loop
         if loop is None:
             with self._lock:
@@ -379,7 +384,20 @@ class Node:
                 loop = self._loop
                 if loop is None:
                     loop = self._loop = LoopThread(f"mesh-{self.machine}-loop")
+        elif loop.closed:
+            raise MeshError(
+                f"{self!r}: the event loop it was connected on (mesh.connect_async) has"
+                " closed; connect again from the loop that uses it"
+            )
         return loop
+
+    def borrow_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run this node's links, flows and async handlers on ``loop``, the application's
+        running loop, instead of a thread of the node's own (see :func:`connect_async`)."""
+        with self._lock:
+            if self._loop is not None:
+                raise MeshError(f"{self!r} already runs on an event loop of its own")
+            self._loop = BorrowedLoop(loop)
 
     # -- originating flows -------------------------------------------------------------
 
@@ -469,19 +487,38 @@ class Node:
         return True if self._server is None else bool(self._server.wait(timeout))
 
     def close(self) -> None:
-        """Stop serving, close links, and stop routing this process's logs."""
+        """Stop serving, close links, and stop routing this process's logs.
+
+        On the loop of a node connected with :func:`connect_async`, the links are closed
+        by a task of that loop (nothing may block it); ``await node.aclose()`` waits for
+        them."""
         self.stop(0)
         with self._lock:
             self._closed = True
             loop, self._loop = self._loop, None
         if loop is not None:
             links, self._links = self._links, None
-            if links is not None:
-                with contextlib.suppress(Exception):  # the loop is going away either way
-                    loop.call(links.close(), 5.0)
+            if links is not None and not loop.closed:
+                if threading.current_thread() is loop.thread:
+                    loop.loop.create_task(links.close())
+                else:
+                    with contextlib.suppress(Exception):  # the loop is going away either way
+                        loop.call(links.close(), 5.0)
             if self._workers is not None:
                 self._workers.stop()
             loop.stop()
+        self._release()
+
+    async def aclose(self) -> None:
+        """:meth:`close` for asyncio code, on the node's loop: its links are closed when
+        it returns."""
+        links = self._links if self._loop is not None and not self._loop.closed else None
+        if links is not None and asyncio.get_running_loop() is self.loop().loop:
+            self._links = None
+            await links.close()
+        self.close()
+
+    def _release(self) -> None:
         journal, self._journal = self._journal, None
         if journal is not None:
             journal.close()
@@ -513,9 +550,39 @@ def connect(
     configured without :data:`mesh.processor`, that is an error, because flow
     lines and ``"next"`` would silently do nothing.
     """
+    return _connect(config, machine, registry, None)
+
+
+async def connect_async(
+    config: str | os.PathLike[str] | None = None,
+    *,
+    machine: str,
+    registry: Registry | None = None,
+) -> Node:
+    """:func:`connect` for an asyncio application: the node runs on the calling event loop.
+
+    Its links, the flows it starts with ``await node.start_async(...)`` and its
+    ``async def`` handlers run on this loop, as tasks of the application's, instead of
+    on a thread of the node's own that every flow is handed to and back from. Plain
+    handlers still run on worker threads. Blocking calls (``node.start``, inline
+    flows, ``node.serve``) work from other threads while the loop runs, and are refused
+    on the loop itself. Close it with ``await node.aclose()`` before the loop ends; a
+    node whose loop has closed refuses to be used.
+    """
+    return _connect(config, machine, registry, asyncio.get_running_loop())
+
+
+def _connect(
+    config: str | os.PathLike[str] | None,
+    machine: str,
+    registry: Registry | None,
+    loop: asyncio.AbstractEventLoop | None,
+) -> Node:
     cfg = load_config(find_config(config))
     import_services(cfg)
     node = Node(cfg, machine, registry)
+    if loop is not None:
+        node.borrow_loop(loop)
     if not structlog.is_configured():
         configure_logging()
     else:

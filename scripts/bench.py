@@ -265,8 +265,8 @@ for _n in {hops}:
 
 #: How each system's driver originates flows (printed with the table).
 DRIVERS = {
-    "mesh": "asyncio, await node.start_async_with(...), closed loops as tasks",
-    "mesh-async": "asyncio, await node.start_async_with(...), closed loops as tasks",
+    "mesh": "asyncio, mesh.connect_async, await node.start_async_with(...), loops as tasks",
+    "mesh-async": "asyncio, mesh.connect_async, await node.start_async_with(...), loops as tasks",
     "raw": "threads, a blocking unary call per flow (one thread per flow in flight)",
     "raw-stream": "asyncio, flows multiplexed by id over one stream to the first hop",
     "celery": "threads, chain.apply_async().get() (one thread per flow in flight)",
@@ -725,7 +725,8 @@ async def _async_flow(system: str, args: Sequence[str]) -> Callable[[int], Await
 
         devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the driver
         mesh.configure_logging(json=True, file=devnull)
-        node = mesh.connect(args[0], machine="client")
+        # An asyncio application's node: its flows run on this loop (mesh.connect_async).
+        node = await mesh.connect_async(args[0], machine="client")
 
         async def call_mesh(n: int) -> None:
             result = await node.start_async_with(f"chain{n}", CONTEXT, timeout=FLOW_TIMEOUT)

@@ -29,6 +29,7 @@ def test_exact_public_exports() -> None:
         "StepId",
         "configure_logging",
         "connect",
+        "connect_async",
         "current_context",
         "current_flow",
         "handler",

@@ -101,3 +101,100 @@ def test_start_async_takes_starts_arguments_and_raises_its_errors(
         assert (exc.machine, exc.error_type) == ("server", "PermissionError")
     else:
         raise AssertionError("a wrong password did not fail the flow")
+
+
+ON_THE_LOOP_FLOW = (
+    "Request\tLog\tMachine\n"
+    "tour\tLeaving with :n\tclient\n"
+    "tour\tSync on the server :n\tserver\n"
+    "tour\tAsync on the server :n\tserver\n"
+    "tour\tHome again :n\tclient\n"
+)
+
+ON_THE_LOOP_SERVICE = """
+import asyncio
+import threading
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+
+
+@mesh.handler("tour", "Sync on the server :n")
+def sync_step(ctx):
+    log.info("next", sync_thread=threading.current_thread().name)
+
+
+@mesh.handler("tour", "Async on the server :n")
+async def async_step(ctx):
+    await asyncio.sleep(0.01)
+    log.info("next")
+
+
+@mesh.handler("tour", "Home again :n")
+async def home(ctx):
+    await asyncio.sleep(0)
+    log.info("next", home_thread=threading.current_thread().name)
+"""
+
+
+def test_connect_async_runs_the_nodes_flows_on_the_applications_loop(
+    mesh_dir: MeshDir, peers: Peers
+) -> None:
+    """``await mesh.connect_async(...)``: the node's links, its flows and its async handler
+    run on the application's loop (no loop thread of the node's), many flows at once; a
+    blocking ``node.start`` works from another thread and is refused on the loop; once
+    that loop has closed the node says so instead of hanging."""
+    import asyncio
+    import threading
+
+    mesh_dir.flow(ON_THE_LOOP_FLOW)
+    mesh_dir.service(ON_THE_LOOP_SERVICE)
+    mesh_dir.write_config({"client": False, "server": True})
+    peers.start(mesh_dir, "server")
+
+    async def main() -> tuple[list[mesh.FlowResult], mesh.FlowResult, str, list[str]]:
+        node = await mesh.connect_async(mesh_dir.config, machine="client")
+        try:
+            flows = await asyncio.gather(
+                *(node.start_async("tour", n=n, timeout=30) for n in range(50))
+            )
+            threads = [t.name for t in threading.enumerate()]
+            # From a thread of the application's, a blocking flow is handed to the loop.
+            blocking = await asyncio.to_thread(node.start, "tour", n=99, timeout=30)
+            try:
+                node.start("tour", n=100, timeout=30)
+            except mesh.MeshError as exc:
+                refused = str(exc)
+            else:
+                refused = ""
+        finally:
+            await node.aclose()
+        return flows, blocking, refused, threads
+
+    flows, blocking, refused, threads = asyncio.run(main())
+    main_thread = threading.current_thread().name
+    assert [r.context["n"] for r in flows] == list(range(50))
+    for result in (*flows, blocking):
+        assert result.context["home_thread"] == main_thread  # the application's loop
+        assert result.context["sync_thread"].startswith("mesh-server-")
+        assert [s.machine for s in result.steps] == ["client", "server", "server", "client"]
+    assert "mesh-client-loop" not in threads
+    assert "start_async" in refused and "own event loop" in refused
+
+    async def left_open() -> mesh.Node:
+        node = await mesh.connect_async(mesh_dir.config, machine="client")
+        await node.start_async("tour", n=1, timeout=30)
+        return node  # not closed: its loop ends with asyncio.run
+
+    node = asyncio.run(left_open())
+    try:
+        node.start("tour", n=2, timeout=5)
+    except mesh.MeshError as exc:
+        assert "connect_async" in str(exc) and "closed" in str(exc)
+    else:
+        raise AssertionError("a node whose loop has closed started a flow")
+    finally:
+        node.close()
