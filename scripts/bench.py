@@ -728,11 +728,18 @@ async def _async_flow(system: str, args: Sequence[str]) -> Callable[[int], Await
         # An asyncio application's node: its flows run on this loop (mesh.connect_async).
         node = await mesh.connect_async(args[0], machine="client")
 
+        reply_path: list[float] = []
+
         async def call_mesh(n: int) -> None:
             result = await node.start_async_with(f"chain{n}", CONTEXT, timeout=FLOW_TIMEOUT)
+            # From the end of the last step to the result here: the reply relayed up the
+            # chain, which a direct return would shorten to one hop (same host's clock).
+            last = result.steps[-1]
+            reply_path.append(time.time() - (last.start + last.duration))
             if result.context.get("hop") != n - 1:
                 raise RuntimeError(f"mesh flow ended with {result.context!r}")
 
+        call_mesh.reply_path = reply_path  # type: ignore[attr-defined]
         return call_mesh
     if system == "raw-stream":
         import itertools
@@ -821,11 +828,16 @@ async def serve_cells_async(flow: Callable[[int], Awaitable[None]], hops: Sequen
         print(json.dumps("ready"), file=out, flush=True)
         if json.loads(await loop.run_in_executor(None, sys.stdin.readline)) != "go":
             return 1
+        reply_path: list[float] | None = getattr(flow, "reply_path", None)
+        if reply_path is not None:
+            reply_path.clear()
         cpu0 = time.process_time()
         start = time.perf_counter()
         lat, errors = await _async_loops(flow, n, c, deadline=start + seconds)
         elapsed = time.perf_counter() - start
         result = _cell_result(lat, errors, elapsed, time.process_time() - cpu0)
+        if reply_path:
+            result["reply_path_ms"] = statistics.median(reply_path) * 1000
         print(json.dumps(result), file=out, flush=True)
     return 0
 
@@ -1309,6 +1321,19 @@ def summarize(results: dict[str, Any]) -> list[str]:
         ]
         summary[f"{s}_per_hop_ms"] = per_repeat
         out.append(f"per-hop marginal cost, {s}: {spread(per_repeat, '.3f')} ms")
+    for s in ("mesh", "mesh-async"):
+        for n in HOPS if s in systems else ():
+            path = collect(cells, s, n, 1, "reply_path_ms")
+            if path:
+                share = [
+                    r / p for r, p in zip(path, collect(cells, s, n, 1, "p50_ms"), strict=False)
+                ]
+                summary[f"{s}_reply_path_share_{n}"] = share
+                out.append(
+                    f"reply path, {s}, N={n}, one flow at a time: {spread(path, '.2f')} ms"
+                    f" from the last step's end to the result, {spread(share, '.2f')} of the"
+                    " p50 (what a direct return could shorten to one hop)"
+                )
     growth = {s: collect_all(cells, s, "rss_growth_mib") for s in systems}
     for s in systems:
         out.append(

@@ -61,7 +61,13 @@ def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> 
                 ]
                 assert cell["count"] > 0 and cell["errors"] == 0, cell
                 assert cell["p50_ms"] > 0 and cell["peer_cpu_ms_per_flow"] > 0
+    # The reply path of a mesh flow (last step's end to the result) is a part of its time.
+    for n in (4, 8):
+        (cell,) = [x for x in results["cells"] if (x["system"], x["n"], x["c"]) == ("mesh", n, 1)]
+        assert 0 < cell["reply_path_ms"] < cell["p50_ms"] * 3, cell
     out = proc.stdout
+    assert "reply path, mesh, N=4, one flow at a time: " in out
+    assert "connect_async" in results["drivers"]["mesh"]
     assert "start_async_with" in results["drivers"]["mesh"]
     assert "one stream" in results["drivers"]["raw-stream"]
     assert "  raw-stream asyncio, flows multiplexed by id over one stream" in out

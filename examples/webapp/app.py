@@ -29,12 +29,13 @@ class Login(BaseModel):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """One node for the whole process, connected at startup and closed at shutdown."""
-    app.state.node = mesh.connect(machine=os.environ.get("MESH_MACHINE", "client"))
+    """One node for the whole process, connected at startup and closed at shutdown. Its
+    flows run on the app's own event loop (connect_async), as tasks beside the requests."""
+    app.state.node = await mesh.connect_async(machine=os.environ.get("MESH_MACHINE", "client"))
     try:
         yield
     finally:
-        app.state.node.close()
+        await app.state.node.aclose()
 
 
 app = FastAPI(title="mesh login example", lifespan=lifespan)
