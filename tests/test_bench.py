@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.up import alive
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purpose: reaped by whoever started it, or by init.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
 
 
 @pytest.mark.slow
@@ -89,4 +79,4 @@ def test_bench_measures_mesh_and_raw_and_stops_every_process(tmp_path: Path) -> 
     assert len(results["hop_in_process_us"]["mesh_us"]) == len(results["events"]["with_ns"])
     for system in ("mesh", "mesh-async", "raw", "raw-stream"):
         assert len(results["pids"][system]) == 8
-    assert [pid for pid in results["pids"]["all"] if _alive(pid)] == []
+    assert [pid for pid in results["pids"]["all"] if alive(pid)] == []

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from support.cli import mesh_env
+from support.up import alive
 
 SCALE = Path(__file__).resolve().parent.parent / "scripts" / "scale.py"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")  # a zombie is gone for our purpose
-    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
 
 
 def test_scale_holds_every_flow_in_flight_and_refuses_none(tmp_path: Path) -> None:
@@ -45,4 +36,4 @@ def test_scale_holds_every_flow_in_flight_and_refuses_none(tmp_path: Path) -> No
     threads = re.search(r"threads per peer : m0 (\d+), m1 (\d+), m2 (\d+), m3 (\d+)", out)
     assert threads is not None and all(int(n) > 0 for n in threads.groups()), out
     pids = [int(pid) for pid in re.findall(r"m\d (\d+)", out.split("peer pids", 1)[1])]
-    assert len(pids) == 4 and not [pid for pid in pids if _alive(pid)]
+    assert len(pids) == 4 and not [pid for pid in pids if alive(pid)]

@@ -96,8 +96,13 @@ class Up:
 
 
 def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not: it is only left to reap)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
