@@ -104,6 +104,7 @@ class Node:
         self._journal: Journal | None = None
         self.waits = Waits()
         self._recovering: set[str] = set()
+        self._closing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<mesh.Node {self.machine} of {self.config.path}>"
@@ -500,7 +501,8 @@ class Node:
             links, self._links = self._links, None
             if links is not None and not loop.closed:
                 if threading.current_thread() is loop.thread:
-                    loop.loop.create_task(links.close())
+                    # Kept: a task nothing refers to may be collected before it ends.
+                    self._closing = loop.loop.create_task(links.close())
                 else:
                     with contextlib.suppress(Exception):  # the loop is going away either way
                         loop.call(links.close(), 5.0)
