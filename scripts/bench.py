@@ -17,9 +17,10 @@ The same work five ways, every "machine" its own process on 127.0.0.1:
 * **celery**: a ``chain()`` of N tasks, each on its own queue with its own
   worker process, Redis (Debian's ``redis-server``) as broker and backend.
 
-Drivers: the mesh's originates with ``await node.start_async_with(...)`` and
-raw-stream's multiplexes flows over one stream to the first hop, both asyncio
-with closed loops as tasks; raw's and Celery's block a thread per flow in flight.
+Drivers: the mesh's originates with ``await node.start_async_with(...)`` on a node of
+``mesh.connect_async`` (the driver's own loop) and raw-stream's multiplexes flows over
+one stream to the first hop, both asyncio with closed loops as tasks; raw's and
+Celery's block a thread per flow in flight.
 
 For N = 4 and 8, at 1, 8, 32 and 128 flows in flight: flows/s, p50/p99
 latency, peer CPU seconds per flow (``/proc/PID/stat``), peak RSS per peer
@@ -27,9 +28,10 @@ latency, peer CPU seconds per flow (``/proc/PID/stat``), peak RSS per peer
 (mesh, mesh-async, raw, raw-stream, celery, ...) and repeated; medians are
 shown with min-max. Also: the per-hop marginal cost, one hop's work in process
 without the network (a peer's, against the raw handler's: the mesh's own
-work), a non-flow structlog event with and without the mesh processors, and a
-loopback TCP ping-pong as the floor. The project's performance targets are
-checked against the figures of this run and printed PASS/FAIL.
+work), a non-flow structlog event with and without the mesh processors, a
+loopback TCP ping-pong as the floor, and a mesh flow's reply path (the last step's
+end to the result). The project's performance targets are checked against the
+figures of this run and printed PASS/FAIL.
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats 5] [--seconds 2]
                                       [--systems mesh,raw,...] [--no-celery]
