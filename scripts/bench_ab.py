@@ -48,6 +48,7 @@ from bench import (  # noqa: E402 - beside this script
     free_port,
     hop_line,
     interrupts_stop,
+    spread,
     wait_grpc,
 )
 
@@ -147,12 +148,6 @@ async def rounds(
     return ratios
 
 
-def spread(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -225,9 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         procs.stop_all()
     print("B/A, the median of the per-round ratios (min-max):")
-    print(f"  p50 one flow at a time:    {spread(ratios['p50'])}")
-    print(f"  peers' CPU per flow:       {spread(ratios['cpu'])}")
-    print(f"  flows/s, {args.concurrency} in flight:     {spread(ratios['throughput'])}")
+    print(f"  p50 one flow at a time:    {spread(ratios['p50'], '.3f')}")
+    print(f"  peers' CPU per flow:       {spread(ratios['cpu'], '.3f')}")
+    print(f"  flows/s, {args.concurrency} in flight:     {spread(ratios['throughput'], '.3f')}")
     return 0
 
 
