@@ -463,6 +463,19 @@ class Node:
 
     def serve(self, listen: str | None = None) -> int:
         """Start this machine's peer in the background; returns the bound port."""
+        self._server = Server(self, self._bind(listen))
+        return int(self._server.port)
+
+    async def serve_async(self, listen: str | None = None) -> int:
+        """:meth:`serve` from asyncio code, on the node's loop (a node of
+        :func:`connect_async` serves on the application's loop); returns the bound port."""
+        bind = self._bind(listen)
+        if asyncio.get_running_loop() is not self.loop().loop:
+            return await asyncio.to_thread(self.serve, listen)
+        self._server = await Server.started(self, bind)
+        return int(self._server.port)
+
+    def _bind(self, listen: str | None) -> str:
         if self._server is not None:
             raise MeshError(f"{self.machine} is already serving on {self._server.listen}")
         bind = listen or self.config.machines[self.machine].listen
@@ -471,8 +484,7 @@ class Node:
                 f"{self.config.path}: machine {self.machine!r} has no address, so it cannot"
                 " serve; give it one in [machines]"
             )
-        self._server = Server(self, bind)
-        return int(self._server.port)
+        return bind
 
     def stop(self, grace: float | None = None) -> list[Abandoned]:
         """Stop serving: NOT_SERVING first, then give steps in progress ``grace`` seconds
@@ -482,6 +494,15 @@ class Node:
             return []
         server, self._server = self._server, None
         return server.stop(self.config.grace if grace is None else grace)
+
+    async def stop_async(self, grace: float | None = None) -> list[Abandoned]:
+        """:meth:`stop` from asyncio code, on the node's loop."""
+        if self._server is None:
+            return []
+        if asyncio.get_running_loop() is not self.loop().loop:
+            return await asyncio.to_thread(self.stop, grace)
+        server, self._server = self._server, None
+        return await server.stop_async(self.config.grace if grace is None else grace)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True when it stopped."""
@@ -514,6 +535,7 @@ class Node:
     async def aclose(self) -> None:
         """:meth:`close` for asyncio code, on the node's loop: its links are closed when
         it returns."""
+        await self.stop_async(0)
         links = self._links if self._loop is not None and not self._loop.closed else None
         if links is not None and asyncio.get_running_loop() is self.loop().loop:
             self._links = None

@@ -814,14 +814,23 @@ class Server:
     health, and server reflection (so grpcurl and similar tools find the mesh service).
     Built and stopped from any thread; everything it does happens on the loop."""
 
-    def __init__(self, node: Node, listen: str) -> None:
+    def __init__(self, node: Node, listen: str, *, start: bool = True) -> None:
         self.listen = listen
         self.machine = node.machine
         self._node = node
         problem = _bind_problem(listen)
         if problem:
             raise MeshError(f"{node.machine} cannot listen on {listen}: {problem}")
-        self.port: int = node.run_on_loop(self._start())
+        self.port = 0
+        if start:
+            self.port = node.run_on_loop(self._start())
+
+    @classmethod
+    async def started(cls, node: Node, listen: str) -> Server:
+        """A server started from a task of the node's own loop (``node.serve_async``)."""
+        server = cls(node, listen, start=False)
+        server.port = await server._start()
+        return server
 
     async def _start(self) -> int:
         node = self._node
@@ -879,9 +888,10 @@ class Server:
         handler among them may still be running in this process (Python cannot stop a
         thread): ``mesh peer`` exits anyway.
         """
-        return self._node.run_on_loop(self._stop(grace))
+        return self._node.run_on_loop(self.stop_async(grace))
 
-    async def _stop(self, grace: float) -> list[Abandoned]:
+    async def stop_async(self, grace: float) -> list[Abandoned]:
+        """:meth:`stop`, awaited on the node's loop (``node.stop_async``)."""
         await self.health.enter_graceful_shutdown()
         abandoned = await self.peer.drain(grace)
         # Replies computed by now still leave; nothing else runs, so this is quick.

@@ -7,6 +7,8 @@ machine; closing one of them must leave the other working.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import structlog
 from support.cli import run_mesh
@@ -130,7 +132,7 @@ def sync_step(ctx):
 @mesh.handler("tour", "Async on the server :n")
 async def async_step(ctx):
     await asyncio.sleep(0.01)
-    log.info("next")
+    log.info("next", async_thread=threading.current_thread().name)
 
 
 @mesh.handler("tour", "Home again :n")
@@ -198,3 +200,38 @@ def test_connect_async_runs_the_nodes_flows_on_the_applications_loop(
         raise AssertionError("a node whose loop has closed started a flow")
     finally:
         node.close()
+
+
+def test_a_node_of_connect_async_serves_on_the_applications_loop(mesh_dir: MeshDir) -> None:
+    """An asyncio application that is also a machine: ``await node.serve_async()`` serves on
+    its loop (async handlers run there, sync ones on workers), ``mesh call`` runs a flow
+    through it, and ``await node.stop_async()`` / ``aclose()`` stop it on the loop."""
+    import asyncio
+    import threading
+
+    mesh_dir.flow(ON_THE_LOOP_FLOW)
+    mesh_dir.service(ON_THE_LOOP_SERVICE)
+    mesh_dir.write_config({"client": False, "server": True})
+    mesh_dir.fix_ports()
+
+    async def main() -> tuple[int, Any, list[Any], list[str]]:
+        node = await mesh.connect_async(mesh_dir.config, machine="server")
+        try:
+            port = await node.serve_async()
+            done = await asyncio.to_thread(
+                run_mesh, "call", "tour", "n=7", "--json", "-c", mesh_dir.config
+            )
+            threads = [t.name for t in threading.enumerate()]
+            abandoned = await node.stop_async(1)
+        finally:
+            await node.aclose()
+        return port, done, abandoned, threads
+
+    port, done, abandoned, threads = asyncio.run(main())
+    assert done.returncode == 0, done.stderr
+    context = json.loads(done.stdout)["context"]
+    assert context["async_thread"] == threading.current_thread().name  # the app's loop
+    assert context["sync_thread"].startswith("mesh-server-")  # a worker thread
+    assert f":{port}" in Path(mesh_dir.config).read_text()
+    assert "mesh-server-loop" not in threads
+    assert abandoned == []
