@@ -450,3 +450,146 @@ def test_flows_rpcs_are_behind_the_token(
     monkeypatch.setenv("MESH_TOKEN", token)
     with_token = flows_tool.list_flows(load_config(mesh_dir.config))
     assert not [u for u in with_token.unreachable if u.startswith("c ")], with_token.unreachable
+
+
+BULK_FLOW = (
+    "Request\tLog\tMachine\tWhen\tEach\n"
+    "bulk\tBulk order :n\tclient\n"
+    "bulk\tPacking one item\tpacker\t\titems\n"
+    "bulk\tBulk order :n packed\tclient\n"
+)
+
+#: Each element writes its ledger row in its step's transaction; item i takes 0.15 s * i,
+#: so when some have finished the others are still running.
+BULK_SERVICE = """
+import os
+import pathlib
+import time
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+HERE = pathlib.Path(__file__).parent
+
+
+@mesh.handler("bulk", "Packing one item")
+def pack(ctx):
+    (HERE / f"packing-{ctx['item']}-{os.getpid()}").touch()
+    time.sleep(0.15 * ctx["item"])
+    with mesh.step_transaction() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS ledger (flow_id TEXT, line INTEGER, item INTEGER)")
+        step = mesh.step_id()
+        conn.execute("INSERT INTO ledger VALUES (?, ?, ?)", (step.flow_id, step.line, ctx["item"]))
+    log.info("next", packed=ctx["item"] * 10)
+"""
+
+
+def test_a_machine_killed_in_the_middle_of_a_fan_out(
+    mesh_dir: MeshDir, peers: Peers, connect: Any
+) -> None:
+    """kill -9 of the machine an Each row fans out to, with some elements done and the
+    others running: it restarts, the elements it had finished are answered from its
+    journal, the others run again; the flow finishes with every element's result in
+    order, and each element is in the ledger exactly once."""
+    mesh_dir.flow(BULK_FLOW)
+    mesh_dir.service(BULK_SERVICE)
+    mesh_dir.write_config({"client": False, "packer": True}, extra="durable = true\ntimeout = 60")
+    packer = peers.start(mesh_dir, "packer")
+    node = connect(mesh_dir.config, "client")
+    items = list(range(12))
+    thread, out = in_thread(lambda: node.start("bulk", n=1, items=items))
+
+    def rows() -> list[tuple[str, int, int]]:
+        path = mesh_dir.root / ".mesh-data" / "packer.db"
+        with sqlite3.connect(path) as conn:
+            try:
+                return [tuple(r) for r in conn.execute("SELECT flow_id, line, item FROM ledger")]
+            except sqlite3.OperationalError:
+                return []
+
+    wait_for(lambda: len(rows()) >= 4, 30, "four elements packed")
+    before = rows()
+    assert len(before) < len(items)  # the others are still running
+    packer.kill()
+    restart(peers, mesh_dir, packer)
+    thread.join(60)
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result.context["items_results"] == [{"packed": i * 10} for i in items]
+    after = rows()
+    assert sorted(r[2] for r in after) == items, after  # each element once
+    assert len({(r[0], r[1]) for r in after}) == len(items)
+    assert set(before) <= set(after)  # the finished ones were not run again
+
+
+GIFT_FLOW = (
+    "Request\tLog\tMachine\tWhen\tEach\n"
+    "gift\tGift for :who\tclient\n"
+    "gift\t@wrap\tclient\n"
+    "gift\tGift sent to :who\tclient\n"
+    "wrap\tWrapping for :who\twrapper\n"
+    "wrap\tRibbon for :who\tribbon\n"
+)
+
+GIFT_SERVICE = """
+import os
+import pathlib
+import time
+
+import structlog
+
+import mesh
+
+log = structlog.get_logger()
+HERE = pathlib.Path(__file__).parent
+
+
+def _step(ctx, me):
+    (HERE / f"started-{me}").write_text(str(os.getpid()))
+    if me == "ribbon":
+        time.sleep(1.5)
+    with mesh.step_transaction() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS ledger (flow_id TEXT, line INTEGER)")
+        step = mesh.step_id()
+        conn.execute("INSERT INTO ledger VALUES (?, ?)", (step.flow_id, step.line))
+    log.info("next", **{me: os.getpid()})
+
+
+@mesh.handler("wrap", "Wrapping for :who")
+def wrapping(ctx):
+    _step(ctx, "wrapper")
+
+
+@mesh.handler("wrap", "Ribbon for :who")
+def ribbon(ctx):
+    _step(ctx, "ribbon")
+"""
+
+
+def test_a_machine_killed_in_the_middle_of_a_sub_flow(
+    mesh_dir: MeshDir, peers: Peers, connect: Any
+) -> None:
+    """kill -9 of the machine running the second line of a sub-flow: it restarts and runs
+    that step again, the first is not run again, the flow finishes; each step of the
+    sub-flow is in its machine's ledger exactly once."""
+    mesh_dir.flow(GIFT_FLOW)
+    mesh_dir.service(GIFT_SERVICE)
+    mesh_dir.write_config(
+        {"client": False, "wrapper": True, "ribbon": True}, extra="durable = true\ntimeout = 60"
+    )
+    ribbon = peers.start(mesh_dir, "ribbon")
+    peers.start(mesh_dir, "wrapper")
+    node = connect(mesh_dir.config, "client")
+    thread, out = in_thread(lambda: node.start("gift", who="ada"))
+    wait_for((mesh_dir.root / "started-ribbon").exists, 20, "ribbon's step")
+    ribbon.kill()
+    again = restart(peers, mesh_dir, ribbon)
+    thread.join(60)
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    assert result.context["wrapper"] > 0 and result.context["ribbon"] == again.pid
+    for machine in ("wrapper", "ribbon"):
+        rows = ledger(mesh_dir, machine)
+        assert len(rows) == 1 and rows[0][0].startswith(result.flow_id + "/"), (machine, rows)
