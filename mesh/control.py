@@ -355,6 +355,9 @@ async def fan_out(state: runtime.FlowState, index: int, machine: str | None) -> 
             "TypeError",
             f"Each {each.key}: {each.key} is a {type(items).__name__}, not a list",
         )
+    # How many runs the row has, so that a reader of the logs (mesh logs) can tell that
+    # every one of them ran: each run logs the line under a flow id of its own.
+    _log.info("mesh.fan_out", each=each.key, elements=len(items), **state.fields(index))
     _, bound = _limits(state.place)
     gate = asyncio.Semaphore(bound)
     loop = asyncio.get_running_loop()

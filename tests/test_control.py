@@ -468,3 +468,53 @@ def test_local_runs_are_bounded_by_max_fan_out(mesh_dir: MeshDir, connect) -> No
     assert [d["job"] for d in done] == list(range(10))
     assert max(d["most"] for d in done) == 3
     assert "jobs_results" not in result.context
+
+
+def test_mesh_logs_names_the_fan_out_runs_that_left_no_log(shop, tmp_path: Path) -> None:
+    """The machine that fans a row out logs how many runs it has (mesh.fan_out), so mesh
+    logs can tell when one of them is not in the logs it read, naming its position."""
+    _, started = shop
+    web_log = tmp_path / "web.log"
+    items = [{"sku": s} for s in "abcde"]
+    called = run_mesh(
+        "call",
+        "checkout",
+        "user=ada",
+        "email=ada@x",
+        f"card={GOOD_CARD}",
+        "total:=3",
+        f"items:={json.dumps(items)}",
+        "--as",
+        "web",
+        "--json",
+        "--log-file",
+        web_log,
+        "-c",
+        started["config"],
+    )
+    assert called.returncode == 0, called.stderr
+    flow_id = json.loads(called.stdout)["flow_id"]
+    (counted,) = [
+        json.loads(line)
+        for line in web_log.read_text().splitlines()
+        if '"mesh.fan_out"' in line and flow_id in line
+    ]
+    assert (counted["elements"], counted["each"], counted["line_index"]) == (5, "items", 1)
+    # The inventory logs without element 2's run, as if one replica's file were lost.
+    kept = []
+    for n, peer in enumerate(started["inventory"]):
+        lines = Path(peer.log_path).read_text().splitlines()
+        copy = tmp_path / f"inventory-{n}.log"
+        copy.write_text("\n".join(x for x in lines if f"{flow_id}/1[2]" not in x) + "\n")
+        kept.append(copy)
+    logs = [web_log, *kept, started["mailer"].log_path, started["payments"].log_path]
+    done = run_mesh("logs", *logs, "--flow", flow_id, "-c", started["config"])
+    assert done.returncode != 0
+    assert (
+        "line 1 'Reserving :sku' on inventory: 1 of its 5 runs left no log (elements 2)"
+        in done.stdout
+    ), done.stdout
+    whole = [web_log, *(p.log_path for p in started["inventory"])]
+    whole += [started["mailer"].log_path, started["payments"].log_path]
+    again = run_mesh("logs", *whole, "--flow", flow_id, "-c", started["config"])
+    assert again.returncode == 0 and "problem:" not in again.stdout, again.stdout

@@ -56,6 +56,7 @@ class Entry:
     path: str = ""  # the file it was read from
     row: int = 0  # its line number in that file
     skipped: str = ""  # a mesh.line_skipped event: why (its condition, or its empty list)
+    elements: int | None = None  # a mesh.fan_out event: how many runs its Each row has
 
     @property
     def clock(self) -> tuple[str, str]:
@@ -132,7 +133,13 @@ def read_logs(paths: Sequence[str]) -> Logs:
                 continue
             text = str(event.get("event", ""))
             failed = skipped = ""
-            if text == "mesh.step_failed":
+            elements = None
+            if text == "mesh.fan_out":
+                count = event.get("elements")
+                if not isinstance(count, int) or isinstance(count, bool):
+                    continue
+                elements = count
+            elif text == "mesh.step_failed":
                 failed = str(event.get("error", "failed"))
             elif text == "mesh.line_skipped":
                 condition = event.get("condition")
@@ -151,6 +158,7 @@ def read_logs(paths: Sequence[str]) -> Logs:
                     path,
                     number,
                     skipped,
+                    elements,
                 )
             )
     return logs
@@ -220,8 +228,9 @@ def _check(
     skipped = {e.index: e for e in entries if e.skipped}
     element = _ELEMENT.search(fid) if flow.controlled else None
     expected = [flow.lines[int(element.group(1))]] if element else list(flow.lines)
+    fanned = {e.index: e.elements for e in entries if e.elements is not None}
     for entry in entries:
-        if entry.failed or entry.skipped:
+        if entry.failed or entry.skipped or entry.elements is not None:
             continue
         index = matcher.line_of(entry.text, entry.index)
         if index is None:
@@ -262,6 +271,19 @@ def _check(
             continue
         if line.each is not None and element is None:
             prefix = f"{fid}/{line.index}["
+            count = fanned.get(line.index)
+            if count is not None:  # the row logged how many runs it has: each must be here
+                missing = [k for k in range(count) if f"{prefix}{k}]" not in groups]
+                if missing:
+                    shown = ", ".join(map(str, missing[:10])) + (", …" if len(missing) > 10 else "")
+                    why = (
+                        "" if line.machine in machines else f" (no log of {line.machine} was read)"
+                    )
+                    problems.append(
+                        f"line {line.index} {line.text!r} on {line.machine}: {len(missing)} of"
+                        f" its {count} runs left no log (elements {shown}){why}"
+                    )
+                continue
             if any(g.startswith(prefix) for g in groups):
                 continue  # its runs are transcripts of their own
         if failed_at is not None and line.index > failed_at:
