@@ -304,11 +304,10 @@ def test_the_checkout_digest_is_the_same_on_every_machine(shop, tmp_path: Path) 
     assert node.flows["checkout"].controlled
 
 
-def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: Path) -> None:
-    """mesh call as web, then mesh logs over every machine's log: a skipped row is not
-    missing, each element ran once, the sub-flow is a run of its own under the flow's id."""
-    _, started = shop
-    web_log = tmp_path / "web.log"
+def call_checkout(
+    started: dict[str, Any], items: list[dict[str, str]], web_log: Path, *extra: str | Path
+) -> Any:
+    """``mesh call checkout`` as web with a good card, its log in ``web_log``; succeeded."""
     called = run_mesh(
         "call",
         "checkout",
@@ -316,18 +315,27 @@ def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: P
         "email=ada@x",
         f"card={GOOD_CARD}",
         "total:=3",
-        'items:=[{"sku": "a"}, {"sku": "b"}, {"sku": "c"}]',
+        f"items:={json.dumps(items)}",
         "--as",
         "web",
         "--json",
         "--log-file",
         web_log,
-        "--diagram",
-        tmp_path / "run.mmd",
+        *extra,
         "-c",
         started["config"],
     )
     assert called.returncode == 0, called.stderr
+    return called
+
+
+def test_mesh_logs_reads_conditions_fan_out_and_sub_flows_back(shop, tmp_path: Path) -> None:
+    """mesh call as web, then mesh logs over every machine's log: a skipped row is not
+    missing, each element ran once, the sub-flow is a run of its own under the flow's id."""
+    _, started = shop
+    web_log = tmp_path / "web.log"
+    items = [{"sku": s} for s in "abc"]
+    called = call_checkout(started, items, web_log, "--diagram", tmp_path / "run.mmd")
     flow_id = json.loads(called.stdout)["flow_id"]
     steps = json.loads(called.stdout)["steps"]
     assert sorted(s["element"] for s in steps if "element" in s) == [0, 1, 2]
@@ -476,23 +484,7 @@ def test_mesh_logs_names_the_fan_out_runs_that_left_no_log(shop, tmp_path: Path)
     _, started = shop
     web_log = tmp_path / "web.log"
     items = [{"sku": s} for s in "abcde"]
-    called = run_mesh(
-        "call",
-        "checkout",
-        "user=ada",
-        "email=ada@x",
-        f"card={GOOD_CARD}",
-        "total:=3",
-        f"items:={json.dumps(items)}",
-        "--as",
-        "web",
-        "--json",
-        "--log-file",
-        web_log,
-        "-c",
-        started["config"],
-    )
-    assert called.returncode == 0, called.stderr
+    called = call_checkout(started, items, web_log)
     flow_id = json.loads(called.stdout)["flow_id"]
     (counted,) = [
         json.loads(line)
