@@ -717,29 +717,45 @@ class SqliteJournal:
         """Running stays whose process is gone: to recover."""
         return [s for s in self.stays(states=(RUNNING,)) if not _alive(s.owner)]
 
+    #: How :meth:`claim` begins its transaction, and locks the row it reads: SQLite's
+    #: write lock is the database's; PostgreSQL locks the row (``FOR UPDATE``).
+    _CLAIM_BEGIN = "BEGIN IMMEDIATE"
+    _CLAIM_LOCK = ""
+
     def claim(self, flow_id: str, line: int) -> bool:
         """Make this process the owner of a running stay whose owner is gone; False when
         another live process has it (it claimed it first)."""
         conn = self._reader()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(self._CLAIM_BEGIN)
         try:
             row = conn.execute(
-                "SELECT owner, state FROM mesh_stays WHERE flow_id = ? AND line = ?",
+                self._spelled(
+                    "SELECT owner, state FROM mesh_stays WHERE flow_id = ? AND line = ?"
+                    + self._CLAIM_LOCK
+                ),
                 (flow_id, line),
             ).fetchone()
-            if row is None or row[1] != RUNNING or (row[0] != self.owner and _alive(row[0])):
+            if row is None or row[1] != RUNNING or not self._claimable(conn, int(row[0])):
                 conn.execute("ROLLBACK")
                 return False
             conn.execute(
-                "UPDATE mesh_stays SET owner = ? WHERE flow_id = ? AND line = ?",
+                self._spelled("UPDATE mesh_stays SET owner = ? WHERE flow_id = ? AND line = ?"),
                 (self.owner, flow_id, line),
             )
             conn.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
             raise
         return True
+
+    def _claimable(self, conn: Any, owner: int) -> bool:
+        """Whether a running stay of ``owner`` may be taken over: its process is gone."""
+        return owner == self.owner or not _alive(owner)
+
+    def _spelled(self, sql: str) -> str:
+        """A statement in this database's spelling (SQLite's own here)."""
+        return sql
 
     def set_state(self, flow_id: str, line: int, state: str, error: str | None = None) -> None:
         """Mark a stay (cancelled, say), at once: an operator's steering, not a flow's step."""

@@ -214,35 +214,19 @@ class PostgresJournal(SqliteJournal):
         )
         return [_stay(r) for r in rows]
 
-    def claim(self, flow_id: str, line: int) -> bool:
-        """Take over a running stay whose owner's lease has lapsed; False when a live process
-        (on any host) has it. Row-locked, so two replicas never both claim it."""
-        conn = self._reader()
-        conn.execute("BEGIN")
-        try:
-            row = conn.execute(
-                "SELECT owner, state FROM mesh_stays WHERE flow_id = %s AND line = %s FOR UPDATE",
-                (flow_id, line),
-            ).fetchone()
-            if row is None or row[1] != RUNNING or not self._claimable(conn, int(row[0])):
-                conn.execute("ROLLBACK")
-                return False
-            conn.execute(
-                "UPDATE mesh_stays SET owner = %s WHERE flow_id = %s AND line = %s",
-                (self.owner, flow_id, line),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                conn.execute("ROLLBACK")
-            raise
-        return True
+    # claim(): SqliteJournal's, with the row locked so two replicas never both claim it.
+    _CLAIM_BEGIN = "BEGIN"
+    _CLAIM_LOCK = " FOR UPDATE"
 
     def _claimable(self, conn: Any, owner: int) -> bool:
+        """Its lease has lapsed (on any host), or it is this process, or none (0)."""
         if owner in (self.owner, 0):  # 0: reset by mesh flows retry
             return True
         row = conn.execute("SELECT seen FROM mesh_owners WHERE owner = %s", (owner,)).fetchone()
         return row is None or row[0] <= time.time() - LEASE
+
+    def _spelled(self, sql: str) -> str:
+        return _pg(sql)
 
     def size(self) -> int:
         rows = self._rows(
