@@ -250,14 +250,7 @@ class Peer:
                 if resumed is not None:  # a dead replica's stay, resumed here just now
                     return resumed
         if known is not None:
-            _log.info(
-                "mesh.step_repeated",
-                caller=request.via[-1] if request.via else "caller",
-                flow_id=request.flow_id,
-                request=request.request,
-                line_index=request.line_index,
-                machine=self._node.machine,
-            )
+            _repeated(self._node.machine, request)
             if type(known) is _Done:
                 return known.reply  # type: ignore[return-value]
             return self.serving[key]
@@ -318,15 +311,7 @@ class Peer:
             )
         if stay.fingerprint != admitted.fingerprint:
             raise _repeat_refusal(self._node.machine, request, Replayed(request.flow_id))
-        _log.info(
-            "mesh.step_repeated",
-            caller=request.via[-1] if request.via else "caller",
-            flow_id=request.flow_id,
-            request=request.request,
-            line_index=request.line_index,
-            machine=self._node.machine,
-            journaled=True,
-        )
+        _repeated(self._node.machine, request, journaled=True)
         if stay.outcome is None:
             return runtime.stopped_reply(self._node, request, f"the flow was {stay.state}")
         return stay.outcome  # type: ignore[no-any-return]
@@ -778,6 +763,19 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
         if k == key:
             return value if isinstance(value, str) else value.decode("utf-8", "replace")
     return ""
+
+
+def _repeated(machine: str, request: Any, **more: Any) -> None:
+    """A call for a step that ran or runs here already: answered, not run again."""
+    _log.info(
+        "mesh.step_repeated",
+        caller=request.via[-1] if request.via else "caller",
+        flow_id=request.flow_id,
+        request=request.request,
+        line_index=request.line_index,
+        machine=machine,
+        **more,
+    )
 
 
 def _repeat_refusal(machine: str, request: Any, exc: Replayed | Forgotten) -> Refusal:
