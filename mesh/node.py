@@ -469,10 +469,9 @@ class Node:
     async def serve_async(self, listen: str | None = None) -> int:
         """:meth:`serve` from asyncio code, on the node's loop (a node of
         :func:`connect_async` serves on the application's loop); returns the bound port."""
-        bind = self._bind(listen)
         if asyncio.get_running_loop() is not self.loop().loop:
             return await asyncio.to_thread(self.serve, listen)
-        self._server = await Server.started(self, bind)
+        self._server = await Server.started(self, self._bind(listen))
         return int(self._server.port)
 
     def _bind(self, listen: str | None) -> str:

@@ -107,9 +107,7 @@ class Workers:
         while done:
             future, ok, value = done.popleft()
             self.busy -= 1
-            if future.done():  # its task was cancelled meanwhile
-                continue
-            if ok:
+            if ok:  # never done before: a Running future refuses to be cancelled
                 future.set_result(value)
             else:
                 future.set_exception(value)
