@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from support.chromium import Browser  # noqa: E402 - the tests' browser driver
 from support.meshdir import MeshDir, as_order_mesh  # noqa: E402
+from support.processes import terminate  # noqa: E402
 
 from mesh.peer import wait_serving  # noqa: E402
 
@@ -50,13 +50,7 @@ def mesh(*args: str, cwd: Path, log: Path | None = None) -> subprocess.Popen[str
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+    terminate(proc, 15)
 
 
 def order(folder: MeshDir, item: str, *extra: str) -> subprocess.Popen[str]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.up import alive
+from support.processes import alive
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 

@@ -14,7 +14,7 @@ import pytest
 from support.cli import mesh_env
 from support.meshdir import LOGIN_FLOW, LOGIN_SERVICE, MeshDir, password_of
 from support.peers import Peers
-from support.up import alive
+from support.processes import alive
 
 PASSWORD = password_of("ada")
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from support.cli import mesh_env
-from support.up import alive
+from support.processes import alive
 
 SCALE = Path(__file__).resolve().parent.parent / "scripts" / "scale.py"
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from support.cli import mesh_env
+from support.processes import terminate
 
 #: What ``mesh ui`` prints on stderr once it serves.
 _LISTENING = re.compile(r"^mesh ui listening on (\S+) \(pid (\d+)\)$", re.MULTILINE)
@@ -64,11 +63,5 @@ class Ui:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; fails the test when it had to."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
-                pytest.fail(f"mesh ui still running 10 s after SIGTERM:\n{self.log_text()}")
+        if terminate(self.proc, 10):
+            pytest.fail(f"mesh ui still running 10 s after SIGTERM:\n{self.log_text()}")

@@ -17,6 +17,7 @@ from typing import IO
 import pytest
 
 from support.cli import mesh_env
+from support.processes import alive, terminate
 
 
 class Up:
@@ -83,26 +84,7 @@ class Up:
 
     def stop(self) -> None:
         """SIGTERM ``mesh up`` alone, wait, then SIGKILL it and any peer left over."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc, 30)
         for pid in self.peer_pids.values():
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie does not: it is only left to reap)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
